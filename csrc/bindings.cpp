@@ -1,0 +1,83 @@
+// bindings.cpp — the private module trimcpp._core. The Python layer (trimcpp/selection.py) validates
+// arguments and hands over C-contiguous float32 arrays; this file only moves pointers and the GIL.
+// trim::InputError derives from std::invalid_argument, which pybind11 raises as ValueError.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "trim.h"
+
+namespace py = pybind11;
+using Floats = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using Indices = py::array_t<int64_t>;
+
+namespace {
+
+trim::Problem problem(const Floats& visual, const std::optional<Floats>& text) {
+  trim::Problem p{visual.data(), visual.shape(0), visual.shape(1), nullptr, 0};
+  if (text && text->shape(0) > 0) {
+    p.t = text->data();
+    p.m = text->shape(0);
+  }
+  return p;
+}
+
+Indices select_rows(const Floats& visual, const std::optional<Floats>& text, int64_t keep, trim::Method method,
+               double stage1_ratio, uint64_t seed) {
+  const trim::Problem p = problem(visual, text);
+  Indices out(std::min(keep, p.n));
+  int64_t* dst = out.mutable_data();
+  py::gil_scoped_release release;
+  trim::select(p, method, keep, stage1_ratio, seed, dst);
+  return out;
+}
+
+py::array_t<float> alignment_scores(const Floats& visual, const Floats& text) {
+  const trim::Problem p = problem(visual, text);
+  py::array_t<float> out(p.n);
+  float* dst = out.mutable_data();
+  py::gil_scoped_release release;
+  trim::cpu::alignment_scores(p, dst);
+  return out;
+}
+
+double normalized_sum_sqnorm(const Floats& rows) {
+  const float* data = rows.data();
+  const int64_t n = rows.shape(0), d = rows.shape(1);
+  py::gil_scoped_release release;
+  return trim::cpu::normalized_sum_sqnorm(data, n, d);
+}
+
+std::vector<int64_t> split_budget(const std::vector<int64_t>& sizes, const std::vector<double>& weights,
+                                  int64_t total) {
+  std::vector<int64_t> out(sizes.size());
+  trim::split_budget(sizes.data(), weights.data(), static_cast<int64_t>(sizes.size()), total, out.data());
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "trimcpp's selection core (private; use the functions of the trimcpp package)";
+  py::enum_<trim::Method>(m, "Method")
+      .value("trimtokenator", trim::Method::trimtokenator)
+      .value("align", trim::Method::align)
+      .value("divprune", trim::Method::divprune)
+      .value("uniform", trim::Method::uniform)
+      .value("random", trim::Method::random)
+      .value("none", trim::Method::none);
+  m.def("select", &select_rows, py::arg("visual"), py::arg("text"), py::arg("keep"), py::arg("method"),
+        py::arg("stage1_ratio"), py::arg("seed"), "Selected row indices in pick order.");
+  m.def("alignment_scores", &alignment_scores, py::arg("visual"), py::arg("text"),
+        "Stage-1 scores a_i (text must have rows).");
+  m.def("normalized_sum_sqnorm", &normalized_sum_sqnorm, py::arg("rows"),
+        "||sum of the L2-normalised rows||^2, in double.");
+  m.def("split_budget", &split_budget, py::arg("sizes"), py::arg("weights"), py::arg("total"),
+        "Largest-remainder budgets in [1, size] proportional to the weights.");
+  m.def("cpu_available", &trim::cpu::available, "Whether the CPU backend runs here.");
+  m.def("cpu_isa", &trim::cpu::kernels_isa, "The instruction set the CPU kernels run with.");
+}

@@ -1,0 +1,338 @@
+// cpu/select.cpp — the CPU backend: stage-1 alignment, the greedy stages, divprune.
+// Each selection is one SPMD region: threads own contiguous row ranges and meet at a barrier once
+// per greedy step, where every thread reduces the per-thread argmins to the same global pick.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "../trim.h"
+#include "kernels.h"
+#include "parallel.h"
+
+namespace trim::cpu {
+
+bool available() { return true; }
+
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int kMaxThreads = 64;
+
+// A greedy step's best candidate: lowest value, ties to the lowest original index.
+struct Pick {
+  float value = kInf;
+  int64_t index = std::numeric_limits<int64_t>::max();
+  int64_t position = -1;  // position in the candidate list
+};
+
+inline bool better(float value, int64_t index, const Pick& than) {
+  return value < than.value || (value == than.value && index < than.index);
+}
+
+// Mean of the rows of T in double: the stage-1 centroid, and C = mean_j ||t_j||^2 - ||tbar||^2.
+std::vector<double> text_centroid(const Problem& p, double* offset) {
+  std::vector<double> mean(static_cast<size_t>(p.d), 0.0);
+  double sq = 0;
+  for (int64_t j = 0; j < p.m; ++j) {
+    const float* t = p.t + j * p.d;
+    for (int64_t i = 0; i < p.d; ++i) {
+      mean[i] += t[i];
+      sq += static_cast<double>(t[i]) * t[i];
+    }
+  }
+  double mean_sq = 0;
+  for (double& x : mean) {
+    x /= static_cast<double>(p.m);
+    mean_sq += x * x;
+  }
+  *offset = sq / static_cast<double>(p.m) - mean_sq;
+  return mean;
+}
+
+// Everything the threads of one selection share.
+struct Region {
+  const Problem& p;
+  int threads;
+  Barrier barrier;
+  std::vector<float> inv;     // 1 / max(||v_i||, 1e-12)
+  std::vector<float> sqdist;  // ||v_i - tbar||^2 (stage 1)
+  std::vector<float> center;  // tbar, float32
+  std::vector<double> sums;   // per thread: sum of normalised rows it read (threads x d)
+  std::vector<int64_t> candidates;  // original indices, ascending
+  std::vector<int64_t> alive;       // per thread slice of candidate positions still selectable
+  std::vector<int64_t> alive_count;
+  std::vector<float> value;       // divprune: running max cosine to S, per candidate position
+  std::vector<float> nearest;     // divprune: max cosine to any other row
+  std::vector<double> direction;  // per thread: w in double (threads x d)
+  std::vector<float> direction32; // per thread: w in float32 (threads x d)
+  Pick slots[2][kMaxThreads];
+  const Kernels& k = kernels();
+  std::atomic<bool> bad_input{false};
+
+  Region(const Problem& problem, int count) : p(problem), threads(count), barrier(count) {}
+
+  const float* row(int64_t i) const { return p.v + i * p.d; }
+  double* dir(int tid) { return direction.data() + tid * p.d; }
+  float* dir32(int tid) { return direction32.data() + tid * p.d; }
+};
+
+// Phase 1 on rows [lo, hi): inverse norms, stage-1 distances, the thread's sum of normalised rows.
+void row_pass(Region& r, int tid, bool stage1, bool sum) {
+  const auto [lo, hi] = share(r.p.n, tid, r.threads);
+  double* acc = sum ? r.sums.data() + tid * r.p.d : nullptr;
+  bool finite = true;
+  for (int64_t i = lo; i < hi; ++i) {
+    float sqnorm = 0, sqdist = 0;
+    r.k.sqnorm_sqdist(r.row(i), stage1 ? r.center.data() : nullptr, r.p.d, &sqnorm, &sqdist);
+    finite = finite && std::isfinite(sqnorm) && std::isfinite(sqdist);
+    r.inv[i] = 1.0f / std::max(std::sqrt(sqnorm), 1e-12f);
+    if (stage1) r.sqdist[i] = sqdist;
+    if (acc) r.k.add_scaled(acc, r.row(i), r.inv[i], r.p.d);
+  }
+  if (!finite) r.bad_input = true;
+}
+
+// Throws the message that fits a failed first pass: non-finite input, or overflow.
+[[noreturn]] void throw_bad_rows(const Problem& p) {
+  if (!all_finite(p.v, p.n * p.d)) throw InputError("visual contains NaN or inf");
+  throw InputError("visual has values too large for float32 arithmetic (a squared norm overflows)");
+}
+
+// Stage-1 ranking: positions of all rows by ascending ||v_i - tbar||^2, ties to the lower index.
+std::vector<int64_t> stage1_order(const Region& r, int64_t keep) {
+  std::vector<int64_t> order(static_cast<size_t>(r.p.n));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  auto closer = [&](int64_t a, int64_t b) {
+    return r.sqdist[a] < r.sqdist[b] || (r.sqdist[a] == r.sqdist[b] && a < b);
+  };
+  std::partial_sort(order.begin(), order.begin() + keep, order.end(), closer);
+  order.resize(static_cast<size_t>(keep));
+  return order;
+}
+
+// Splits the candidates between threads and marks them all alive.
+void start_candidates(Region& r) {
+  const int64_t count = static_cast<int64_t>(r.candidates.size());
+  r.alive.resize(static_cast<size_t>(count));
+  r.alive_count.assign(static_cast<size_t>(r.threads), 0);
+  for (int tid = 0; tid < r.threads; ++tid) {
+    const auto [lo, hi] = share(count, tid, r.threads);
+    for (int64_t pos = lo; pos < hi; ++pos) r.alive[pos] = pos;
+    r.alive_count[tid] = hi - lo;
+  }
+}
+
+// Removes candidate `position` from its owner's alive slice.
+void retire(Region& r, int tid, int64_t position) {
+  const auto [lo, hi] = share(static_cast<int64_t>(r.candidates.size()), tid, r.threads);
+  if (position < lo || position >= hi) return;
+  int64_t* slice = r.alive.data() + lo;
+  int64_t& count = r.alive_count[tid];
+  for (int64_t a = 0; a < count; ++a) {
+    if (slice[a] == position) {
+      slice[a] = slice[--count];
+      return;
+    }
+  }
+}
+
+// The global pick of a step: every thread reduces the same slots to the same answer.
+Pick reduce_slots(const Region& r, int64_t step) {
+  Pick best;
+  for (int tid = 0; tid < r.threads; ++tid) {
+    const Pick& s = r.slots[step & 1][tid];
+    if (better(s.value, s.index, best)) best = s;
+  }
+  return best;
+}
+
+// Greedy steps on thread `tid`; values are u^_j . w (trimtokenator) or the running max of it
+// (divprune). On entry each thread's w holds the first step's direction.
+template <bool kRunningMax>
+void greedy(Region& r, int tid, int64_t steps, int64_t* out) {
+  const int64_t d = r.p.d;
+  const auto [lo, hi] = share(static_cast<int64_t>(r.candidates.size()), tid, r.threads);
+  const int64_t* slice = r.alive.data() + lo;
+  float dots[4];
+  for (int64_t step = 0; step < steps; ++step) {
+    const float* w = r.dir32(tid);
+    const int64_t count = r.alive_count[tid];
+    Pick best;
+    auto consider = [&](int64_t position, float dot) {
+      const int64_t index = r.candidates[position];
+      float value = dot * r.inv[index];
+      if constexpr (kRunningMax) value = r.value[position] = std::max(r.value[position], value);
+      if (better(value, index, best)) best = {value, index, position};
+    };
+    int64_t a = 0;
+    for (; a + 4 <= count; a += 4) {
+      r.k.dot4(r.row(r.candidates[slice[a]]), r.row(r.candidates[slice[a + 1]]),
+                    r.row(r.candidates[slice[a + 2]]), r.row(r.candidates[slice[a + 3]]), w, d, dots);
+      for (int k = 0; k < 4; ++k) consider(slice[a + k], dots[k]);
+    }
+    for (; a < count; ++a) consider(slice[a], r.k.dot(r.row(r.candidates[slice[a]]), w, d));
+    r.slots[step & 1][tid] = best;
+    r.barrier.wait();
+    const Pick pick = reduce_slots(r, step);
+    if (tid == 0) out[step] = pick.index;
+    retire(r, tid, pick.position);
+    // Next direction: the pick itself (divprune) or the running sum of picks (trimtokenator).
+    double* wd = r.dir(tid);
+    float* w32 = r.dir32(tid);
+    const float* v = r.row(pick.index);
+    const double scale = r.inv[pick.index];
+    if (kRunningMax || step == 0) std::fill(wd, wd + d, 0.0);
+    r.k.add_scaled(wd, v, scale, d);
+    for (int64_t i = 0; i < d; ++i) w32[i] = static_cast<float>(wd[i]);
+  }
+}
+
+void select_trimtokenator(Region& r, Method method, int64_t k, double stage1_ratio, int64_t* out) {
+  const Problem& p = r.p;
+  const bool stage1 = p.m > 0;
+  const int64_t k1 = stage1 ? (method == Method::align ? k : stage1_count(p.n, k, stage1_ratio)) : p.n;
+  const bool stage2 = method == Method::trimtokenator && k < k1;
+  r.inv.resize(static_cast<size_t>(p.n));
+  if (stage1) {
+    double offset = 0;
+    const std::vector<double> center = text_centroid(p, &offset);
+    r.center.assign(center.begin(), center.end());
+    r.sqdist.resize(static_cast<size_t>(p.n));
+  }
+  if (stage2) {
+    r.sums.assign(static_cast<size_t>(r.threads * p.d), 0.0);
+    r.direction.assign(static_cast<size_t>(r.threads * p.d), 0.0);
+    r.direction32.assign(static_cast<size_t>(r.threads * p.d), 0.0f);
+  }
+  run_parallel(r.threads, [&](int tid) {
+    row_pass(r, tid, stage1, stage2);
+    r.barrier.wait();
+    if (tid == 0 && !r.bad_input) {
+      // Stage 1: the k1 rows closest to the text centroid, in ascending index.
+      if (stage1) {
+        r.candidates = stage1_order(r, k1);
+        if (method == Method::align) std::copy(r.candidates.begin(), r.candidates.end(), out);
+        std::sort(r.candidates.begin(), r.candidates.end());
+      } else {
+        r.candidates.resize(static_cast<size_t>(p.n));
+        std::iota(r.candidates.begin(), r.candidates.end(), int64_t{0});
+      }
+      if (stage2) {
+        // Sum of the survivors' normalised rows: all rows minus the dropped ones (or the survivors
+        // directly, whichever reads less).
+        double* total = r.dir(0);
+        std::vector<char> kept(static_cast<size_t>(p.n), 0);
+        for (int64_t i : r.candidates) kept[i] = 1;
+        if (2 * k1 >= p.n) {
+          for (int t = 0; t < r.threads; ++t)
+            for (int64_t i = 0; i < p.d; ++i) total[i] += r.sums[t * p.d + i];
+          for (int64_t i = 0; i < p.n; ++i)
+            if (!kept[i]) r.k.add_scaled(total, r.row(i), -static_cast<double>(r.inv[i]), p.d);
+        } else {
+          for (int64_t i : r.candidates) r.k.add_scaled(total, r.row(i), r.inv[i], p.d);
+        }
+        for (int t = 0; t < r.threads; ++t)
+          for (int64_t i = 0; i < p.d; ++i) r.direction32[t * p.d + i] = static_cast<float>(total[i]);
+        start_candidates(r);
+      }
+    }
+    r.barrier.wait();
+    if (r.bad_input || !stage2) return;
+    greedy<false>(r, tid, k, out);
+  });
+  if (r.bad_input) throw_bad_rows(p);
+  // Without a greedy stage: align with text wrote its ranking; otherwise the survivors are the answer.
+  if (!stage2 && !(method == Method::align && stage1))
+    std::copy(r.candidates.begin(), r.candidates.begin() + k, out);
+}
+
+// divprune's first pick needs each row's nearest other row: 4 rows at a time against every row.
+void nearest_pass(Region& r, int tid) {
+  const Problem& p = r.p;
+  const int64_t blocks = (p.n + 3) / 4;
+  float dots[4];
+  for (int64_t b = tid; b < blocks; b += r.threads) {
+    const int64_t i0 = 4 * b;
+    const int64_t rows = std::min<int64_t>(4, p.n - i0);
+    const float* rr[4];
+    for (int k = 0; k < 4; ++k) rr[k] = r.row(i0 + std::min<int64_t>(k, rows - 1));
+    float best[4] = {-kInf, -kInf, -kInf, -kInf};
+    for (int64_t j = 0; j < p.n; ++j) {
+      r.k.dot4(rr[0], rr[1], rr[2], rr[3], r.row(j), p.d, dots);
+      for (int k = 0; k < rows; ++k)
+        if (i0 + k != j) best[k] = std::max(best[k], dots[k] * r.inv[i0 + k] * r.inv[j]);
+    }
+    for (int k = 0; k < rows; ++k) r.nearest[i0 + k] = best[k];
+  }
+}
+
+void select_divprune(Region& r, int64_t k, int64_t* out) {
+  const Problem& p = r.p;
+  r.inv.resize(static_cast<size_t>(p.n));
+  r.nearest.resize(static_cast<size_t>(p.n));
+  r.candidates.resize(static_cast<size_t>(p.n));
+  std::iota(r.candidates.begin(), r.candidates.end(), int64_t{0});
+  r.value.assign(static_cast<size_t>(p.n), -kInf);
+  r.direction.assign(static_cast<size_t>(r.threads * p.d), 0.0);
+  r.direction32.assign(static_cast<size_t>(r.threads * p.d), 0.0f);
+  start_candidates(r);
+  run_parallel(r.threads, [&](int tid) {
+    row_pass(r, tid, false, false);
+    r.barrier.wait();
+    if (r.bad_input) return;
+    nearest_pass(r, tid);
+    r.barrier.wait();
+    // First pick: the row whose nearest other row is farthest (lowest max cosine), lowest index on ties.
+    Pick first;
+    for (int64_t i = 0; i < p.n; ++i)
+      if (better(r.nearest[i], i, first)) first = {r.nearest[i], i, i};
+    if (tid == 0) out[0] = first.index;
+    retire(r, tid, first.position);
+    float* w = r.dir32(tid);
+    for (int64_t i = 0; i < p.d; ++i) w[i] = r.row(first.index)[i] * r.inv[first.index];
+    greedy<true>(r, tid, k - 1, out + 1);
+  });
+  if (r.bad_input) throw_bad_rows(p);
+}
+
+}  // namespace
+
+void alignment_scores(const Problem& p, float* out) {
+  Region r(p, thread_count(p.n * p.d));
+  double offset = 0;
+  const std::vector<double> center = text_centroid(p, &offset);
+  r.center.assign(center.begin(), center.end());
+  r.inv.resize(static_cast<size_t>(p.n));
+  r.sqdist.resize(static_cast<size_t>(p.n));
+  run_parallel(r.threads, [&](int tid) { row_pass(r, tid, true, false); });
+  if (r.bad_input) throw_bad_rows(p);
+  for (int64_t i = 0; i < p.n; ++i) out[i] = static_cast<float>(-(static_cast<double>(r.sqdist[i]) + offset));
+}
+
+void select_scored(const Problem& p, Method method, int64_t k, double stage1_ratio, int64_t* out) {
+  Region r(p, thread_count(p.n * p.d));
+  if (method == Method::divprune) select_divprune(r, k, out);
+  else select_trimtokenator(r, method, k, stage1_ratio, out);
+}
+
+double normalized_sum_sqnorm(const float* v, int64_t n, int64_t d) {
+  const Problem p{v, n, d, nullptr, 0};
+  Region r(p, thread_count(n * d));
+  r.inv.resize(static_cast<size_t>(n));
+  r.sums.assign(static_cast<size_t>(r.threads * d), 0.0);
+  run_parallel(r.threads, [&](int tid) { row_pass(r, tid, false, true); });
+  if (r.bad_input) throw_bad_rows(p);
+  double sq = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    double s = 0;
+    for (int t = 0; t < r.threads; ++t) s += r.sums[t * d + i];
+    sq += s * s;
+  }
+  return sq;
+}
+
+}  // namespace trim::cpu

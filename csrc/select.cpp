@@ -1,0 +1,153 @@
+// select.cpp — the backend-independent part of the contract: methods that read no scores, the
+// budget split, and the dispatch of a selection to a backend.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "trim.h"
+
+namespace trim {
+
+int64_t round_half_up(double x) { return static_cast<int64_t>(std::floor(x + 0.5)); }
+
+int64_t stage1_count(int64_t n, int64_t k, double stage1_ratio) {
+  return std::clamp(round_half_up(stage1_ratio * static_cast<double>(n)), k, n);
+}
+
+bool all_finite(const float* x, int64_t count) {
+  // An exponent of all ones is inf or NaN; an integer max reduction vectorises everywhere.
+  uint32_t worst = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    worst = std::max(worst, bits & 0x7f800000u);
+  }
+  return worst != 0x7f800000u;
+}
+
+void select_uniform(int64_t n, int64_t k, int64_t* out) {
+  if (k == 1) {
+    out[0] = 0;
+    return;
+  }
+  for (int64_t i = 0; i < k; ++i) out[i] = (2 * i * (n - 1) + (k - 1)) / (2 * (k - 1));
+}
+
+namespace {
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// floor(x * range / 2^64), portable (no __int128 on MSVC).
+uint64_t scale_to_range(uint64_t x, uint64_t range) {
+  const uint64_t x_lo = x & 0xffffffffu, x_hi = x >> 32, r_lo = range & 0xffffffffu, r_hi = range >> 32;
+  const uint64_t lo_lo = x_lo * r_lo, hi_lo = x_hi * r_lo, lo_hi = x_lo * r_hi, hi_hi = x_hi * r_hi;
+  const uint64_t mid = (lo_lo >> 32) + (hi_lo & 0xffffffffu) + (lo_hi & 0xffffffffu);
+  return hi_hi + (hi_lo >> 32) + (lo_hi >> 32) + (mid >> 32);
+}
+
+}  // namespace
+
+void select_random(int64_t n, int64_t k, uint64_t seed, int64_t* out) {
+  std::vector<int64_t> perm(static_cast<size_t>(n));
+  std::iota(perm.begin(), perm.end(), int64_t{0});
+  uint64_t state = seed;
+  for (int64_t i = 0; i < k; ++i) {
+    const auto j = i + static_cast<int64_t>(scale_to_range(splitmix64(state), static_cast<uint64_t>(n - i)));
+    std::swap(perm[i], perm[j]);
+    out[i] = perm[i];
+  }
+}
+
+void split_budget(const int64_t* sizes, const double* weights, int64_t count, int64_t total, int64_t* out) {
+  const int64_t sum_sizes = std::accumulate(sizes, sizes + count, int64_t{0});
+  const int64_t budget = std::min(total, sum_sizes);
+  if (budget < count) throw InputError("total must be at least the number of images");
+  // Real-valued budgets q_k = clamp(lambda * w_k, 1, m_k) with sum q_k = budget, then largest remainder.
+  std::vector<double> w(weights, weights + count), q(count);
+  for (int64_t i = 0; i < count; ++i) w[i] = std::max(w[i], 1e-6 * static_cast<double>(sizes[i]));
+  if (budget == sum_sizes) {
+    std::copy(sizes, sizes + count, out);
+    return;
+  }
+  std::vector<double> breaks;
+  for (int64_t i = 0; i < count; ++i) {
+    breaks.push_back(1.0 / w[i]);
+    breaks.push_back(static_cast<double>(sizes[i]) / w[i]);
+  }
+  std::sort(breaks.begin(), breaks.end());
+  auto clamped = [&](int64_t i, double lambda) {
+    return std::clamp(lambda * w[i], 1.0, static_cast<double>(sizes[i]));
+  };
+  auto f = [&](double lambda) {
+    double s = 0;
+    for (int64_t i = 0; i < count; ++i) s += clamped(i, lambda);
+    return s;
+  };
+  double lo = 0, hi = breaks.back();
+  for (double b : breaks) {
+    if (f(b) >= static_cast<double>(budget)) {
+      hi = b;
+      break;
+    }
+    lo = b;
+  }
+  // On (lo, hi) every k is either pinned (to 1 or m_k) or free (lambda * w_k): solve for lambda.
+  const double mid = 0.5 * (lo + hi);
+  double pinned = 0, free_weight = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const double x = mid * w[i];
+    if (x <= 1.0) pinned += 1.0;
+    else if (x >= static_cast<double>(sizes[i])) pinned += static_cast<double>(sizes[i]);
+    else free_weight += w[i];
+  }
+  const double lambda = free_weight > 0 ? (static_cast<double>(budget) - pinned) / free_weight : mid;
+  for (int64_t i = 0; i < count; ++i) {
+    const double x = mid * w[i];
+    q[i] = x <= 1.0 ? 1.0 : x >= static_cast<double>(sizes[i]) ? static_cast<double>(sizes[i]) : lambda * w[i];
+  }
+  int64_t given = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    out[i] = std::clamp(static_cast<int64_t>(std::floor(q[i])), int64_t{1}, sizes[i]);
+    given += out[i];
+  }
+  std::vector<int64_t> order(static_cast<size_t>(count));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return q[a] - std::floor(q[a]) > q[b] - std::floor(q[b]);
+  });
+  while (given < budget) {  // one round suffices unless rounding left q a hair short
+    for (int64_t i : order) {
+      if (given == budget) break;
+      if (out[i] < sizes[i]) {
+        ++out[i];
+        ++given;
+      }
+    }
+  }
+}
+
+int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, uint64_t seed, int64_t* out) {
+  if (p.m > 0 && !all_finite(p.t, p.m * p.d)) throw InputError("text contains NaN or inf");
+  const bool scored = method == Method::trimtokenator || method == Method::align || method == Method::divprune;
+  // The scored CPU path finds non-finite rows in its first pass; everything else checks here.
+  if ((!scored || k >= p.n) && !all_finite(p.v, p.n * p.d)) throw InputError("visual contains NaN or inf");
+  if (k >= p.n || method == Method::none) {
+    std::iota(out, out + p.n, int64_t{0});
+    return p.n;
+  }
+  switch (method) {
+    case Method::uniform: select_uniform(p.n, k, out); break;
+    case Method::random: select_random(p.n, k, seed, out); break;
+    default: cpu::select_scored(p, method, k, stage1_ratio, out); break;
+  }
+  return k;
+}
+
+}  // namespace trim

@@ -1,0 +1,198 @@
+"""The selection API: which image rows to keep (ALGORITHM.md), on the best available backend."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from . import _core
+
+BACKENDS = ("cpu", "cuda", "metal")
+METHODS = ("trimtokenator", "align", "divprune", "uniform", "random", "none")
+
+Keep = Union[int, float]
+
+
+def available_backends() -> list[str]:
+    """The backends usable on this machine, best first (``["cpu"]`` on a machine without a GPU)."""
+    return [name for name in BACKENDS if name == "cpu" and _core.cpu_available()]
+
+
+def _backend(func: str, backend: Optional[str]) -> str:
+    available = available_backends()
+    if backend is None:
+        return available[0]
+    if not isinstance(backend, str):
+        raise TypeError(f"{func}: backend must be a string or None, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{func}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend not in available:
+        raise RuntimeError(
+            f"{func}: backend {backend!r} is not available here (available: {', '.join(available)})"
+        )
+    return backend
+
+
+def _rows(func: str, name: str, x: ArrayLike) -> np.ndarray:
+    """x as a C-contiguous float32 matrix, converted (copied) at most once."""
+    try:
+        array = np.asarray(x)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{func}: {name} must be a numeric array ({error})") from None
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{func}: {name} must be a numeric array, got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise ValueError(f"{func}: {name} must be 2-D (rows x dim), got shape {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _visual_text(func: str, visual: ArrayLike, text: Optional[ArrayLike]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    v = _rows(func, "visual", visual)
+    if v.shape[0] == 0:
+        raise ValueError(f"{func}: visual has no rows (N = 0)")
+    if v.shape[1] == 0:
+        raise ValueError(f"{func}: visual has no columns (D = 0)")
+    if text is None:
+        return v, None
+    t = _rows(func, "text", text)
+    if t.shape[1] != v.shape[1]:
+        raise ValueError(f"{func}: text has D = {t.shape[1]} columns but visual has D = {v.shape[1]}")
+    return v, (t if t.shape[0] > 0 else None)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: object) -> bool:
+    return _is_int(x) or isinstance(x, (float, np.floating))
+
+
+def resolve_keep(func: str, keep: Keep, n: int) -> int:
+    """K for n rows: an int >= 1 as is, a float r in (0, 1] as max(1, round(r * n)) (half up)."""
+    if _is_int(keep):
+        if keep < 1:
+            raise ValueError(f"{func}: keep must be >= 1, got {keep}")
+        return int(keep)
+    if isinstance(keep, (float, np.floating)):
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"{func}: a float keep is a share of the rows and must be in (0, 1], got {keep}")
+        return max(1, math.floor(float(keep) * n + 0.5))
+    raise TypeError(f"{func}: keep must be an int or a float, got {type(keep).__name__}")
+
+
+def _core_call(func: str, call, *args):
+    try:
+        return call(*args)
+    except ValueError as error:
+        raise ValueError(f"{func}: {error}") from None
+
+
+def pick_order(
+    visual: ArrayLike,
+    text: Optional[ArrayLike] = None,
+    keep: Keep = 64,
+    *,
+    method: str = "trimtokenator",
+    stage1_ratio: float = 0.8,
+    seed: int = 0,
+    backend: Optional[str] = None,
+    _func: str = "pick_order",
+) -> np.ndarray:
+    """Like :func:`prune`, but the indices come in the order the method picked them.
+
+    For the greedy methods this is the greedy order, for ``align`` the descending score order,
+    for ``random`` the draw order; keeping everything gives the ascending order.
+    """
+    func = _func
+    if not isinstance(method, str):
+        raise TypeError(f"{func}: method must be a string, got {type(method).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"{func}: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if not _is_real(stage1_ratio):
+        raise TypeError(f"{func}: stage1_ratio must be a float, got {type(stage1_ratio).__name__}")
+    if not 0.0 < stage1_ratio <= 1.0:
+        raise ValueError(f"{func}: stage1_ratio must be in (0, 1], got {stage1_ratio}")
+    if not _is_int(seed):
+        raise TypeError(f"{func}: seed must be an int, got {type(seed).__name__}")
+    _backend(func, backend)
+    v, t = _visual_text(func, visual, text)
+    k = resolve_keep(func, keep, v.shape[0])
+    order = _core_call(
+        func, _core.select, v, t, k, getattr(_core.Method, method), float(stage1_ratio), int(seed) % 2**64
+    )
+    return np.asarray(order, dtype=np.int64)
+
+
+def prune(
+    visual: ArrayLike,
+    text: Optional[ArrayLike] = None,
+    keep: Keep = 64,
+    *,
+    method: str = "trimtokenator",
+    stage1_ratio: float = 0.8,
+    seed: int = 0,
+    backend: Optional[str] = None,
+) -> np.ndarray:
+    """Indices (int64, ascending) of the image rows to keep.
+
+    Args:
+        visual: N x D image embeddings after the projector, in decode order (any real dtype).
+        text: M x D text-token embeddings of the question, or None (stage 1 is then skipped).
+        keep: how many rows to keep (int >= 1; K >= N keeps all), or a share of N in (0, 1].
+        method: "trimtokenator" (default), "align", "divprune", "uniform", "random" or "none".
+        stage1_ratio: share of N that survives the alignment stage, in (0, 1].
+        seed: seed of the "random" method.
+        backend: "cpu", "cuda", "metal", or None for the best available one.
+
+    Raises:
+        ValueError: bad shapes or values (NaN/inf included); TypeError: non-numeric input;
+        RuntimeError: a known backend that is not available here.
+    """
+    order = pick_order(
+        visual, text, keep, method=method, stage1_ratio=stage1_ratio, seed=seed, backend=backend, _func="prune"
+    )
+    return np.sort(order)
+
+
+def alignment_scores(visual: ArrayLike, text: ArrayLike) -> np.ndarray:
+    """The stage-1 scores ``a_i = -(1/M) sum_j ||v_i - t_j||^2`` (float32, one per visual row).
+
+    Computed with the centroid identity in O((N + M) D); text must have at least one row.
+    """
+    func = "alignment_scores"
+    if text is None:
+        raise ValueError(f"{func}: text is required")
+    v, t = _visual_text(func, visual, text)
+    if t is None:
+        raise ValueError(f"{func}: text has no rows (M = 0); the scores need at least one")
+    return _core_call(func, _core.alignment_scores, v, t)
+
+
+def split_budget(images: Sequence[ArrayLike], total: int) -> list[int]:
+    """Per-image budgets for several images sharing ``total`` kept rows (ALGORITHM.md).
+
+    Each image k (an N_k x D array) gets b_k in [1, N_k], proportional to N_k times its mean
+    pairwise cosine distance, by largest remainder; the budgets sum to min(total, sum N_k).
+    """
+    func = "split_budget"
+    if not _is_int(total):
+        raise TypeError(f"{func}: total must be an int, got {type(total).__name__}")
+    if isinstance(images, np.ndarray) or not isinstance(images, Sequence) or len(images) == 0:
+        raise ValueError(f"{func}: images must be a non-empty list of N_k x D arrays")
+    if total < len(images):
+        raise ValueError(f"{func}: total must be at least the number of images ({len(images)}), got {total}")
+    sizes, weights = [], []
+    for k, image in enumerate(images):
+        x = _rows(func, f"images[{k}]", image)
+        m = x.shape[0]
+        if m == 0 or x.shape[1] == 0:
+            raise ValueError(f"{func}: images[{k}] is empty (shape {x.shape})")
+        sq = _core_call(func, _core.normalized_sum_sqnorm, x)
+        diversity = 1.0 - (sq - m) / (m * (m - 1)) if m > 1 else 1.0
+        sizes.append(m)
+        weights.append(m * max(diversity, 0.0))
+    return _core_call(func, _core.split_budget, sizes, weights, int(total))
