@@ -27,13 +27,15 @@ trim::Problem problem(const Floats& visual, const std::optional<Floats>& text) {
 }
 
 Indices select_rows(const Floats& visual, const std::optional<Floats>& text, int64_t keep, trim::Method method,
-               double stage1_ratio, uint64_t seed) {
+                    double stage1_ratio, uint64_t seed) {
   const trim::Problem p = problem(visual, text);
-  Indices out(std::min(keep, p.n));
-  int64_t* dst = out.mutable_data();
-  py::gil_scoped_release release;
-  trim::select(p, method, keep, stage1_ratio, seed, dst);
-  return out;
+  std::vector<int64_t> picks(static_cast<size_t>(p.n));  // room for every row, whatever the method
+  int64_t count = 0;
+  {
+    py::gil_scoped_release release;
+    count = trim::select(p, method, keep, stage1_ratio, seed, picks.data());
+  }
+  return Indices(count, picks.data());
 }
 
 py::array_t<float> alignment_scores(const Floats& visual, const Floats& text) {

@@ -37,7 +37,7 @@ void select_uniform(int64_t n, int64_t k, int64_t* out);
 void select_random(int64_t n, int64_t k, uint64_t seed, int64_t* out);
 // Budgets b_i in [1, sizes[i]] proportional to weights[i], largest remainder, sum min(total, sum sizes).
 void split_budget(const int64_t* sizes, const double* weights, int64_t count, int64_t total, int64_t* out);
-// Selects min(k, n) rows by `method` on the CPU backend; writes indices in pick order to out.
+// Selects min(k, n) rows (all n for `none`) on the CPU backend; indices in pick order into out[n].
 int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, uint64_t seed, int64_t* out);
 
 namespace cpu {

@@ -46,7 +46,8 @@ def _rows(func: str, name: str, x: ArrayLike) -> np.ndarray:
         raise TypeError(f"{func}: {name} must be a numeric array, got dtype {array.dtype}")
     if array.ndim != 2:
         raise ValueError(f"{func}: {name} must be 2-D (rows x dim), got shape {array.shape}")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, reported as such by the core
+        return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _visual_text(func: str, visual: ArrayLike, text: Optional[ArrayLike]) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -191,7 +192,10 @@ def split_budget(images: Sequence[ArrayLike], total: int) -> list[int]:
         m = x.shape[0]
         if m == 0 or x.shape[1] == 0:
             raise ValueError(f"{func}: images[{k}] is empty (shape {x.shape})")
-        sq = _core_call(func, _core.normalized_sum_sqnorm, x)
+        try:
+            sq = _core.normalized_sum_sqnorm(x)
+        except ValueError as error:
+            raise ValueError(f"{func}: {str(error).replace('visual', f'images[{k}]', 1)}") from None
         diversity = 1.0 - (sq - m) / (m * (m - 1)) if m > 1 else 1.0
         sizes.append(m)
         weights.append(m * max(diversity, 0.0))

@@ -1,0 +1,228 @@
+"""Every selection method against the float64 reference of ALGORITHM.md (tests/reference.py)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import numpy as np
+import pytest
+
+import reference as ref
+import trimcpp
+from trimcpp.selection import pick_order
+
+SCORED = ("trimtokenator", "align", "divprune")
+
+
+@pytest.fixture(params=trimcpp.available_backends())
+def backend(request):
+    return request.param
+
+
+@functools.lru_cache(maxsize=None)
+def embeddings(n: int, d: int, m: int, seed: int = 0):
+    """Rows with a shared offset (as real projector outputs have), so cosines are not all ~0."""
+    rng = np.random.default_rng([n, d, m, seed])
+    offset = rng.standard_normal(d)
+    v = (rng.standard_normal((n, d)) + 0.7 * offset).astype(np.float32)
+    t = (rng.standard_normal((m, d)) + 0.3 * offset).astype(np.float32) if m else None
+    return v, t
+
+
+def check(method, picks, v, t, keep, stage1_ratio=0.8, seed=0):
+    if method == "trimtokenator":
+        ref.check_trimtokenator(picks, v, t, keep, stage1_ratio)
+    elif method == "align":
+        ref.check_align(picks, v, t, keep)
+    elif method == "divprune":
+        ref.check_divprune(picks, v, keep)
+    elif method == "uniform":
+        assert list(picks) == ref.uniform(v.shape[0], ref.resolve_keep(keep, v.shape[0]))
+    elif method == "random":
+        assert list(picks) == ref.random_draws(v.shape[0], ref.resolve_keep(keep, v.shape[0]), seed)
+    else:
+        assert list(picks) == list(range(v.shape[0]))
+
+
+@pytest.mark.parametrize("n", [1, 2, 31, 577, 2880])
+@pytest.mark.parametrize("d", [1, 33, 4096])
+@pytest.mark.parametrize("m", [0, 1, 40])
+@pytest.mark.parametrize("method", ["trimtokenator", "align"])
+def test_text_methods_grid(backend, method, n, d, m):
+    v, t = embeddings(n, d, m)
+    for keep in (1, 64, 0.3, n + 5):
+        picks = pick_order(v, t, keep, method=method, backend=backend)
+        check(method, picks, v, t, keep)
+
+
+@pytest.mark.parametrize("n", [1, 2, 31, 577, 2880])
+@pytest.mark.parametrize("d", [1, 33, 4096])
+def test_divprune_grid(backend, n, d):
+    v, _ = embeddings(n, d, 0)
+    for keep in (1, 64, n):
+        check("divprune", pick_order(v, None, keep, method="divprune", backend=backend), v, None, keep)
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_random_cases_all_methods(backend, case):
+    rng = np.random.default_rng(1000 + case)
+    n, d, m = int(rng.integers(1, 700)), int(rng.integers(1, 300)), int(rng.integers(0, 50))
+    v, t = embeddings(n, d, m, seed=case)
+    keep = int(rng.integers(1, n + 3)) if case % 3 else float(rng.uniform(0.01, 1.0))
+    ratio = float(rng.uniform(0.05, 1.0))
+    seed = int(rng.integers(0, 2**63))
+    for method in trimcpp.selection.METHODS:
+        picks = pick_order(v, t, keep, method=method, stage1_ratio=ratio, seed=seed, backend=backend)
+        check(method, picks, v, t, keep, ratio, seed)
+        result = trimcpp.prune(v, t, keep, method=method, stage1_ratio=ratio, seed=seed, backend=backend)
+        assert result.dtype == np.int64
+        assert list(result) == sorted(picks)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 1e-6])
+def test_stage1_ratio_extremes(backend, ratio):
+    v, t = embeddings(577, 33, 40)
+    for keep in (1, 64, 400):
+        picks = pick_order(v, t, keep, stage1_ratio=ratio, backend=backend)
+        ref.check_trimtokenator(picks, v, t, keep, ratio)
+
+
+def test_tiny_stage1_ratio_is_pure_alignment(backend):
+    # K1 = clamp(round(r1 N), K, N) = K: stage 2 has nothing to drop, so trimtokenator == align as a set.
+    v, t = embeddings(577, 33, 40)
+    a = trimcpp.prune(v, t, 64, stage1_ratio=1e-6, backend=backend)
+    b = trimcpp.prune(v, t, 64, method="align", backend=backend)
+    assert list(a) == list(b)
+
+
+@pytest.mark.parametrize("method", SCORED)
+def test_duplicate_rows_ties_go_to_the_lower_index(backend, method):
+    # Distinct rows are far apart, so every tie is an exact tie between copies: the backend must
+    # break it as the reference does (the lower original index), step for step.
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((12, 64)).astype(np.float32)
+    v = base[rng.integers(0, 12, size=90)]
+    t = rng.standard_normal((5, 64)).astype(np.float32)
+    for keep in (1, 5, 12, 20, 60):
+        picks = pick_order(v, t, keep, method=method, backend=backend)
+        if method == "trimtokenator":
+            ref.check_trimtokenator(picks, v, t, keep, exact=True)
+        elif method == "align":
+            ref.check_align(picks, v, t, keep, exact=True)
+        else:
+            # Past the 12 distinct rows every candidate is ~0 from S: rounding, not ties, decides.
+            ref.check_divprune(picks, v, keep, exact=keep <= 12)
+
+
+def test_all_identical_rows_keep_the_first_k(backend):
+    v = np.tile(np.arange(1, 34, dtype=np.float32), (50, 1))
+    t = np.ones((3, 33), np.float32)
+    for method in ("trimtokenator", "align", "divprune"):
+        assert list(trimcpp.prune(v, t, 7, method=method, backend=backend)) == list(range(7))
+
+
+def test_checker_catches_a_wrong_pick():
+    # The reference must be able to fail: a reversed greedy order is not a near-tie.
+    v, t = embeddings(200, 64, 10)
+    picks = pick_order(v, t, 30)
+    ref.check_trimtokenator(picks, v, t, 30)
+    with pytest.raises(ref.Mismatch):
+        ref.check_trimtokenator(picks[::-1], v, t, 30)
+    dp = pick_order(v, None, 30, method="divprune")
+    with pytest.raises(ref.Mismatch):
+        ref.check_divprune(np.roll(dp, 1), v, 30)
+
+
+def test_keep_semantics():
+    v, t = embeddings(576, 33, 4)
+    assert len(trimcpp.prune(v, t, 64)) == 64
+    assert len(trimcpp.prune(v, t, 0.5)) == 288
+    assert len(trimcpp.prune(v, t, 1e-9)) == 1  # max(1, round(r N))
+    assert len(trimcpp.prune(v, t, 1.0)) == 576
+    assert list(trimcpp.prune(v, t, 10_000)) == list(range(576))
+    assert len(trimcpp.prune(v, t, np.int32(5))) == 5
+    assert len(trimcpp.prune(v[:5], t, 0.5)) == 3  # round half up: 2.5 -> 3
+
+
+def test_random_method_properties():
+    v, _ = embeddings(300, 8, 0)
+    a = trimcpp.prune(v, keep=40, method="random", seed=1)
+    assert len(set(a)) == 40 and list(a) == sorted(a) and a.min() >= 0 and a.max() < 300
+    assert list(a) == list(trimcpp.prune(v, keep=40, method="random", seed=1))
+    assert list(a) != list(trimcpp.prune(v, keep=40, method="random", seed=2))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int32])
+def test_dtypes_match_float32(dtype):
+    v, t = embeddings(200, 40, 8)
+    v, t = v.astype(dtype), t.astype(dtype)
+    v32, t32 = v.astype(np.float32), t.astype(np.float32)
+    for method in trimcpp.selection.METHODS:
+        assert list(trimcpp.prune(v, t, 20, method=method)) == list(trimcpp.prune(v32, t32, 20, method=method))
+
+
+def test_non_contiguous_inputs():
+    v, t = embeddings(300, 40, 8)
+    wide = np.zeros((300, 80), np.float32)
+    wide[:, ::2] = v
+    fortran = np.asfortranarray(t)
+    assert list(trimcpp.prune(wide[:, ::2], fortran, 32)) == list(trimcpp.prune(v, t, 32))
+    lists = trimcpp.prune(v[:20].tolist(), t.tolist(), 5)
+    assert list(lists) == list(trimcpp.prune(v[:20], t, 5))
+
+
+def test_alignment_scores_match_reference():
+    for n, d, m in [(1, 1, 1), (31, 33, 40), (577, 4096, 40), (50, 7, 1)]:
+        v, t = embeddings(n, d, m)
+        got = trimcpp.alignment_scores(v, t)
+        assert got.dtype == np.float32 and got.shape == (n,)
+        np.testing.assert_allclose(got, ref.alignment(v, t), rtol=1e-5)
+
+
+def test_split_budget_matches_reference():
+    rng = np.random.default_rng(3)
+    for case in range(30):
+        count = int(rng.integers(1, 7))
+        images = []
+        for k in range(count):
+            m, d = int(rng.integers(1, 200)), int(rng.integers(1, 40))
+            spread = float(rng.choice([0.0, 0.2, 1.0, 5.0]))
+            images.append((rng.standard_normal(d) + spread * rng.standard_normal((m, d))).astype(np.float32))
+        total = int(rng.integers(count, sum(x.shape[0] for x in images) + 20))
+        got = trimcpp.split_budget(images, total)
+        assert got == ref.split_budget(images, total)
+        assert sum(got) == min(total, sum(x.shape[0] for x in images))
+        assert all(1 <= b <= x.shape[0] for b, x in zip(got, images))
+
+
+def test_split_budget_llava_next():
+    rng = np.random.default_rng(4)
+    same = [rng.standard_normal((576, 64)).astype(np.float32)] * 5
+    assert trimcpp.split_budget(same, 320) == [64] * 5
+    varied = [(rng.standard_normal(64) + s * rng.standard_normal((576, 64))).astype(np.float32) for s in (0.1, 0.3, 1, 3, 9)]
+    budgets = trimcpp.split_budget(varied, 320)
+    assert sum(budgets) == 320 and budgets == sorted(budgets)  # more diverse images get more rows
+    assert budgets == ref.split_budget(varied, 320)
+
+
+def test_threads_and_repeat_calls_agree():
+    v, t = embeddings(577, 512, 40)
+    expected = trimcpp.prune(v, t, 64)
+    results = [None] * 6
+
+    def work(i):
+        results[i] = trimcpp.prune(v, t, 64)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for r in results:
+        assert list(r) == list(expected)
+
+
+def test_available_backends():
+    backends = trimcpp.available_backends()
+    assert backends[0] in ("cpu", "cuda", "metal") and "cpu" in backends
