@@ -34,7 +34,7 @@ class Barrier {
       return;
     }
     for (int spin = 0; generation_.load(std::memory_order_acquire) == generation; ++spin) {
-      if (spin < 20000) cpu_relax();
+      if (spin < 1000) cpu_relax();
       else std::this_thread::yield();
     }
   }
