@@ -108,6 +108,15 @@ def _finish(picks, steps, what: str, exact: bool) -> None:
         _check_sequence(picks, steps, what)
 
 
+def _keeps_all(picks, n: int, keep: int) -> bool:
+    """True (after checking the answer) when K >= N; else checks K distinct picks and says False."""
+    if keep >= n:
+        assert list(picks) == list(range(n))
+        return True
+    assert len(picks) == keep and len(set(map(int, picks))) == keep
+    return False
+
+
 def stage1_survivors(v, t, keep: int, stage1_ratio: float):
     """(K1, survivors ascending, a) of stage 1; all rows when there is no text."""
     n = v.shape[0]
@@ -122,10 +131,8 @@ def stage1_survivors(v, t, keep: int, stage1_ratio: float):
 def check_trimtokenator(picks, v, t, keep, stage1_ratio=0.8, exact=False) -> None:
     n = v.shape[0]
     keep = resolve_keep(keep, n)
-    if keep >= n:
-        assert list(picks) == list(range(n))
+    if _keeps_all(picks, n, keep):
         return
-    assert len(picks) == keep and len(set(map(int, picks))) == keep
     k1, survivors, a = stage1_survivors(v, t, keep, stage1_ratio)
     inside = np.zeros(n, bool)
     inside[survivors] = True
@@ -182,10 +189,8 @@ def check_align(picks, v, t, keep, exact=False) -> None:
 def check_divprune(picks, v, keep, exact=False) -> None:
     n = v.shape[0]
     keep = resolve_keep(keep, n)
-    if keep >= n:
-        assert list(picks) == list(range(n))
+    if _keeps_all(picks, n, keep):
         return
-    assert len(picks) == keep and len(set(map(int, picks))) == keep
     uu, inverse, counts = _dedup(v)
     dist = 1.0 - uu @ uu.T
     self_dist = 1.0 - np.einsum("ij,ij->i", uu, uu)
