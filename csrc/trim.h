@@ -47,7 +47,7 @@ bool available();
 void alignment_scores(const Problem& p, float* out);
 // Scored selection (trimtokenator, align, divprune) of k < n rows; indices in pick order into out[k].
 void select_scored(const Problem& p, Method method, int64_t k, double stage1_ratio, int64_t* out);
-// ||sum_i v_i / max(||v_i||, 1e-12)||^2 over the n rows of v, in double.
+// ||sum_i v_i / max(||v_i||, 1e-12)||^2 over the n rows of v, in double (its errors name no subject).
 double normalized_sum_sqnorm(const float* v, int64_t n, int64_t d);
 }  // namespace cpu
 

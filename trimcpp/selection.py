@@ -195,7 +195,7 @@ def split_budget(images: Sequence[ArrayLike], total: int) -> list[int]:
         try:
             sq = _core.normalized_sum_sqnorm(x)
         except ValueError as error:
-            raise ValueError(f"{func}: {str(error).replace('visual', f'images[{k}]', 1)}") from None
+            raise ValueError(f"{func}: images[{k}] {error}") from None
         diversity = 1.0 - (sq - m) / (m * (m - 1)) if m > 1 else 1.0
         sizes.append(m)
         weights.append(m * max(diversity, 0.0))

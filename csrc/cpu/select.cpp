@@ -96,10 +96,12 @@ void row_pass(Region& r, int tid, bool stage1, bool sum) {
   if (!finite) r.bad_input = true;
 }
 
-// Throws the message that fits a failed first pass: non-finite input, or overflow.
-[[noreturn]] void throw_bad_rows(const Problem& p) {
-  if (!all_finite(p.v, p.n * p.d)) throw InputError("visual contains NaN or inf");
-  throw InputError("visual has values too large for float32 arithmetic (a squared norm overflows)");
+// Throws the message that fits a failed first pass: non-finite input, or overflow. The message
+// starts with `subject` ("visual"), or with the verb when the caller names the rows itself ("").
+[[noreturn]] void throw_bad_rows(const Problem& p, const std::string& subject = "visual") {
+  const std::string lead = subject.empty() ? "" : subject + " ";
+  if (!all_finite(p.v, p.n * p.d)) throw InputError(lead + "contains NaN or inf");
+  throw InputError(lead + "has values too large for float32 arithmetic (a squared norm overflows)");
 }
 
 // Stage-1 ranking: positions of all rows by ascending ||v_i - tbar||^2, ties to the lower index.
@@ -325,7 +327,7 @@ double normalized_sum_sqnorm(const float* v, int64_t n, int64_t d) {
   r.inv.resize(static_cast<size_t>(n));
   r.sums.assign(static_cast<size_t>(r.threads * d), 0.0);
   run_parallel(r.threads, [&](int tid) { row_pass(r, tid, false, true); });
-  if (r.bad_input) throw_bad_rows(p);
+  if (r.bad_input) throw_bad_rows(p, "");
   double sq = 0;
   for (int64_t i = 0; i < d; ++i) {
     double s = 0;
