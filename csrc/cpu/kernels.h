@@ -15,7 +15,13 @@ struct Kernels {
   void (*sqnorm_sqdist)(const float* x, const float* c, int64_t d, float* sqnorm, float* sqdist);
   // acc += x * scale, in double.
   void (*add_scaled)(double* acc, const float* x, double scale, int64_t d);
+  // acc += sum_r rows[r] * scales[r] for kBlock rows: summed pairwise in float32 per column, then
+  // added to acc in double (unused slots: any readable row with scale 0).
+  void (*add_block)(double* acc, const float* const* rows, const float* scales, int64_t d);
 };
+
+// Rows per add_block call.
+constexpr int kBlock = 8;
 
 // The build for the best instruction set this processor runs (AVX2 + FMA on x86-64 when present).
 const Kernels& kernels();

@@ -80,20 +80,51 @@ struct Region {
   float* dir32(int tid) { return direction32.data() + tid * p.d; }
 };
 
-// Phase 1 on rows [lo, hi): inverse norms, stage-1 distances, the thread's sum of normalised rows.
+// acc += the normalised rows idx[0..count), kBlock rows per kernel call.
+void sum_normalized(const Region& r, double* acc, const int64_t* idx, int64_t count) {
+  const float* rows[kBlock];
+  float scales[kBlock];
+  for (int64_t a = 0; a < count; a += kBlock) {
+    for (int b = 0; b < kBlock; ++b) {
+      const bool used = a + b < count;
+      const int64_t i = idx[used ? a + b : a];
+      rows[b] = r.row(i);
+      scales[b] = used ? r.inv[i] : 0.0f;
+    }
+    r.k.add_block(acc, rows, scales, r.p.d);
+  }
+}
+
+// Phase 1 on rows [lo, hi): inverse norms, stage-1 distances, and (when `sum`) the thread's sum of
+// normalised rows, added a block at a time while the block is still in cache.
 void row_pass(Region& r, int tid, bool stage1, bool sum) {
   const auto [lo, hi] = share(r.p.n, tid, r.threads);
   double* acc = sum ? r.sums.data() + tid * r.p.d : nullptr;
   bool finite = true;
-  for (int64_t i = lo; i < hi; ++i) {
-    float sqnorm = 0, sqdist = 0;
-    r.k.sqnorm_sqdist(r.row(i), stage1 ? r.center.data() : nullptr, r.p.d, &sqnorm, &sqdist);
-    finite = finite && std::isfinite(sqnorm) && std::isfinite(sqdist);
-    r.inv[i] = 1.0f / std::max(std::sqrt(sqnorm), 1e-12f);
-    if (stage1) r.sqdist[i] = sqdist;
-    if (acc) r.k.add_scaled(acc, r.row(i), r.inv[i], r.p.d);
+  int64_t block[kBlock];
+  for (int64_t first = lo; first < hi; first += kBlock) {
+    const int64_t count = std::min<int64_t>(kBlock, hi - first);
+    for (int64_t i = first; i < first + count; ++i) {
+      float sqnorm = 0, sqdist = 0;
+      r.k.sqnorm_sqdist(r.row(i), stage1 ? r.center.data() : nullptr, r.p.d, &sqnorm, &sqdist);
+      finite = finite && std::isfinite(sqnorm) && std::isfinite(sqdist);
+      r.inv[i] = 1.0f / std::max(std::sqrt(sqnorm), 1e-12f);
+      if (stage1) r.sqdist[i] = sqdist;
+      block[i - first] = i;
+    }
+    if (acc) sum_normalized(r, acc, block, count);
   }
   if (!finite) r.bad_input = true;
+}
+
+// Each thread's w32 = the sum of the threads' sums (same order on every thread, so the same bits).
+void start_direction(Region& r, int tid) {
+  float* w = r.dir32(tid);
+  for (int64_t i = 0; i < r.p.d; ++i) {
+    double total = 0;
+    for (int t = 0; t < r.threads; ++t) total += r.sums[t * r.p.d + i];
+    w[i] = static_cast<float>(total);
+  }
 }
 
 // Throws the message that fits a failed first pass: non-finite input, or overflow. The message
@@ -170,13 +201,16 @@ void greedy(Region& r, int tid, int64_t steps, int64_t* out) {
       if constexpr (kRunningMax) value = r.value[position] = std::max(r.value[position], value);
       if (better(value, index, best)) best = {value, index, position};
     };
-    int64_t a = 0;
-    for (; a + 4 <= count; a += 4) {
+    // Groups of four rows, then the rest one by one; every other step walks the groups backwards,
+    // so the rows read last (still in this core's L2) are read first again.
+    const int64_t groups = count / 4;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t a = 4 * (step & 1 ? groups - 1 - g : g);
       r.k.dot4(r.row(r.candidates[slice[a]]), r.row(r.candidates[slice[a + 1]]),
-                    r.row(r.candidates[slice[a + 2]]), r.row(r.candidates[slice[a + 3]]), w, d, dots);
+               r.row(r.candidates[slice[a + 2]]), r.row(r.candidates[slice[a + 3]]), w, d, dots);
       for (int k = 0; k < 4; ++k) consider(slice[a + k], dots[k]);
     }
-    for (; a < count; ++a) consider(slice[a], r.k.dot(r.row(r.candidates[slice[a]]), w, d));
+    for (int64_t a = 4 * groups; a < count; ++a) consider(slice[a], r.k.dot(r.row(r.candidates[slice[a]]), w, d));
     r.slots[step & 1][tid] = best;
     r.barrier.wait();
     const Pick pick = reduce_slots(r, step);
@@ -211,7 +245,8 @@ void select_trimtokenator(Region& r, Method method, int64_t k, double stage1_rat
     r.direction32.assign(static_cast<size_t>(r.threads * p.d), 0.0f);
   }
   run_parallel(r.threads, [&](int tid) {
-    row_pass(r, tid, stage1, stage2);
+    // Without stage 1 every row is a candidate, so the first pass also sums them.
+    row_pass(r, tid, stage1, stage2 && !stage1);
     r.barrier.wait();
     if (tid == 0 && !r.bad_input) {
       // Stage 1: the k1 rows closest to the text centroid, in ascending index.
@@ -223,27 +258,17 @@ void select_trimtokenator(Region& r, Method method, int64_t k, double stage1_rat
         r.candidates.resize(static_cast<size_t>(p.n));
         std::iota(r.candidates.begin(), r.candidates.end(), int64_t{0});
       }
-      if (stage2) {
-        // Sum of the survivors' normalised rows: all rows minus the dropped ones (or the survivors
-        // directly, whichever reads less).
-        double* total = r.dir(0);
-        std::vector<char> kept(static_cast<size_t>(p.n), 0);
-        for (int64_t i : r.candidates) kept[i] = 1;
-        if (2 * k1 >= p.n) {
-          for (int t = 0; t < r.threads; ++t)
-            for (int64_t i = 0; i < p.d; ++i) total[i] += r.sums[t * p.d + i];
-          for (int64_t i = 0; i < p.n; ++i)
-            if (!kept[i]) r.k.add_scaled(total, r.row(i), -static_cast<double>(r.inv[i]), p.d);
-        } else {
-          for (int64_t i : r.candidates) r.k.add_scaled(total, r.row(i), r.inv[i], p.d);
-        }
-        for (int t = 0; t < r.threads; ++t)
-          for (int64_t i = 0; i < p.d; ++i) r.direction32[t * p.d + i] = static_cast<float>(total[i]);
-        start_candidates(r);
-      }
+      if (stage2) start_candidates(r);
     }
     r.barrier.wait();
     if (r.bad_input || !stage2) return;
+    if (stage1) {
+      // The survivors' sum: each thread adds its share of them (one more read of K1 rows).
+      const auto [lo, hi] = share(k1, tid, r.threads);
+      sum_normalized(r, r.sums.data() + tid * p.d, r.candidates.data() + lo, hi - lo);
+      r.barrier.wait();
+    }
+    start_direction(r, tid);
     greedy<false>(r, tid, k, out);
   });
   if (r.bad_input) throw_bad_rows(p);
