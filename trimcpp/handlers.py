@@ -1,0 +1,358 @@
+"""Chat handlers for llama-cpp-python that hand the LLM fewer image rows.
+
+``TrimLlava15ChatHandler`` and ``TrimLlava16ChatHandler`` subclass the stock handlers (same
+template, image loading, sampling, tools, streaming). The stock ``__call__`` tokenises the prompt
+with libmtmd and evaluates each image chunk with ``mtmd_helper_eval_chunk_single``; for the length
+of one call, the trimmed handlers give it a view of ``llama_cpp.mtmd_cpp`` in which image chunks
+take another way to the LLM:
+
+1. ``mtmd_encode_chunk``, and a copy of ``mtmd_get_output_embd`` (N x ``n_embd_inp`` floats);
+2. :func:`trimcpp.prune` with the question's token embeddings (read from the LLM's GGUF);
+3. the kept rows, in their original order, decoded as embeddings at consecutive positions in
+   batches of at most ``n_batch`` rows (the way libmtmd's helper decodes all of them).
+
+Everything else is the stock code path. The view also reports the kept count as the chunk's
+token count, so the stock ``n_ctx`` check counts what the LLM will really see.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Any, Optional, Union
+
+import numpy as np
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd_cpp
+from llama_cpp._utils import suppress_stdout_stderr
+from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler
+
+from .embeddings import TokenEmbeddings
+from .selection import METHODS, Keep, _backend, _is_int, _is_real, prune, resolve_keep, split_budget
+
+KeepArg = Optional[Keep]
+_DEFAULT: Any = object()  # keep not given: the handler's default (None means keep every row)
+
+
+@dataclasses.dataclass
+class ImageSelection:
+    """What the handler did with one image of the last call."""
+
+    image: int  # 0-based, in prompt order
+    rows: int  # image rows libmtmd produced (all slices of a LLaVA-1.6 image)
+    kept: int  # rows the LLM saw
+    chunk_rows: list[int]  # rows per chunk (one chunk for LLaVA-1.5; overview + slices for 1.6)
+    indices: list[np.ndarray]  # kept row indices per chunk, ascending
+    encode_seconds: float = 0.0
+    select_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+def _check_keep(owner: str, keep: Any) -> KeepArg:
+    """keep as given (int, float share, or None for every row), after resolve_keep's checks."""
+    if keep is None:
+        return None
+    resolve_keep(owner, keep, 1)
+    return int(keep) if _is_int(keep) else float(keep)
+
+
+def _user_texts(messages: list[Any]) -> list[str]:
+    """The text parts of the user messages (ALGORITHM.md: no template boilerplate)."""
+    texts = []
+    for message in messages:
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+    return [t for t in texts if t]
+
+
+class _Trimming:
+    """The handler's behaviour, shared by the 1.5 and 1.6 handlers (mixed in before the stock class)."""
+
+    DEFAULT_KEEP: KeepArg = 64
+
+    def __init__(
+        self,
+        clip_model_path: str,
+        keep: KeepArg = _DEFAULT,
+        *,
+        method: str = "trimtokenator",
+        stage1_ratio: float = 0.8,
+        backend: Optional[str] = None,
+        verbose: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(clip_model_path=clip_model_path, verbose=verbose, **kwargs)  # type: ignore[call-arg]
+        self.keep = self.DEFAULT_KEEP if keep is _DEFAULT else keep
+        if not isinstance(method, str) or method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if not _is_real(stage1_ratio) or not 0.0 < stage1_ratio <= 1.0:
+            raise ValueError(f"stage1_ratio must be in (0, 1], got {stage1_ratio!r}")
+        self.method = method
+        self.stage1_ratio = float(stage1_ratio)
+        self.backend = backend
+        _backend(type(self).__name__, backend)
+        self.last_selection: list[ImageSelection] = []
+        self.last_text_rows = 0  # M: text-token rows the last call's stage 1 used
+        self._tables: dict[str, TokenEmbeddings] = {}
+        self._images_seen = 0
+
+    @property
+    def keep(self) -> KeepArg:
+        """Rows kept per image: an int, a share in (0, 1] of each image's rows, or None (all)."""
+        return self._keep
+
+    @keep.setter
+    def keep(self, value: KeepArg) -> None:
+        self._keep = _check_keep(type(self).__name__, value)
+
+    def _init_mtmd_context(self, llama_model: llama_cpp.Llama) -> None:
+        try:
+            super()._init_mtmd_context(llama_model)  # type: ignore[misc]
+        except ValueError:
+            raise ValueError(_explain_mtmd_failure(self.clip_model_path, llama_model)) from None  # type: ignore[attr-defined]
+
+    def _create_bitmap_from_bytes(self, image_bytes: bytes):
+        try:
+            bitmap = super()._create_bitmap_from_bytes(image_bytes)  # type: ignore[misc]
+        except ValueError:
+            raise ValueError(
+                f"could not decode an image ({len(image_bytes)} bytes): not a PNG, JPEG, BMP, GIF or other format "
+                "libmtmd reads, or a corrupt file"
+            ) from None
+        # A distinct id per image: libmtmd gives it to every chunk (slice) of that image.
+        self._images_seen += 1
+        mtmd_cpp.mtmd_bitmap_set_id(bitmap, f"trimcpp-{self._images_seen}".encode())
+        return bitmap
+
+    def _text_rows(self, llama: llama_cpp.Llama, messages: list[Any]) -> np.ndarray:
+        path = os.fspath(llama.model_path)
+        table = self._tables.get(path)
+        if table is None:
+            table = self._tables[path] = TokenEmbeddings(path)
+        ids: list[int] = []
+        for text in _user_texts(messages):
+            ids += llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return table.rows(ids)
+
+    def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
+        self._init_mtmd_context(llama)
+        text = self._text_rows(llama, messages)
+        view = _TrimmedMtmd(self, llama, text)
+        self.last_selection = view.selections
+        self.last_text_rows = text.shape[0]
+        self._mtmd_cpp = view
+        try:
+            return super().__call__(llama=llama, messages=messages, **kwargs)  # type: ignore[misc]
+        finally:
+            self._mtmd_cpp = mtmd_cpp
+
+
+def _explain_mtmd_failure(clip_model_path: str, llama: llama_cpp.Llama) -> str:
+    """Why libmtmd refused the mmproj, in words (it only logs the reason)."""
+    want = llama_cpp.llama_model_n_embd_inp(llama.model)
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(clip_model_path, "r")
+        proj = next((t for t in reader.tensors if t.name == "mm.2.weight"), None)
+        if proj is not None and int(proj.shape[1]) != want:
+            return (
+                f"mmproj {clip_model_path!r} projects image rows to {int(proj.shape[1])} values, but the LLM's "
+                f"embeddings have {want}: this mmproj belongs to another LLM"
+            )
+    except Exception:  # noqa: BLE001 - the file may not even be GGUF; fall through to the generic message
+        pass
+    return f"libmtmd could not load the mmproj {clip_model_path!r} for this LLM (n_embd {want}); see its log"
+
+
+class _TrimmedMtmd:
+    """``llama_cpp.mtmd_cpp`` as the stock handler sees it during one trimmed call."""
+
+    def __init__(self, handler: _Trimming, llama: llama_cpp.Llama, text: np.ndarray):
+        self._handler = handler
+        self._llama = llama
+        self._text = text if text.shape[0] > 0 else None
+        self._chunks: Any = None
+        self._plans: dict[int, tuple[ImageSelection, int, np.ndarray]] = {}  # chunk -> (image, k, rows)
+        self.selections: list[ImageSelection] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(mtmd_cpp, name)
+
+    def mtmd_tokenize(self, ctx, chunks, text, bitmaps, n_bitmaps):
+        self._chunks = chunks
+        status = mtmd_cpp.mtmd_tokenize(ctx, chunks, text, bitmaps, n_bitmaps)
+        if status == 0:
+            self._check_length()
+        return status
+
+    def _target(self, rows: int) -> int:
+        """Rows kept of an image of `rows` rows."""
+        keep, method = self._handler.keep, self._handler.method
+        return rows if keep is None or method == "none" else min(rows, resolve_keep("keep", keep, rows))
+
+    def _check_length(self) -> None:
+        """Refuses, before encoding anything, a prompt longer than the context even after pruning
+        (the Llama's token buffer has exactly n_ctx slots)."""
+        text, images = 0, {}
+        for i in range(mtmd_cpp.mtmd_input_chunks_size(self._chunks)):
+            chunk = mtmd_cpp.mtmd_input_chunks_get(self._chunks, i)
+            n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                key = mtmd_cpp.mtmd_input_chunk_get_id(chunk) or i
+                images[key] = images.get(key, 0) + n
+            else:
+                text += n
+        total = text + sum(self._target(rows) for rows in images.values())
+        limit = len(self._llama.input_ids)
+        if total > limit:
+            raise ValueError(
+                f"Prompt exceeds n_ctx: {total} tokens ({text} text, {total - text} image rows after pruning) > {limit}"
+            )
+
+    def mtmd_input_chunk_get_n_tokens(self, chunk) -> int:
+        if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            return mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+        return len(self._plan(chunk)[2])
+
+    def mtmd_helper_eval_chunk_single(self, ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past):
+        if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            return mtmd_cpp.mtmd_helper_eval_chunk_single(
+                ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past
+            )
+        selection, _, rows = self._plan(chunk)
+        start = int(getattr(n_past, "value", n_past))
+        began = time.perf_counter()
+        _decode_rows(lctx, rows, start, int(getattr(seq_id, "value", seq_id)), int(n_batch))
+        selection.decode_seconds += time.perf_counter() - began
+        # Token ids for the image positions: a digest of the rows the LLM saw, so that prefix
+        # matching (Llama.generate) or a LlamaCache only ever reuses KV state of identical rows.
+        self._llama.input_ids[start : start + len(rows)] = _row_ids(rows, self._llama.n_vocab())
+        new_n_past._obj.value = start + len(rows)
+        return 0
+
+    def _plan(self, chunk) -> tuple[ImageSelection, int, np.ndarray]:
+        """Encodes and selects the whole image `chunk` belongs to, on first sight of any of its chunks."""
+        key = int(chunk)
+        if key in self._plans:
+            return self._plans[key]
+        handler = self._handler
+        ctx = handler.mtmd_ctx  # type: ignore[attr-defined]
+        if mtmd_cpp.mtmd_decode_use_mrope(ctx) or mtmd_cpp.mtmd_decode_use_non_causal(ctx, chunk):
+            raise ValueError("trimcpp's handlers support LLaVA-style models (plain positions, causal decode) only")
+        image_id = mtmd_cpp.mtmd_input_chunk_get_id(chunk)
+        group = [c for c in self._image_chunks() if mtmd_cpp.mtmd_input_chunk_get_id(c) == image_id] or [chunk]
+        n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
+        selection = ImageSelection(image=len(self.selections), rows=0, kept=0, chunk_rows=[], indices=[])
+        embeddings = []
+        began = time.perf_counter()
+        for c in group:
+            n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(c)
+            with suppress_stdout_stderr(disable=handler.verbose):  # type: ignore[attr-defined]
+                status = mtmd_cpp.mtmd_encode_chunk(ctx, c)
+            if status != 0:
+                raise RuntimeError(f"libmtmd failed to encode image {selection.image}")
+            # The output buffer is overwritten by the next encode: copy it now.
+            embd = np.ctypeslib.as_array(mtmd_cpp.mtmd_get_output_embd(ctx), shape=(n * n_embd,))
+            embeddings.append(embd.reshape(n, n_embd).copy())
+            selection.chunk_rows.append(n)
+        selection.encode_seconds = time.perf_counter() - began
+        selection.rows = sum(selection.chunk_rows)
+
+        began = time.perf_counter()
+        target = self._target(selection.rows)
+        if target >= selection.rows:
+            budgets = selection.chunk_rows
+        elif len(group) == 1:
+            budgets = [target]
+        else:
+            budgets = split_budget(embeddings, target)
+        for c, rows, budget in zip(group, embeddings, budgets):
+            if budget >= rows.shape[0]:
+                kept = np.arange(rows.shape[0], dtype=np.int64)
+            else:
+                kept = prune(rows, self._text, budget, method=handler.method,
+                             stage1_ratio=handler.stage1_ratio, backend=handler.backend)
+            selection.indices.append(kept)
+            self._plans[int(c)] = (selection, len(kept), np.ascontiguousarray(rows[kept]))
+        selection.kept = sum(len(k) for k in selection.indices)
+        selection.select_seconds = time.perf_counter() - began
+        self.selections.append(selection)
+        return self._plans[key]
+
+    def _image_chunks(self) -> list[Any]:
+        if self._chunks is None:
+            return []
+        chunks = (mtmd_cpp.mtmd_input_chunks_get(self._chunks, i) for i in range(mtmd_cpp.mtmd_input_chunks_size(self._chunks)))
+        return [c for c in chunks if c and mtmd_cpp.mtmd_input_chunk_get_type(c) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+
+
+def _decode_rows(lctx, rows: np.ndarray, n_past: int, seq_id: int, n_batch: int) -> None:
+    """Decodes `rows` as embeddings at positions n_past.. in batches of at most n_batch rows, like
+    libmtmd's mtmd_helper_decode_image_chunk (same batches, so keeping all rows gives the same logits)."""
+    if n_batch < 1:
+        raise ValueError(f"n_batch must be >= 1, got {n_batch}")
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n, n_embd = rows.shape
+    base = rows.ctypes.data
+    batch = llama_cpp.llama_batch_ext_init(lctx)
+    if not batch:
+        raise RuntimeError("llama_batch_ext_init failed")
+    try:
+        for first in range(0, n, n_batch):
+            llama_cpp.llama_batch_ext_clear(batch)
+            for i in range(first, min(n, first + n_batch)):
+                pointer = ctypes.cast(base + i * n_embd * 4, ctypes.POINTER(ctypes.c_float))
+                index = llama_cpp.llama_batch_ext_add_embd(batch, seq_id, llama_cpp.llama_embd(pointer, 1, n_embd))
+                if index < 0:
+                    raise RuntimeError(f"llama_batch_ext_add_embd failed ({index}) at row {i}")
+                position = llama_cpp.llama_pos(n_past + i)
+                llama_cpp.llama_batch_ext_set_pos(batch, index, ctypes.byref(position))
+            status = llama_cpp.llama_process(lctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
+            if status != 0:
+                raise RuntimeError(f"llama.cpp failed to decode image rows (status {status})")
+    finally:
+        llama_cpp.llama_batch_ext_free(batch)
+
+
+def _row_ids(rows: np.ndarray, n_vocab: int) -> np.ndarray:
+    """Token ids derived from the rows' bytes: equal rows give equal ids, other rows other ids."""
+    digest = hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).digest()
+    rng = np.random.default_rng(np.frombuffer(digest, dtype=np.uint64))
+    return rng.integers(0, n_vocab, size=rows.shape[0], dtype=np.int64)
+
+
+class TrimLlava15ChatHandler(_Trimming, Llava15ChatHandler):
+    """LLaVA-1.5 with pruned image rows: ``keep`` rows per image (default 64 of 576).
+
+    Args:
+        clip_model_path: the mmproj GGUF.
+        keep: rows kept per image: an int, a float share of the image's rows in (0, 1], or None
+            to keep every row.
+        method: a selection method of :func:`trimcpp.prune` ("trimtokenator" by default).
+        stage1_ratio: share of the rows that survive TrimTokenator's alignment stage.
+        backend: selection backend ("cpu", ...), None for the best available.
+        verbose: as the stock handler (libmtmd's log and the rendered prompt).
+        **kwargs: passed to the stock handler.
+
+    After each call, ``last_selection`` holds one :class:`ImageSelection` per image.
+    """
+
+    DEFAULT_KEEP = 64
+
+
+class TrimLlava16ChatHandler(_Trimming, Llava16ChatHandler):
+    """LLaVA-1.6 (NeXT) with pruned image rows: ``keep`` rows per image (default 320), split over the
+    image's overview and slices with :func:`trimcpp.split_budget`. Arguments as
+    :class:`TrimLlava15ChatHandler`."""
+
+    DEFAULT_KEEP = 320

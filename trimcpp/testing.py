@@ -1,0 +1,314 @@
+"""Random-weight LLaVA model pairs for tests and benchmarks, written with the ``gguf`` package.
+
+No real VLM weights are needed (or reachable) to test and time trimcpp: speed does not depend on
+the weight values, and correctness of the plumbing does not either. This module writes
+
+- an LLM GGUF (llama architecture, its own SentencePiece-style vocabulary written here), and
+- a CLIP mmproj GGUF with the keys and tensor names libmtmd's ``clip.cpp`` loads: projector
+  ``mlp`` (LLaVA-1.5), plus grid pinpoints and ``spatial_unpad`` for LLaVA-1.6 (NeXT).
+
+    from trimcpp.testing import write_pair
+    llm, mmproj = write_pair("models/", shape="tiny", version="1.5")
+
+Shapes: ``tiny`` (seconds, for tests), ``small`` (a quick look), ``7b`` (LLaMA-7B in Q4_0 with a
+ViT-L/14-336 F16 mmproj: the real LLaVA-1.5-7B shape, about 3.9 GB). The answers of these models
+are noise; what they are good for is timing and checking what reaches the LLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+import gguf
+
+Q = gguf.GGMLQuantizationType
+
+# Types the token-embedding table (and the LLM's other weights) may be written in.
+WEIGHT_TYPES = {"f32": Q.F32, "f16": Q.F16, "q4_0": Q.Q4_0, "q4_k": Q.Q4_K, "q6_k": Q.Q6_K, "q8_0": Q.Q8_0}
+
+# LLaVA-1.6's grid pinpoints for a 336-pixel encoder (llava-v1.6 config), scaled for other sizes.
+_PINPOINTS_336 = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Dimensions of an LLM + mmproj pair."""
+
+    n_embd: int  # LLM width (= the projector's output size)
+    n_layer: int
+    n_head: int
+    n_ff: int
+    n_vocab: int  # padded with unused control tokens beyond the generated vocabulary
+    weight_type: str  # LLM matrices (and token_embd unless embd_type says otherwise)
+    image_size: int  # vision encoder input (pixels, square)
+    patch_size: int
+    v_embd: int
+    v_layer: int
+    v_head: int
+    v_ff: int
+    v_type: str = "f16"  # vision matrices: "f16" or "f32"
+    n_ctx_train: int = 4096
+
+    @property
+    def patches(self) -> int:
+        """Image rows per encoded image (LLaVA-1.5) or per slice (LLaVA-1.6)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+SHAPES = {
+    # 36 image rows of width 256 (a multiple of 256, so every table type fits), 2 layers: seconds.
+    "tiny": Shape(n_embd=256, n_layer=2, n_head=4, n_ff=512, n_vocab=2048, weight_type="f16",
+                  image_size=84, patch_size=14, v_embd=64, v_layer=3, v_head=4, v_ff=128),
+    # A look at real row counts (576 rows) on a small LLM: under a minute per run.
+    "small": Shape(n_embd=1024, n_layer=8, n_head=16, n_ff=2816, n_vocab=32000, weight_type="q4_0",
+                   image_size=336, patch_size=14, v_embd=256, v_layer=6, v_head=4, v_ff=1024),
+    # LLaVA-1.5-7B: LLaMA-7B in Q4_0 (token_embd Q4_0 too) and a ViT-L/14-336 mmproj in F16.
+    "7b": Shape(n_embd=4096, n_layer=32, n_head=32, n_ff=11008, n_vocab=32000, weight_type="q4_0",
+                image_size=336, patch_size=14, v_embd=1024, v_layer=23, v_head=16, v_ff=4096),
+}
+
+# Words the vocabulary spells whole (with every prefix, so the SentencePiece merges reach them):
+# the stock LLaVA templates' boilerplate and the questions the tests and benchmarks ask.
+_WORDS = """
+a an the and or of to in on at is are was be it this that what which who where how many
+chat between curious human artificial intelligence assistant gives helpful detailed polite
+answers answer question questions user describe image picture photo shown there color colour
+left right top bottom red green blue yellow black white small large big shape shapes circle
+square triangle object objects count number one two three four five six seven eight yes no
+can you see do does with for from by as not any all some more than thing things cat dog car
+tree sky water people person man woman text read write tell me about please look here
+""".split()
+
+
+def vocabulary(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and token types of a small SentencePiece ("llama") vocabulary."""
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [gguf.TokenType.BYTE] * 256
+    pieces: dict[str, None] = {}
+    for c in map(chr, range(32, 127)):
+        pieces.setdefault(c.replace(" ", "\u2581"), None)
+        pieces.setdefault("\u2581" + c, None)
+    for word in _WORDS + [w.capitalize() for w in _WORDS] + ["USER", "ASSISTANT", "Answer", "'s"]:
+        spelled = "\u2581" + word
+        for end in range(2, len(spelled) + 1):
+            pieces.setdefault(spelled[:end], None)
+            pieces.setdefault(word[:end], None)
+    pieces.pop("", None)
+    words = list(pieces)
+    tokens += words
+    types += [gguf.TokenType.NORMAL] * len(words)
+    if len(tokens) > n_vocab:
+        raise ValueError(f"n_vocab must be at least {len(tokens)} for the generated vocabulary, got {n_vocab}")
+    filler = n_vocab - len(tokens)
+    tokens += [f"<unused{i}>" for i in range(filler)]
+    types += [gguf.TokenType.CONTROL] * filler
+    # Longer pieces merge first; control and byte tokens never merge.
+    scores = [float(len(t)) if ty == gguf.TokenType.NORMAL else 0.0 for t, ty in zip(tokens, types)]
+    return tokens, scores, [int(t) for t in types]
+
+
+def random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: Q, scale: float = 0.02) -> np.ndarray:
+    """A rows x cols tensor of `qtype` as raw bytes (rows x bytes-per-row): random quants with
+    finite float16 scales, so that every block dequantises to values of about +-scale."""
+    if qtype in (Q.F32, Q.F16):
+        values = rng.standard_normal((rows, cols), dtype=np.float32) * scale
+        return values.astype(np.float16 if qtype == Q.F16 else np.float32)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if cols % block:
+        raise ValueError(f"a {qtype.name} row needs a multiple of {block} columns, got {cols}")
+    blocks = rows * (cols // block)
+    raw = rng.integers(0, 256, size=(blocks, size), dtype=np.uint8)
+    # Offsets of the float16 fields in each block (ggml-common.h), and their magnitude: the
+    # dequantised value is about d * q with q up to 8 (4-bit), 32 (6-bit) or 127 (8-bit).
+    halves = {Q.Q4_0: ([0], 8), Q.Q8_0: ([0], 127), Q.Q4_K: ([0, 2], 15 * 63), Q.Q6_K: ([208], 32 * 127)}
+    offsets, q_max = halves[qtype]
+    for offset in offsets:
+        d = (rng.uniform(0.5, 1.0, size=blocks) * scale / q_max).astype(np.float16)
+        raw[:, offset:offset + 2] = d.view(np.uint8).reshape(blocks, 2)
+    return raw.reshape(rows, -1)
+
+
+class _Writer:
+    """A GGUF file written tensor by tensor (the 7b shape does not fit in memory at once)."""
+
+    def __init__(self, path: Path, arch: str):
+        self.path = path
+        self.gguf = gguf.GGUFWriter(str(path), arch)
+        self.tensors: list[tuple[str, Callable[[], np.ndarray]]] = []
+
+    def tensor(self, name: str, shape: Sequence[int], qtype: Q, make: Callable[[], np.ndarray]) -> None:
+        """Declares tensor `name` of numpy-order `shape`; `make()` gives its data when written."""
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        if qtype in (Q.F32, Q.F16):
+            dtype = np.float16 if qtype == Q.F16 else np.float32
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            self.gguf.add_tensor_info(name, list(shape), np.dtype(dtype), nbytes)
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            byte_shape = list(shape[:-1]) + [shape[-1] // block * size]
+            self.gguf.add_tensor_info(name, byte_shape, np.dtype(np.uint8), rows * byte_shape[-1], raw_dtype=qtype)
+        self.tensors.append((name, make))
+
+    def finish(self, progress: Optional[Callable[[int, int], None]] = None) -> None:
+        self.gguf.write_header_to_file()
+        self.gguf.write_kv_data_to_file()
+        self.gguf.write_ti_data_to_file()
+        for done, (_, make) in enumerate(self.tensors):
+            self.gguf.write_tensor_data(make())
+            if progress:
+                progress(done + 1, len(self.tensors))
+        self.gguf.close()
+
+
+def write_llm(path: os.PathLike | str, shape: Shape, *, embd_type: Optional[str] = None, seed: int = 0,
+              progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """Writes a random llama-architecture LLM; token_embd in `embd_type` (default: the weight type)."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    wtype = WEIGHT_TYPES[shape.weight_type]
+    etype = WEIGHT_TYPES[embd_type or shape.weight_type]
+    out = _Writer(path, "llama")
+    w = out.gguf
+    w.add_name(f"trimcpp random llama ({shape.n_embd}x{shape.n_layer})")
+    w.add_context_length(shape.n_ctx_train)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head)
+    w.add_rope_dimension_count(shape.n_embd // shape.n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    tokens, scores, types = vocabulary(shape.n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    def ones() -> np.ndarray:
+        return np.ones(shape.n_embd, np.float32)
+
+    def matrix(rows: int, cols: int, qtype: Q, scale: float = 0.02) -> Callable[[], np.ndarray]:
+        return lambda: random_blocks(rng, rows, cols, qtype, scale)
+
+    e, f = shape.n_embd, shape.n_ff
+    # Embedding rows of about unit size per entry, like real tables relative to the image rows.
+    out.tensor("token_embd.weight", (shape.n_vocab, e), etype, matrix(shape.n_vocab, e, etype, 0.05))
+    for i in range(shape.n_layer):
+        out.tensor(f"blk.{i}.attn_norm.weight", (e,), Q.F32, ones)
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            out.tensor(f"blk.{i}.{name}.weight", (e, e), wtype, matrix(e, e, wtype))
+        out.tensor(f"blk.{i}.ffn_norm.weight", (e,), Q.F32, ones)
+        out.tensor(f"blk.{i}.ffn_gate.weight", (f, e), wtype, matrix(f, e, wtype))
+        out.tensor(f"blk.{i}.ffn_up.weight", (f, e), wtype, matrix(f, e, wtype))
+        out.tensor(f"blk.{i}.ffn_down.weight", (e, f), wtype, matrix(e, f, wtype))
+    out.tensor("output_norm.weight", (e,), Q.F32, ones)
+    out.tensor("output.weight", (shape.n_vocab, e), wtype, matrix(shape.n_vocab, e, wtype))
+    out.finish(progress)
+    return path
+
+
+def pinpoints(image_size: int) -> list[int]:
+    """LLaVA-1.6's grid pinpoints (flattened width, height pairs) for an encoder of `image_size`."""
+    return [x * image_size // 336 for pair in _PINPOINTS_336 for x in pair]
+
+
+def write_mmproj(path: os.PathLike | str, shape: Shape, *, version: str = "1.5", n_embd_out: Optional[int] = None,
+                 seed: int = 1, progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """Writes a random CLIP ViT + 2-layer MLP projector (LLaVA-1.5, or 1.6 with grid pinpoints).
+
+    The projector's output size is the LLM's width unless `n_embd_out` says otherwise (to test
+    the mismatch error).
+    """
+    if version not in ("1.5", "1.6"):
+        raise ValueError(f"version must be '1.5' or '1.6', got {version!r}")
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    vtype = WEIGHT_TYPES[shape.v_type]
+    out = _Writer(path, "clip")
+    w = out.gguf
+    w.add_name(f"trimcpp random clip ({shape.v_embd}x{shape.v_layer}, llava-{version})")
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type("mlp")
+    w.add_vision_image_size(shape.image_size)
+    w.add_vision_patch_size(shape.patch_size)
+    w.add_vision_embedding_length(shape.v_embd)
+    w.add_vision_feed_forward_length(shape.v_ff)
+    w.add_vision_projection_dim(n_embd_out or shape.n_embd)
+    w.add_vision_head_count(shape.v_head)
+    w.add_vision_attention_layernorm_eps(1e-5)
+    w.add_vision_block_count(shape.v_layer)
+    w.add_vision_image_mean([0.48145466, 0.4578275, 0.40821073])
+    w.add_vision_image_std([0.26862954, 0.26130258, 0.27577711])
+    w.add_vision_use_gelu(False)  # quick GELU, as CLIP
+    if version == "1.6":
+        w.add_array("clip.vision.image_grid_pinpoints", pinpoints(shape.image_size))
+        w.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
+
+    v, f, p = shape.v_embd, shape.v_ff, shape.patch_size
+    llm = n_embd_out or shape.n_embd
+
+    def normal(*dims: int, scale: float = 0.02, dtype: type = np.float32) -> Callable[[], np.ndarray]:
+        return lambda: (rng.standard_normal(dims, dtype=np.float32) * scale).astype(dtype)
+
+    def const(value: float, n: int) -> Callable[[], np.ndarray]:
+        return lambda: np.full(n, value, np.float32)
+
+    wdtype = np.float16 if vtype == Q.F16 else np.float32
+    out.tensor("v.patch_embd.weight", (v, 3, p, p), vtype, normal(v, 3, p, p, dtype=wdtype))
+    out.tensor("v.class_embd", (v,), Q.F32, normal(v))
+    out.tensor("v.position_embd.weight", (shape.patches + 1, v), vtype,
+               normal(shape.patches + 1, v, dtype=wdtype))
+    out.tensor("v.pre_ln.weight", (v,), Q.F32, const(1.0, v))
+    out.tensor("v.pre_ln.bias", (v,), Q.F32, const(0.0, v))
+    for i in range(shape.v_layer):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            out.tensor(f"v.blk.{i}.{name}.weight", (v, v), vtype, normal(v, v, dtype=wdtype))
+            out.tensor(f"v.blk.{i}.{name}.bias", (v,), Q.F32, normal(v))
+        for name in ("ln1", "ln2"):
+            out.tensor(f"v.blk.{i}.{name}.weight", (v,), Q.F32, const(1.0, v))
+            out.tensor(f"v.blk.{i}.{name}.bias", (v,), Q.F32, const(0.0, v))
+        out.tensor(f"v.blk.{i}.ffn_up.weight", (f, v), vtype, normal(f, v, dtype=wdtype))
+        out.tensor(f"v.blk.{i}.ffn_up.bias", (f,), Q.F32, normal(f))
+        out.tensor(f"v.blk.{i}.ffn_down.weight", (v, f), vtype, normal(v, f, dtype=wdtype))
+        out.tensor(f"v.blk.{i}.ffn_down.bias", (v,), Q.F32, normal(v))
+    # The projector: image rows come out at about the size of token-embedding entries.
+    out.tensor("mm.0.weight", (llm, v), vtype, normal(llm, v, scale=1.0 / np.sqrt(v), dtype=wdtype))
+    out.tensor("mm.0.bias", (llm,), Q.F32, normal(llm))
+    out.tensor("mm.2.weight", (llm, llm), vtype, normal(llm, llm, scale=0.05 / np.sqrt(llm), dtype=wdtype))
+    out.tensor("mm.2.bias", (llm,), Q.F32, normal(llm, scale=0.05))
+    out.finish(progress)
+    return path
+
+
+def write_pair(directory: os.PathLike | str, shape: str | Shape = "tiny", *, version: str = "1.5",
+               embd_type: Optional[str] = None, seed: int = 0,
+               progress: Optional[Callable[[int, int], None]] = None) -> tuple[Path, Path]:
+    """Writes ``llm-<name>.gguf`` and ``mmproj-<name>-llava<version>.gguf`` into `directory`
+    (skipping files already there) and returns their paths."""
+    spec = SHAPES[shape] if isinstance(shape, str) else shape
+    name = shape if isinstance(shape, str) else "custom"
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = f"-{embd_type}" if embd_type else ""
+    llm = directory / f"llm-{name}{suffix}.gguf"
+    mmproj = directory / f"mmproj-{name}-llava{version}.gguf"
+    for target, write in ((llm, lambda p: write_llm(p, spec, embd_type=embd_type, seed=seed, progress=progress)),
+                          (mmproj, lambda p: write_mmproj(p, spec, version=version, seed=seed + 1,
+                                                          progress=progress))):
+        if not target.exists():
+            partial = target.with_suffix(".partial")
+            write(partial)
+            partial.replace(target)
+    return llm, mmproj
