@@ -8,6 +8,7 @@ on the same Llama object.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 
 import numpy as np
@@ -162,6 +163,19 @@ def test_default_keep_per_handler(models):
     assert TrimLlava16ChatHandler(clip_model_path=models["1.6"], verbose=False).keep == 320
 
 
+def test_default_keep_64_on_an_81_row_encoder(models):
+    """keep=64 literally: an encoder of 126 px (81 rows) next to the same LLM."""
+    shape = dataclasses.replace(SHAPES["tiny"], image_size=126)
+    mmproj = str(write_mmproj(models["root"] / "mmproj-81.gguf", shape))
+    llm = make_llama(models, Llava15ChatHandler(clip_model_path=mmproj, verbose=False))
+    expected, _ = run(llm, ask(images=2), max_tokens=1)
+    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, verbose=False)
+    llm.chat_handler = handler
+    got, _ = run(llm, ask(images=2), max_tokens=1)
+    assert got["usage"]["prompt_tokens"] == expected["usage"]["prompt_tokens"] - 2 * (81 - 64)
+    assert [(s.rows, s.kept) for s in handler.last_selection] == [(81, 64), (81, 64)]
+
+
 def test_uniform_method_keeps_the_uniform_rows(models):
     handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], keep=6, method="uniform", verbose=False)
     run(make_llama(models, handler), ask(), max_tokens=1)
@@ -234,12 +248,15 @@ def test_pruning_lets_a_prompt_fit_n_ctx(models):
 
 def test_mmproj_of_another_llm(models):
     wrong = write_mmproj(models["root"] / "mmproj-wrong.gguf", SHAPES["tiny"], n_embd_out=128)
-    llm = make_llama(models, TrimLlava15ChatHandler(clip_model_path=str(wrong), keep=8, verbose=False))
+    good = TrimLlava15ChatHandler(clip_model_path=models["1.5"], keep=8, verbose=False)
+    llm = make_llama(models, good)
+    _, before = run(llm, ask())
+    llm.chat_handler = TrimLlava15ChatHandler(clip_model_path=str(wrong), keep=8, verbose=False)
     with pytest.raises(ValueError, match="128.*256"):
         run(llm, ask())
-    llm.chat_handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], keep=8, verbose=False)
-    response, _ = run(llm, ask())
-    assert response["usage"]["completion_tokens"] >= 1
+    llm.chat_handler = good
+    _, after = run(llm, ask())
+    assert np.array_equal(before, after)
 
 
 @pytest.mark.parametrize("keep, error", [(0, ValueError), (-3, ValueError), (1.5, ValueError), (0.0, ValueError),
