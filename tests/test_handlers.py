@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-llama_cpp = pytest.importorskip("llama_cpp")
-from llama_cpp import Llama  # noqa: E402
-from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler  # noqa: E402
+from llama_cpp import Llama
+from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler
 
-import trimcpp  # noqa: E402
-from trimcpp import TrimLlava15ChatHandler, TrimLlava16ChatHandler  # noqa: E402
-from trimcpp.testing import SHAPES, write_mmproj, write_pair  # noqa: E402
+import trimcpp
+from trimcpp import TrimLlava15ChatHandler, TrimLlava16ChatHandler
+from trimcpp.testing import SHAPES, write_mmproj, write_pair
 
 ROWS = SHAPES["tiny"].patches  # 36
 STOCK = {"1.5": Llava15ChatHandler, "1.6": Llava16ChatHandler}
