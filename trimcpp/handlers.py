@@ -22,8 +22,9 @@ import dataclasses
 import hashlib
 import os
 import time
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
+import gguf
 import numpy as np
 
 import llama_cpp
@@ -32,7 +33,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler
 
 from .embeddings import TokenEmbeddings
-from .selection import METHODS, Keep, _backend, _is_int, _is_real, prune, resolve_keep, split_budget
+from .selection import Keep, _backend, _is_int, check_method, prune, resolve_keep, split_budget
 
 KeepArg = Optional[Keep]
 _DEFAULT: Any = object()  # keep not given: the handler's default (None means keep every row)
@@ -91,15 +92,13 @@ class _Trimming:
         **kwargs: Any,
     ):
         super().__init__(clip_model_path=clip_model_path, verbose=verbose, **kwargs)  # type: ignore[call-arg]
+        owner = type(self).__name__
         self.keep = self.DEFAULT_KEEP if keep is _DEFAULT else keep
-        if not isinstance(method, str) or method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-        if not _is_real(stage1_ratio) or not 0.0 < stage1_ratio <= 1.0:
-            raise ValueError(f"stage1_ratio must be in (0, 1], got {stage1_ratio!r}")
+        check_method(owner, method, stage1_ratio)
+        _backend(owner, backend)
         self.method = method
         self.stage1_ratio = float(stage1_ratio)
         self.backend = backend
-        _backend(type(self).__name__, backend)
         self.last_selection: list[ImageSelection] = []
         self.last_text_rows = 0  # M: text-token rows the last call's stage 1 used
         self._tables: dict[str, TokenEmbeddings] = {}
@@ -160,8 +159,6 @@ def _explain_mtmd_failure(clip_model_path: str, llama: llama_cpp.Llama) -> str:
     """Why libmtmd refused the mmproj, in words (it only logs the reason)."""
     want = llama_cpp.llama_model_n_embd_inp(llama.model)
     try:
-        import gguf
-
         reader = gguf.GGUFReader(clip_model_path, "r")
         proj = next((t for t in reader.tensors if t.name == "mm.2.weight"), None)
         if proj is not None and int(proj.shape[1]) != want:
@@ -182,7 +179,7 @@ class _TrimmedMtmd:
         self._llama = llama
         self._text = text if text.shape[0] > 0 else None
         self._chunks: Any = None
-        self._plans: dict[int, tuple[ImageSelection, int, np.ndarray]] = {}  # chunk -> (image, k, rows)
+        self._plans: dict[int, tuple[ImageSelection, np.ndarray]] = {}  # chunk -> (its image, kept rows)
         self.selections: list[ImageSelection] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -222,14 +219,14 @@ class _TrimmedMtmd:
     def mtmd_input_chunk_get_n_tokens(self, chunk) -> int:
         if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
             return mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
-        return len(self._plan(chunk)[2])
+        return len(self._plan(chunk)[1])
 
     def mtmd_helper_eval_chunk_single(self, ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past):
         if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
             return mtmd_cpp.mtmd_helper_eval_chunk_single(
                 ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past
             )
-        selection, _, rows = self._plan(chunk)
+        selection, rows = self._plan(chunk)
         start = int(getattr(n_past, "value", n_past))
         began = time.perf_counter()
         _decode_rows(lctx, rows, start, int(getattr(seq_id, "value", seq_id)), int(n_batch))
@@ -240,7 +237,7 @@ class _TrimmedMtmd:
         new_n_past._obj.value = start + len(rows)
         return 0
 
-    def _plan(self, chunk) -> tuple[ImageSelection, int, np.ndarray]:
+    def _plan(self, chunk) -> tuple[ImageSelection, np.ndarray]:
         """Encodes and selects the whole image `chunk` belongs to, on first sight of any of its chunks."""
         key = int(chunk)
         if key in self._plans:
@@ -283,7 +280,7 @@ class _TrimmedMtmd:
                 kept = prune(rows, self._text, budget, method=handler.method,
                              stage1_ratio=handler.stage1_ratio, backend=handler.backend)
             selection.indices.append(kept)
-            self._plans[int(c)] = (selection, len(kept), np.ascontiguousarray(rows[kept]))
+            self._plans[int(c)] = (selection, rows[kept])
         selection.kept = sum(len(k) for k in selection.indices)
         selection.select_seconds = time.perf_counter() - began
         self.selections.append(selection)
@@ -301,8 +298,7 @@ def _decode_rows(lctx, rows: np.ndarray, n_past: int, seq_id: int, n_batch: int)
     libmtmd's mtmd_helper_decode_image_chunk (same batches, so keeping all rows gives the same logits)."""
     if n_batch < 1:
         raise ValueError(f"n_batch must be >= 1, got {n_batch}")
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    n, n_embd = rows.shape
+    n, n_embd = rows.shape  # C-contiguous float32 (fancy indexing of the copied output)
     base = rows.ctypes.data
     batch = llama_cpp.llama_batch_ext_init(lctx)
     if not batch:

@@ -85,6 +85,18 @@ def resolve_keep(func: str, keep: Keep, n: int) -> int:
     raise TypeError(f"{func}: keep must be an int or a float, got {type(keep).__name__}")
 
 
+def check_method(func: str, method: str, stage1_ratio: float) -> None:
+    """Raises unless `method` is a known method and `stage1_ratio` is in (0, 1]."""
+    if not isinstance(method, str):
+        raise TypeError(f"{func}: method must be a string, got {type(method).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"{func}: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if not _is_real(stage1_ratio):
+        raise TypeError(f"{func}: stage1_ratio must be a float, got {type(stage1_ratio).__name__}")
+    if not 0.0 < stage1_ratio <= 1.0:
+        raise ValueError(f"{func}: stage1_ratio must be in (0, 1], got {stage1_ratio}")
+
+
 def _core_call(func: str, call, *args):
     try:
         return call(*args)
@@ -109,14 +121,7 @@ def pick_order(
     for ``random`` the draw order; keeping everything gives the ascending order.
     """
     func = _func
-    if not isinstance(method, str):
-        raise TypeError(f"{func}: method must be a string, got {type(method).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"{func}: unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if not _is_real(stage1_ratio):
-        raise TypeError(f"{func}: stage1_ratio must be a float, got {type(stage1_ratio).__name__}")
-    if not 0.0 < stage1_ratio <= 1.0:
-        raise ValueError(f"{func}: stage1_ratio must be in (0, 1], got {stage1_ratio}")
+    check_method(func, method, stage1_ratio)
     if not _is_int(seed):
         raise TypeError(f"{func}: seed must be an int, got {type(seed).__name__}")
     _backend(func, backend)

@@ -100,7 +100,6 @@ def vocabulary(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
         for end in range(2, len(spelled) + 1):
             pieces.setdefault(spelled[:end], None)
             pieces.setdefault(word[:end], None)
-    pieces.pop("", None)
     words = list(pieces)
     tokens += words
     types += [gguf.TokenType.NORMAL] * len(words)
@@ -145,7 +144,6 @@ class _Writer:
 
     def tensor(self, name: str, shape: Sequence[int], qtype: Q, make: Callable[[], np.ndarray]) -> None:
         """Declares tensor `name` of numpy-order `shape`; `make()` gives its data when written."""
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         if qtype in (Q.F32, Q.F16):
             dtype = np.float16 if qtype == Q.F16 else np.float32
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -153,7 +151,7 @@ class _Writer:
         else:
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             byte_shape = list(shape[:-1]) + [shape[-1] // block * size]
-            self.gguf.add_tensor_info(name, byte_shape, np.dtype(np.uint8), rows * byte_shape[-1], raw_dtype=qtype)
+            self.gguf.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
         self.tensors.append((name, make))
 
     def finish(self, progress: Optional[Callable[[int, int], None]] = None) -> None:
