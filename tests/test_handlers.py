@@ -1,7 +1,7 @@
 """TrimLlava15ChatHandler / TrimLlava16ChatHandler on tiny random-weight models (trimcpp.testing).
 
 The tiny mmproj turns an image into 36 rows (84 px, patch 14) of width 256; LLaVA-1.6 adds one
-36-row chunk per slice after the overview. The reference for every count is the stock handler run
+36-row chunk per slice, then the overview's. The reference for every count is the stock handler run
 on the same Llama object.
 """
 
@@ -151,10 +151,22 @@ def test_llava16_splits_keep_over_slices(models):
     got, _ = run(llm, ask(), max_tokens=1)
     [image] = handler.last_selection
     chunks = len(image.chunk_rows)
-    assert chunks > 2  # overview + several slices for a 150 x 100 image
+    assert chunks > 2  # several slices and the overview for a 150 x 100 image
     assert image.rows == chunks * ROWS == expected["usage"]["prompt_tokens"] - (got["usage"]["prompt_tokens"] - 20)
     assert image.kept == 20 and sum(len(k) for k in image.indices) == 20
     assert all(1 <= len(k) <= ROWS for k in image.indices)
+
+
+def test_llava16_keeps_at_least_one_row_per_chunk(models):
+    handler = TrimLlava16ChatHandler(clip_model_path=models["1.6"], keep=2, verbose=False)
+    llm = make_llama(models, handler)
+    got, _ = run(llm, ask(), max_tokens=1)
+    [image] = handler.last_selection
+    chunks = len(image.chunk_rows)
+    assert chunks > 2 and image.kept == chunks and [len(k) for k in image.indices] == [1] * chunks
+    llm.chat_handler = Llava16ChatHandler(clip_model_path=models["1.6"], verbose=False)
+    expected, _ = run(llm, ask(), max_tokens=1)
+    assert got["usage"]["prompt_tokens"] == expected["usage"]["prompt_tokens"] - image.rows + chunks
 
 
 def test_default_keep_per_handler(models):

@@ -46,7 +46,7 @@ class ImageSelection:
     image: int  # 0-based, in prompt order
     rows: int  # image rows libmtmd produced (all slices of a LLaVA-1.6 image)
     kept: int  # rows the LLM saw
-    chunk_rows: list[int]  # rows per chunk (one chunk for LLaVA-1.5; overview + slices for 1.6)
+    chunk_rows: list[int]  # rows per chunk (LLaVA-1.5: one; 1.6: the slices, then the overview)
     indices: list[np.ndarray]  # kept row indices per chunk, ascending
     encode_seconds: float = 0.0
     select_seconds: float = 0.0
@@ -192,24 +192,27 @@ class _TrimmedMtmd:
             self._check_length()
         return status
 
-    def _target(self, rows: int) -> int:
-        """Rows kept of an image of `rows` rows."""
+    def _target(self, rows: int, chunks: int) -> int:
+        """Rows kept of an image of `rows` rows in `chunks` chunks (at least one row per chunk)."""
         keep, method = self._handler.keep, self._handler.method
-        return rows if keep is None or method == "none" else min(rows, resolve_keep("keep", keep, rows))
+        if keep is None or method == "none":
+            return rows
+        return min(rows, max(resolve_keep("keep", keep, rows), chunks))
 
     def _check_length(self) -> None:
         """Refuses, before encoding anything, a prompt longer than the context even after pruning
         (the Llama's token buffer has exactly n_ctx slots)."""
-        text, images = 0, {}
+        text, images = 0, {}  # image id -> (rows, chunks)
         for i in range(mtmd_cpp.mtmd_input_chunks_size(self._chunks)):
             chunk = mtmd_cpp.mtmd_input_chunks_get(self._chunks, i)
             n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
             if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 key = mtmd_cpp.mtmd_input_chunk_get_id(chunk) or i
-                images[key] = images.get(key, 0) + n
+                rows, count = images.get(key, (0, 0))
+                images[key] = (rows + n, count + 1)
             else:
                 text += n
-        total = text + sum(self._target(rows) for rows in images.values())
+        total = text + sum(self._target(rows, count) for rows, count in images.values())
         limit = len(self._llama.input_ids)
         if total > limit:
             raise ValueError(
@@ -266,7 +269,7 @@ class _TrimmedMtmd:
         selection.rows = sum(selection.chunk_rows)
 
         began = time.perf_counter()
-        target = self._target(selection.rows)
+        target = self._target(selection.rows, len(group))
         if target >= selection.rows:
             budgets = selection.chunk_rows
         elif len(group) == 1:

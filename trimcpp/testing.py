@@ -310,3 +310,30 @@ def write_pair(directory: os.PathLike | str, shape: str | Shape = "tiny", *, ver
             write(partial)
             partial.replace(target)
     return llm, mmproj
+
+
+def demo_image(width: int = 640, height: int = 480, seed: int = 0):
+    """A synthetic picture (PIL image): a few coloured shapes on a sky-and-ground background, for
+    the benchmark's default request and for trying ``trimcpp show``."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0.0, 1.0, height)[:, None, None]
+    sky, ground = np.array([110, 160, 230]), np.array([90, 140, 70])
+    pixels = np.where(y < 0.6, sky * (1 - 0.4 * y), ground * (1.2 - 0.4 * y))
+    pixels = pixels * np.ones((1, width, 1)) + rng.normal(0, 6, (height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    colours = [(220, 40, 40), (250, 210, 40), (40, 60, 200), (250, 250, 250), (30, 30, 30), (160, 60, 200)]
+    for i in range(6):
+        r = int(rng.integers(min(width, height) // 20, min(width, height) // 7))
+        cx, cy = int(rng.integers(r, width - r)), int(rng.integers(r, height - r))
+        box = [cx - r, cy - r, cx + r, cy + r]
+        kind = i % 3
+        if kind == 0:
+            draw.ellipse(box, fill=colours[i])
+        elif kind == 1:
+            draw.rectangle(box, fill=colours[i])
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colours[i])
+    return image

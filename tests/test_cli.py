@@ -1,0 +1,295 @@
+"""The trimcpp command (bench, chat, show) on the tiny random-weight models (36 rows per image).
+
+Subcommands run in-process through trimcpp.cli.main (one test runs the installed console script).
+No timing assertions: only structure, counts, exit codes and pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llama_cpp import Llama
+from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+import trimcpp.handlers
+from trimcpp import TrimLlava15ChatHandler, TrimLlava16ChatHandler, bench
+from trimcpp.cli import image_messages, main
+from trimcpp.testing import write_pair
+
+ROWS = 36
+COLUMNS = ["image rows", "encode s", "select ms", "prefill s", "first token s", "speedup"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    llm, mm15 = write_pair(root, "tiny", version="1.5")
+    _, mm16 = write_pair(root, "tiny", version="1.6")
+    return {"llm": str(llm), "1.5": str(mm15), "1.6": str(mm16)}
+
+
+def png(tmp_path, width=168, height=84, seed=0, name="image.png") -> str:
+    pixels = np.random.default_rng(seed).integers(100, 256, (height, width, 3), dtype=np.uint8)
+    path = tmp_path / name
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def files(models, version="1.5") -> list[str]:
+    return ["--model", models["llm"], "--mmproj", models[version]]
+
+
+# bench
+
+def test_bench_default_models_go_to_the_user_cache(capsys, tmp_path, monkeypatch):
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("TRIMCPP_CACHE", str(cache))
+    monkeypatch.chdir(work)
+    code, out, _ = cli(capsys, "bench", "--shape", "tiny", "--repeat", "2", "--keep", "16,8", "--json")
+    assert code == 0
+    assert sorted(p.name for p in (cache / "models").iterdir()) == ["llm-tiny.gguf", "mmproj-tiny-llava1.5.gguf"]
+    assert list(work.iterdir()) == []
+    result = json.loads(out)
+    assert result["shape"] == "tiny" and result["repeat"] == 2 and result["llava"] == "1.5"
+    assert result["image"] == {"source": "synthetic", "width": 640, "height": 480}
+    assert [(e["handler"], e["keep"], e["rows"], e["kept"]) for e in result["results"]] == [
+        ("stock", None, ROWS, ROWS), ("trimmed", 16, ROWS, 16), ("trimmed", 8, ROWS, 8)]
+    for entry in result["results"]:
+        assert len(entry["runs"]) == 2
+        for key in ("encode_s", "prefill_s", "ttft_s"):
+            assert entry[key] > 0
+            assert entry[key] == pytest.approx(np.median([run[key] for run in entry["runs"]]))
+        assert entry["ttft_s"] == pytest.approx(np.median([r["encode_s"] + r["select_ms"] / 1e3 + r["prefill_s"]
+                                                           for r in entry["runs"]]))
+        assert entry["speedup"] == pytest.approx(result["results"][0]["ttft_s"] / entry["ttft_s"])
+    assert result["results"][0]["select_ms"] == 0 and result["results"][1]["select_ms"] > 0
+    assert result["machine"]["cores"] >= 1
+
+
+def test_bench_table_on_the_users_files(capsys, models, tmp_path):
+    image = png(tmp_path)
+    code, out, _ = cli(capsys, "bench", *files(models), "--image", image, "--prompt", "What color is the square?",
+                       "--repeat", "1", "--keep", "20")
+    assert code == 0
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "speedup" in line)
+    assert [c for c in COLUMNS if c in lines[header]] == COLUMNS
+    stock, trimmed = (line.split() for line in lines[header + 1:])
+    assert stock[:2] == ["36", "(stock)"] and stock[-1] == "1.00x" and len(stock) == 7
+    assert trimmed[:3] == ["20", "of", "36"] and trimmed[-1].endswith("x") and len(trimmed) == 8
+    assert "168x84" in out and "What color is the square?" in out
+
+
+def test_bench_llava16(capsys, models, tmp_path):
+    code, out, _ = cli(capsys, "bench", *files(models, "1.6"), "--image", png(tmp_path), "--repeat", "1",
+                       "--keep", "30", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["llava"] == "1.6"
+    stock, trimmed = result["results"]
+    assert stock["rows"] == 3 * ROWS and (trimmed["rows"], trimmed["kept"]) == (3 * ROWS, 30)
+
+
+@pytest.mark.parametrize("args", [
+    ["--keep", "0"], ["--keep", "12,x"], ["--repeat", "0"], ["--shape", "13b"], ["--method", "best"],
+])
+def test_bench_bad_arguments_exit_2(capsys, args):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", *args])
+    assert stop.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_bench_model_needs_mmproj_and_files_must_exist(capsys, models, tmp_path):
+    code, _, err = cli(capsys, "bench", "--model", models["llm"])
+    assert code == 2 and "--model and --mmproj go together" in err
+    code, _, err = cli(capsys, "bench", "--model", tmp_path / "none.gguf", "--mmproj", models["1.5"])
+    assert code == 2 and "does not exist" in err
+
+
+def test_timed_stock_handler_gives_the_stock_logits(models, tmp_path):
+    """bench times the stock handler's encode by calling libmtmd's two halves of its image step."""
+    llama = Llama(model_path=models["llm"], n_ctx=1024, logits_all=True, verbose=False, seed=1,
+                  chat_handler=Llava15ChatHandler(clip_model_path=models["1.5"], verbose=False))
+    messages = image_messages(open(png(tmp_path), "rb").read(), "What is in the image?")
+
+    def answer():
+        response = llama.create_chat_completion(messages=messages, max_tokens=4, temperature=0.0)
+        n, generated = response["usage"]["prompt_tokens"], response["usage"]["completion_tokens"]
+        return response["choices"][0]["message"]["content"], np.array(llama.scores[n - 1: n - 1 + generated])
+
+    expected, expected_logits = answer()
+    timed = bench.timed_stock("1.5", models["1.5"], verbose=False)
+    sample = bench.request(llama, timed, messages)  # also makes `timed` the Llama's handler
+    assert (sample.rows, sample.kept, sample.select_s) == (ROWS, ROWS, 0.0) and sample.encode_s > 0
+    got, logits = answer()
+    assert got == expected and logits.shape == (4, llama.n_vocab())
+    assert np.array_equal(logits, expected_logits)
+
+
+# chat
+
+def chat_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("[trimcpp]"))
+
+
+@pytest.mark.parametrize(("keep", "value", "kept"), [("8", 8, 8), ("0.25", 0.25, 9), ("all", None, ROWS)])
+def test_chat_streams_the_answer_and_counts(capsys, models, tmp_path, keep, value, kept):
+    image = png(tmp_path)
+    code, out, _ = cli(capsys, "chat", *files(models), "--image", image, "--keep", keep, "--max-tokens", "6",
+                       "What is in the image?")
+    assert code == 0
+    line = chat_line(out)
+    assert f"image rows kept {kept} / {ROWS} (trimtokenator)" in line and "time to first token" in line
+    # The streamed text is what the same handler answers without streaming.
+    handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], keep=value, verbose=False)
+    threads = os.cpu_count()  # as the command
+    llama = Llama(model_path=models["llm"], chat_handler=handler, n_ctx=4096, n_threads=threads,
+                  n_threads_batch=threads, verbose=False)
+    answer = llama.create_chat_completion(messages=image_messages(open(image, "rb").read(), "What is in the image?"),
+                                          max_tokens=6, temperature=0.0, seed=0)
+    assert out[: out.index("\n[trimcpp]")] == answer["choices"][0]["message"]["content"]
+
+
+def test_chat_reads_data_uris_and_detects_llava16(capsys, models, tmp_path):
+    data = "data:image/png;base64," + base64.b64encode(open(png(tmp_path), "rb").read()).decode()
+    code, out, _ = cli(capsys, "chat", *files(models, "1.6"), "--image", data, "--keep", "30", "--max-tokens", "2",
+                       "What is in the image?")
+    assert code == 0
+    assert f"image rows kept 30 / {3 * ROWS}" in chat_line(out)
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    ("missing.png", "cannot read image"),
+    ("not-an-image.png", "not an image pillow can decode"),
+    ("https://example.com/a.png", "images are not downloaded"),
+    ("data:image/png;base64,@@@", "not base64"),
+])
+def test_chat_image_errors(capsys, models, tmp_path, image, message):
+    (tmp_path / "not-an-image.png").write_text("hello")
+    source = image if "://" in image or image.startswith("data:") else str(tmp_path / image)
+    code, _, err = cli(capsys, "chat", *files(models), "--image", source, "hi")
+    assert code == 2 and message in err and err.startswith("trimcpp chat: error:")
+
+
+def test_chat_argument_errors(capsys, models, tmp_path):
+    image = png(tmp_path)
+    code, _, err = cli(capsys, "chat", *files(models), "--image", image, "--keep", "1.5", "hi")
+    assert code == 2 and "keep" in err
+    code, _, err = cli(capsys, "chat", "--model", tmp_path / "no.gguf", "--mmproj", models["1.5"], "--image", image, "hi")
+    assert code == 2 and "model" in err and "does not exist" in err
+    code, _, err = cli(capsys, "chat", "--model", models["llm"], "--mmproj", models["llm"], "--image", image, "hi")
+    assert code == 2 and "not a LLaVA mmproj" in err
+    for args in (["--keep", "many"], ["--method", "best"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["chat", *files(models), "--image", image, *args, "hi"])
+        assert stop.value.code == 2
+    capsys.readouterr()
+
+
+# show
+
+def kept_by_handler(models, version, image_path, question, keep):
+    """The rows the trimmed handler keeps for this request, per chunk (selection is deterministic)."""
+    kind = TrimLlava16ChatHandler if version == "1.6" else TrimLlava15ChatHandler
+    handler = kind(clip_model_path=models[version], keep=keep, verbose=False)
+    llama = Llama(model_path=models["llm"], chat_handler=handler, n_ctx=4096, verbose=False)
+    llama.create_chat_completion(messages=image_messages(open(image_path, "rb").read(), question), max_tokens=1)
+    [selection] = handler.last_selection
+    return selection.indices
+
+
+def test_show_brightens_exactly_the_kept_patches(capsys, models, tmp_path):
+    # 168 x 168 fills the 84-pixel square at scale 1/2: row r is the 28 x 28 block (r // 6, r % 6).
+    image = png(tmp_path, 168, 168)
+    out_path = tmp_path / "kept.png"
+    code, out, _ = cli(capsys, "show", *files(models), "--image", image, "--keep", "10", "--out", out_path,
+                       "--no-caption", "What is in the image?")
+    assert code == 0 and "kept 10 of 36" in out
+    [kept] = kept_by_handler(models, "1.5", image, "What is in the image?", 10)
+    expected = np.zeros((168, 168), bool)
+    for r in kept:
+        expected[28 * (r // 6): 28 * (r // 6 + 1), 28 * (r % 6): 28 * (r % 6 + 1)] = True
+    written, original = Image.open(out_path), np.asarray(Image.open(image)).astype(int)
+    assert written.size == (168, 168)
+    got = np.asarray(written.convert("RGB")).astype(int)
+    same = (got == original).all(axis=2)
+    assert np.array_equal(same, expected)
+    assert (got[~same] < original[~same]).all()
+
+
+def test_show_caption_and_llava16_panels(capsys, models, tmp_path):
+    image = png(tmp_path, 336, 168)  # libmtmd: the (168, 84) pinpoint, two slices, then the overview
+    out_path = tmp_path / "kept16.png"
+    code, _, _ = cli(capsys, "show", *files(models, "1.6"), "--image", image, "--keep", "20", "--out", out_path,
+                     "What is in the image?")
+    assert code == 0
+    written = Image.open(out_path)
+    assert written.size[0] == 2 * 336 + 8 and written.size[1] > 168  # slices | overview, then the caption
+    assert len(kept_by_handler(models, "1.6", image, "What is in the image?", 20)) == 3
+
+
+def test_show_needs_model_and_mmproj(capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main(["show", "--image", png(tmp_path), "hi"])
+    assert stop.value.code == 2
+    capsys.readouterr()
+
+
+def test_layout_matches_libmtmd_chunks(models, monkeypatch):
+    """The chunks libmtmd makes for LLaVA-1.6: the count per image size, and the order (slices left to
+    right, then the overview): slice 1's rows equal the rows of its own 84 x 84 picture."""
+    from trimcpp.layout import chunks, read_vision
+
+    seen = []
+    real = trimcpp.handlers.prune
+
+    def spy(rows, *args, **kwargs):
+        seen.append(np.array(rows))
+        return real(rows, *args, **kwargs)
+
+    monkeypatch.setattr(trimcpp.handlers, "prune", spy)
+    vision = read_vision(models["1.6"])
+    handler = TrimLlava16ChatHandler(clip_model_path=models["1.6"], keep=3, verbose=False)
+    llama = Llama(model_path=models["llm"], chat_handler=handler, n_ctx=4096, verbose=False)
+    rng = np.random.default_rng(5)
+    left, right = (rng.integers(0, 256, (84, 84, 3), dtype=np.uint8) for _ in range(2))
+
+    def encode(pixels: np.ndarray) -> list[np.ndarray]:
+        seen.clear()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        llama.create_chat_completion(messages=image_messages(buffer.getvalue(), "hi"), max_tokens=1)
+        [selection] = handler.last_selection
+        parts = chunks(vision, pixels.shape[1], pixels.shape[0])
+        assert selection.chunk_rows == [ROWS] * len(parts)
+        return list(seen)
+
+    for width, height in ((80, 60), (100, 200), (300, 300), (500, 100)):
+        encode(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    both = encode(np.concatenate([left, right], axis=1))
+    assert len(both) == 3
+    assert np.array_equal(both[0], encode(left)[0]) and np.array_equal(both[1], encode(right)[0])
+
+
+def test_console_script_is_installed():
+    script = shutil.which("trimcpp")
+    assert script is not None
+    done = subprocess.run([script, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and all(c in done.stdout for c in ("bench", "chat", "show"))

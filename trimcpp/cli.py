@@ -1,0 +1,316 @@
+"""The ``trimcpp`` command.
+
+    trimcpp bench [--shape 7b|small|tiny] [--model M --mmproj P] [--image I] [--prompt Q] [--keep 192,128,64]
+    trimcpp chat  --model M --mmproj P --image I [--keep 64|0.25|all] [--method ...] "question"
+    trimcpp show  --model M --mmproj P --image I [--keep ...] [--out kept.png] "question"
+
+Exit status: 0 on success, 2 for bad arguments or unreadable files, 1 when the model fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import ctypes
+import io
+import json
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from .selection import METHODS, Keep
+
+SHAPE_NOTES = {"tiny": "a few seconds", "small": "about 30 s", "7b": "about 5 minutes, 4.4 GB written once"}
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported as `trimcpp <command>: error: ...`, exit status 2."""
+
+
+def read_image(source: str) -> bytes:
+    """The image bytes from a path, `-` (standard input) or a `data:` URI; checked with pillow."""
+    if source.startswith("data:"):
+        try:
+            data = base64.b64decode(source.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError):
+            raise UsageError("the image data URI is not base64 (expected data:image/...;base64,...)") from None
+    elif "://" in source:
+        raise UsageError(f"images are not downloaded ({source!r}); save it and pass the file's path")
+    elif source == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except OSError as error:
+            raise UsageError(f"cannot read image {source!r}: {error.strerror or error}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UsageError(f"cannot read image {source!r}: not an image pillow can decode ({error})") from None
+    return data
+
+
+def image_messages(image: bytes, question: str) -> list[dict[str, Any]]:
+    """One user turn with the image (as a data URI) and the question, as the chat handlers take it."""
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
+
+
+def parse_keep(text: str) -> Optional[Keep]:
+    """`all` (None), an int count, or a float share."""
+    if text.lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a count, a share in (0, 1] or 'all', got {text!r}") from None
+
+
+def parse_budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated row counts such as 192,128,64, got {text!r}") from None
+    if not budgets or min(budgets) < 1:
+        raise argparse.ArgumentTypeError(f"row counts must be >= 1, got {text!r}")
+    return budgets
+
+
+def _existing(path: str, what: str) -> str:
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    return path
+
+
+def _quiet(verbose: bool) -> None:
+    """libmtmd logs to stderr on its own; send it through llama-cpp-python's logger (silent unless verbose)."""
+    import llama_cpp._logger as logger
+    import llama_cpp.mtmd_cpp as mtmd_cpp
+
+    logger.set_verbose(verbose)
+    mtmd_cpp.mtmd_helper_log_set(logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def _version(args: argparse.Namespace) -> str:
+    from .layout import read_vision
+
+    try:
+        detected = read_vision(args.mmproj).version
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return args.llava or detected
+
+
+def _session(args: argparse.Namespace):
+    """The trimmed handler and a Llama for chat / show, after checking every argument."""
+    from llama_cpp import Llama
+
+    from .handlers import TrimLlava15ChatHandler, TrimLlava16ChatHandler
+
+    image = read_image(args.image)
+    _existing(args.model, "model")
+    _existing(args.mmproj, "mmproj")
+    version = _version(args)
+    kind = TrimLlava16ChatHandler if version == "1.6" else TrimLlava15ChatHandler
+    try:
+        options = {"keep": args.keep} if hasattr(args, "keep") else {}  # else the handler's default
+        handler = kind(clip_model_path=args.mmproj, method=args.method, stage1_ratio=args.stage1_ratio,
+                       verbose=args.verbose, **options)
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error)) from None
+    _quiet(args.verbose)
+    threads = args.threads or os.cpu_count() or 1
+    try:
+        llama = Llama(model_path=args.model, chat_handler=handler, n_ctx=args.n_ctx, n_threads=threads,
+                      n_threads_batch=threads, verbose=args.verbose)
+    except ValueError as error:
+        raise UsageError(f"cannot load model {args.model!r}: {error}") from None
+    return llama, handler, image, version
+
+
+def _counts(handler: Any) -> tuple[int, int]:
+    images = handler.last_selection
+    return sum(i.kept for i in images), sum(i.rows for i in images)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llama, handler, image, _ = _session(args)
+    began, first = time.perf_counter(), None
+    stream = llama.create_chat_completion(messages=image_messages(image, args.question), stream=True,
+                                          max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    for chunk in stream:
+        if first is None:
+            first = time.perf_counter() - began
+        text = chunk["choices"][0]["delta"].get("content")
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    kept, rows = _counts(handler)
+    first_text = "no token" if first is None else f"{first:.2f} s"
+    print(f"\n[trimcpp] image rows kept {kept} / {rows} ({handler.method}); time to first token {first_text}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .layout import chunks, read_vision
+    from .show import render
+
+    llama, handler, image_bytes, version = _session(args)
+    llama.create_chat_completion(messages=image_messages(image_bytes, args.question), max_tokens=1, temperature=0.0)
+    [selection] = handler.last_selection
+    image = Image.open(io.BytesIO(image_bytes))
+    vision = read_vision(args.mmproj)
+    parts = chunks(vision, *image.size)
+    if selection.chunk_rows != [vision.grid**2] * len(parts):
+        raise RuntimeError(f"libmtmd cut the image into chunks of {selection.chunk_rows} rows; the layout expected "
+                           f"{len(parts)} of {vision.grid**2} (unsupported preprocessing)")
+    caption = None
+    if not args.no_caption:
+        caption = (f"Q: {args.question}\nkept {selection.kept} of {selection.rows} image rows "
+                   f"({handler.method}, LLaVA-{version}, image {image.size[0]}x{image.size[1]})")
+    render(image, vision, selection.indices, caption).save(args.out)
+    print(f"wrote {args.out}: kept {selection.kept} of {selection.rows} image rows")
+    return 0
+
+
+def _default_pair(shape: str, version: str) -> tuple[str, str]:
+    """The synthetic pair of `shape` in the user cache, written on first use with a progress bar."""
+    from tqdm import tqdm
+
+    from .bench import cache_dir
+    from .testing import write_pair
+
+    folder = cache_dir() / "models"
+    bar: Optional[tqdm] = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None or bar.total != total or bar.n > done:
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=total, desc=f"writing {shape} model files to {folder}", unit="tensor", leave=False)
+        bar.update(done - bar.n)
+
+    llm, mmproj = write_pair(folder, shape, version=version, progress=progress)
+    if bar is not None:
+        bar.close()
+    return str(llm), str(mmproj)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import bench
+    from .testing import demo_image
+
+    if bool(args.model) != bool(args.mmproj):
+        raise UsageError("--model and --mmproj go together (or neither, for the synthetic --shape)")
+    if args.model:
+        model, mmproj = _existing(args.model, "model"), _existing(args.mmproj, "mmproj")
+        version = _version(args)
+    else:
+        version = args.llava or "1.5"
+        model, mmproj = _default_pair(args.shape, version)
+    if args.image:
+        image = read_image(args.image)
+    else:
+        buffer = io.BytesIO()
+        demo_image().save(buffer, "PNG")
+        image = buffer.getvalue()
+    _quiet(args.verbose)
+    total = 1 + args.repeat * (1 + len(args.keep))
+    with tqdm(total=total, desc="requests", unit="req", leave=False) as bar:
+        def step(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update()
+
+        result = bench.run(model, mmproj, image_messages(image, args.prompt), args.keep, repeat=args.repeat,
+                           version=version, method=args.method, n_ctx=args.n_ctx, threads=args.threads, on_step=step)
+    width, height = Image.open(io.BytesIO(image)).size
+    result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height},
+                  shape=None if args.model else args.shape)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    m = result["machine"]
+    print(f"model   {model}\nmmproj  {mmproj}  (LLaVA-{version})\nimage   {result['image']['source']} "
+          f"{width}x{height}, prompt {args.prompt!r}\nmachine {m['cpu']}, {m['cores']} cores, {result['threads']} "
+          f"threads; medians of {args.repeat} interleaved rounds\n")
+    print(bench.table(result))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trimcpp", description="Prune a local LLaVA's image rows (TrimTokenator).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,chat,show}")
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--llava", choices=("1.5", "1.6"), help="chat format and slicing (default: from the mmproj)")
+        sub.add_argument("--method", choices=METHODS, default="trimtokenator", help="selection method")
+        sub.add_argument("--n-ctx", type=int, default=4096, help="context size (default 4096)")
+        sub.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+        sub.add_argument("--verbose", action="store_true", help="llama.cpp's and libmtmd's logs")
+
+    bench = commands.add_parser("bench", help="time to first token, stock vs trimmed",
+                                description="Time to first token of the stock LLaVA handler against the trimmed one.")
+    bench.add_argument("--shape", choices=("tiny", "small", "7b"), default="7b",
+                       help="synthetic model when --model is not given: " + "; ".join(f"{k}: {v}" for k, v in SHAPE_NOTES.items()))
+    bench.add_argument("--model", help="your LLM GGUF")
+    bench.add_argument("--mmproj", help="your mmproj GGUF")
+    bench.add_argument("--image", help="image path, '-' or data: URI (default: a synthetic 640x480 picture)")
+    bench.add_argument("--prompt", default="What is in the image?", help="the question")
+    bench.add_argument("--keep", type=parse_budgets, default=[192, 128, 64],
+                       help="trimmed budgets, rows per image (default 192,128,64; stock always runs)")
+    bench.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians (default 3)")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    common(bench)
+    bench.set_defaults(run=cmd_bench)
+
+    for name, text in (("chat", "answer a question about an image, streaming"),
+                       ("show", "draw which patches of the image the LLM still sees")):
+        sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        sub.add_argument("question")
+        sub.add_argument("--model", required=True, help="LLM GGUF")
+        sub.add_argument("--mmproj", required=True, help="mmproj GGUF")
+        sub.add_argument("--image", required=True, help="image path, '-' (standard input) or data: URI")
+        sub.add_argument("--keep", type=parse_keep, default=argparse.SUPPRESS,
+                         help="rows kept per image: a count, a share in (0, 1] or 'all' (default 64; LLaVA-1.6 320)")
+        sub.add_argument("--stage1-ratio", type=float, default=0.8, help="TrimTokenator's stage-1 share (default 0.8)")
+        common(sub)
+    chat, show = commands.choices["chat"], commands.choices["show"]
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.set_defaults(run=cmd_chat)
+    show.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
+    show.add_argument("--no-caption", action="store_true", help="only the picture, at the image's own size")
+    show.set_defaults(run=cmd_show)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "repeat", 1) < 1:
+        parser.error("--repeat must be >= 1")
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"trimcpp {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except (RuntimeError, ValueError) as error:
+        print(f"trimcpp {args.command}: failed: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
