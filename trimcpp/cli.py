@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .selection import METHODS, Keep
 
-SHAPE_NOTES = {"tiny": "a few seconds", "small": "about 30 s", "7b": "about 5 minutes, 4.4 GB written once"}
+SHAPE_NOTES = {"tiny": "a few seconds", "small": "about 10 s", "7b": "about 5 minutes, 4.4 GB written once"}
 
 
 class UsageError(Exception):
@@ -134,6 +134,7 @@ def _session(args: argparse.Namespace):
                       n_threads_batch=threads, verbose=args.verbose)
     except ValueError as error:
         raise UsageError(f"cannot load model {args.model!r}: {error}") from None
+    handler._init_mtmd_context(llama)  # load the mmproj now: the time to first token is the request's
     return llama, handler, image, version
 
 
