@@ -7,6 +7,7 @@ No timing assertions: only structure, counts, exit codes and pixels.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -23,7 +24,7 @@ from llama_cpp.llama_chat_format import Llava15ChatHandler
 import trimcpp.handlers
 from trimcpp import TrimLlava15ChatHandler, TrimLlava16ChatHandler, bench
 from trimcpp.cli import image_messages, main
-from trimcpp.testing import write_pair
+from trimcpp.testing import SHAPES, write_mmproj, write_pair
 
 ROWS = 36
 COLUMNS = ["image rows", "encode s", "select ms", "prefill s", "first token s", "speedup"]
@@ -216,7 +217,9 @@ def kept_by_handler(models, version, image_path, question, keep):
 
 
 def test_show_brightens_exactly_the_kept_patches(capsys, models, tmp_path):
-    # 168 x 168 fills the 84-pixel square at scale 1/2: row r is the 28 x 28 block (r // 6, r % 6).
+    # 168 x 168 fills the 84-pixel square at scale 1/2: patch p is the 28 x 28 block (p // 6, p % 6).
+    # The tiny mmproj has a class token, so libmtmd's row r is patch r + 1 and row 35 is the class
+    # token (llama.cpp issue #25814; test_rows_carry_the_patches_layout_says checks this).
     image = png(tmp_path, 168, 168)
     out_path = tmp_path / "kept.png"
     code, out, _ = cli(capsys, "show", *files(models), "--image", image, "--keep", "10", "--out", out_path,
@@ -224,8 +227,8 @@ def test_show_brightens_exactly_the_kept_patches(capsys, models, tmp_path):
     assert code == 0 and "kept 10 of 36" in out
     [kept] = kept_by_handler(models, "1.5", image, "What is in the image?", 10)
     expected = np.zeros((168, 168), bool)
-    for r in kept:
-        expected[28 * (r // 6): 28 * (r // 6 + 1), 28 * (r % 6): 28 * (r % 6 + 1)] = True
+    for p in kept[kept < 35] + 1:
+        expected[28 * (p // 6): 28 * (p // 6 + 1), 28 * (p % 6): 28 * (p % 6 + 1)] = True
     written, original = Image.open(out_path), np.asarray(Image.open(image)).astype(int)
     assert written.size == (168, 168)
     got = np.asarray(written.convert("RGB")).astype(int)
@@ -286,6 +289,42 @@ def test_layout_matches_libmtmd_chunks(models, monkeypatch):
     both = encode(np.concatenate([left, right], axis=1))
     assert len(both) == 3
     assert np.array_equal(both[0], encode(left)[0]) and np.array_equal(both[1], encode(right)[0])
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_rows_carry_the_patches_layout_says(models, tmp_path, monkeypatch, class_token):
+    """With a one-layer mmproj (libmtmd runs all layers but the last: none) each row depends on one
+    patch only: brightening one patch of a grey picture must change exactly the row that
+    trimcpp.layout assigns to that patch's pixels."""
+    from trimcpp.layout import chunks, pixel_rows, read_vision
+
+    shape = dataclasses.replace(SHAPES["tiny"], v_layer=1)
+    mmproj = str(write_mmproj(tmp_path / "mm.gguf", shape, class_token=class_token))
+    seen = []
+    real = trimcpp.handlers.prune
+    monkeypatch.setattr(trimcpp.handlers, "prune", lambda rows, *a, **k: seen.append(np.array(rows)) or real(rows, *a, **k))
+    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=3, verbose=False)
+    llama = Llama(model_path=models["llm"], chat_handler=handler, n_ctx=1024, verbose=False)
+
+    def rows(pixels: np.ndarray) -> np.ndarray:
+        seen.clear()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        llama.create_chat_completion(messages=image_messages(buffer.getvalue(), "hi"), max_tokens=1)
+        return seen[0]
+
+    vision = read_vision(mmproj)
+    grey = np.full((84, 84, 3), 128, np.uint8)
+    layout = pixel_rows(vision, chunks(vision, 84, 84)[0], 84, 84)
+    base = rows(grey)
+    for py, px in ((0, 0), (0, 1), (2, 3), (5, 5)):
+        pixels = grey.copy()
+        pixels[14 * py: 14 * py + 14, 14 * px: 14 * px + 14] = 250
+        changed = np.flatnonzero(np.abs(rows(pixels) - base).max(axis=1) > 1e-4)
+        expected = np.unique(layout[14 * py: 14 * py + 14, 14 * px: 14 * px + 14])
+        assert list(changed) == [r for r in expected if r >= 0]
+    if class_token:
+        assert layout[0, 0] == -1 and layout[0, 14] == 0  # patch 0 is in no row
 
 
 def test_console_script_is_installed():

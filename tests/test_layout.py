@@ -6,6 +6,8 @@ Expected pixel blocks below are worked out from libmtmd's preprocessing, not fro
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -47,6 +49,7 @@ def test_read_vision(tmp_path):
     v16 = read_vision(write_mmproj(tmp_path / "b.gguf", SHAPES["tiny"], version="1.6"))
     assert (v15.image_size, v15.patch_size, v15.pinpoints, v15.version) == (84, 14, (), "1.5")
     assert v16.pinpoints == V16.pinpoints and v16.version == "1.6"
+    assert v15.class_token and not read_vision(write_mmproj(tmp_path / "d.gguf", SHAPES["tiny"], class_token=False)).class_token
     (tmp_path / "c.gguf").write_bytes(b"not a gguf")
     with pytest.raises(ValueError, match="mmproj"):
         read_vision(tmp_path / "c.gguf")
@@ -59,6 +62,15 @@ def test_square_image_maps_patches_to_equal_blocks():
     assert out.size == image.size
     expected = blocks(168, 168, (slice(0, 28), slice(0, 28)), (slice(28, 56), slice(28, 56)),
                       (slice(140, 168), slice(140, 168)))
+    assert np.array_equal(bright(out, image, (0, 0, 168, 168)), expected)
+
+
+def test_class_token_shifts_rows_by_one_patch():
+    # With a class token libmtmd's row r carries patch r + 1; patch 0 is in no row, row 35 is the
+    # class token (llama.cpp issue #25814).
+    image = picture(168, 168)
+    out = render(image, dataclasses.replace(V15, class_token=True), [np.array([0, 7, 35])])
+    expected = blocks(168, 168, (slice(0, 28), slice(28, 56)), (slice(28, 56), slice(56, 84)))
     assert np.array_equal(bright(out, image, (0, 0, 168, 168)), expected)
 
 

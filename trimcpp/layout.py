@@ -13,6 +13,12 @@ libmtmd (llama.cpp ``tools/mtmd``, projector ``mlp``) turns a W x H picture into
 The arithmetic below mirrors ``mtmd-image.cpp`` (float32 scales, ``ceil``/truncation where it
 has them), so the chunk count and rows per chunk equal libmtmd's; :func:`pixel_rows` maps every
 pixel of the original picture (by its centre) to the row of each chunk that covers it.
+
+Rows and patches: with an mmproj that has CLIP's class embedding (every real LLaVA one), the
+libmtmd of llama-cpp-python 0.3.36 puts the class token after the patches but still takes rows
+1..n of the encoder's output (llama.cpp issue #25814, fix in PR #25844, not merged): row r carries
+patch r + 1, patch 0 reaches the LLM in no row, and the last row is the class token. The mapping
+below follows what libmtmd does (``Vision.class_token``), checked against it in the tests.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Vision:
     image_size: int  # S: side of the encoder's square input
     patch_size: int
     pinpoints: tuple[tuple[int, int], ...] = ()  # (width, height) candidates; LLaVA-1.6 only
+    class_token: bool = False  # the mmproj has v.class_embd: row r is patch r + 1 (see above)
 
     @property
     def grid(self) -> int:
@@ -64,7 +71,8 @@ def read_vision(mmproj_path: os.PathLike | str) -> Vision:
             f"patch {patch}); trimcpp handles projector 'mlp'"
         )
     flat = value("clip.vision.image_grid_pinpoints") or []
-    return Vision(int(size), int(patch), tuple((int(w), int(h)) for w, h in zip(flat[0::2], flat[1::2])))
+    return Vision(int(size), int(patch), tuple((int(w), int(h)) for w, h in zip(flat[0::2], flat[1::2])),
+                  class_token=any(t.name == "v.class_embd" for t in reader.tensors))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +134,12 @@ def chunks(vision: Vision, width: int, height: int) -> list[Chunk]:
 
 
 def pixel_rows(vision: Vision, chunk: Chunk, width: int, height: int) -> np.ndarray:
-    """height x width int64: the row of `chunk` whose patch covers each pixel's centre, -1 if none."""
-    side, patch = vision.image_size, vision.patch_size
+    """height x width int64: the row of `chunk` that carries the patch covering each pixel's centre,
+    -1 if none (padding, or patch 0 when the mmproj has a class token)."""
+    side, size = vision.image_size, vision.patch_size
     x = (np.arange(width) + 0.5) * chunk.scale_x + chunk.offset_x - chunk.left
     y = (np.arange(height) + 0.5) * chunk.scale_y + chunk.offset_y - chunk.top
-    col = np.where((x >= 0) & (x < side), np.floor(x / patch), -1).astype(np.int64)
-    row = np.where((y >= 0) & (y < side), np.floor(y / patch), -1).astype(np.int64)
-    rows = row[:, None] * vision.grid + col[None, :]
-    return np.where((row[:, None] >= 0) & (col[None, :] >= 0), rows, -1)
+    px = np.where((x >= 0) & (x < side), np.floor(x / size), -1).astype(np.int64)
+    py = np.where((y >= 0) & (y < side), np.floor(y / size), -1).astype(np.int64)
+    rows = py[:, None] * vision.grid + px[None, :] - vision.class_token  # libmtmd's shift, see above
+    return np.where((py[:, None] >= 0) & (px[None, :] >= 0) & (rows >= 0), rows, -1)

@@ -223,11 +223,13 @@ def pinpoints(image_size: int) -> list[int]:
 
 
 def write_mmproj(path: os.PathLike | str, shape: Shape, *, version: str = "1.5", n_embd_out: Optional[int] = None,
-                 seed: int = 1, progress: Optional[Callable[[int, int], None]] = None) -> Path:
+                 class_token: bool = True, seed: int = 1,
+                 progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Writes a random CLIP ViT + 2-layer MLP projector (LLaVA-1.5, or 1.6 with grid pinpoints).
 
     The projector's output size is the LLM's width unless `n_embd_out` says otherwise (to test
-    the mismatch error).
+    the mismatch error). `class_token=False` leaves out CLIP's class embedding (libmtmd then
+    gives one row per patch, in order; see trimcpp.layout).
     """
     if version not in ("1.5", "1.6"):
         raise ValueError(f"version must be '1.5' or '1.6', got {version!r}")
@@ -265,9 +267,10 @@ def write_mmproj(path: os.PathLike | str, shape: Shape, *, version: str = "1.5",
 
     wdtype = np.float16 if vtype == Q.F16 else np.float32
     out.tensor("v.patch_embd.weight", (v, 3, p, p), vtype, normal(v, 3, p, p, dtype=wdtype))
-    out.tensor("v.class_embd", (v,), Q.F32, normal(v))
-    out.tensor("v.position_embd.weight", (shape.patches + 1, v), vtype,
-               normal(shape.patches + 1, v, dtype=wdtype))
+    positions = shape.patches + class_token
+    if class_token:
+        out.tensor("v.class_embd", (v,), Q.F32, normal(v))
+    out.tensor("v.position_embd.weight", (positions, v), vtype, normal(positions, v, dtype=wdtype))
     out.tensor("v.pre_ln.weight", (v,), Q.F32, const(1.0, v))
     out.tensor("v.pre_ln.bias", (v,), Q.F32, const(0.0, v))
     for i in range(shape.v_layer):
