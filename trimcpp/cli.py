@@ -3,6 +3,7 @@
     trimcpp bench [--shape 7b|small|tiny] [--model M --mmproj P] [--image I] [--prompt Q] [--keep 192,128,64]
     trimcpp chat  --model M --mmproj P --image I [--keep 64|0.25|all] [--method ...] "question"
     trimcpp show  --model M --mmproj P --image I [--keep ...] [--out kept.png] "question"
+    trimcpp eval  [--model M --mmproj P --data DIR] [--keep 576,192,128,64,32] [--methods ...]
 
 Exit status: 0 on success, 2 for bad arguments or unreadable files, 1 when the model fails.
 """
@@ -250,9 +251,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import evaluate
+
+    paths = {name: getattr(args, name) or str(evaluate.BUNDLED[name]) for name in ("model", "mmproj", "data")}
+    _existing(paths["model"], "model")
+    _existing(paths["mmproj"], "mmproj")
+    try:
+        questions = evaluate.load(paths["data"])[: args.limit]
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    args.mmproj = paths["mmproj"]
+    version = _version(args)
+    methods = list(dict.fromkeys(args.methods))
+    _quiet(args.verbose)
+    steps = len(questions) * sum(1 if m == "none" else len(args.keep) for m in methods)
+    with tqdm(total=steps, desc="questions x (method, keep)", unit="req", leave=False) as bar:
+        result = evaluate.run(paths["model"], paths["mmproj"], questions, methods, args.keep, version=version,
+                              n_ctx=args.n_ctx, threads=args.threads, on_step=bar.update)
+    result["data"] = paths["data"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"model   {paths['model']}\nmmproj  {paths['mmproj']}  (LLaVA-{version})\ndata    {paths['data']}\n")
+        print(evaluate.table(result))
+    return 0
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise argparse.ArgumentTypeError(f"methods are {', '.join(METHODS)}; got {text!r}")
+    return methods
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trimcpp", description="Prune a local LLaVA's image rows (TrimTokenator).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,chat,show}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,chat,show,eval}")
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--llava", choices=("1.5", "1.6"), help="chat format and slicing (default: from the mmproj)")
@@ -295,6 +333,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
     show.add_argument("--no-caption", action="store_true", help="only the picture, at the image's own size")
     show.set_defaults(run=cmd_show)
+
+    evaluate = commands.add_parser("eval", help="accuracy of each method and budget on a dataset",
+                                   description="Accuracy of every (method, keep) pair on a folder of pictures + "
+                                               "questions.json, through the trimmed handler (greedy).")
+    evaluate.add_argument("--model", help="LLM GGUF (default: the bundled mini VLM)")
+    evaluate.add_argument("--mmproj", help="mmproj GGUF (default: the bundled mini VLM's)")
+    evaluate.add_argument("--data", help="dataset folder (default: the bundled test split of trimcpp.scenes)")
+    evaluate.add_argument("--keep", type=parse_budgets, default=[576, 192, 128, 64, 32],
+                          help="rows kept per image (default 576,192,128,64,32)")
+    evaluate.add_argument("--methods", type=parse_methods, default=list(METHODS[::-1]),
+                          help="comma-separated (default: none,random,uniform,divprune,align,trimtokenator)")
+    evaluate.add_argument("--limit", type=int, help="only the first N questions")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON (with every answer)")
+    common(evaluate)
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 
@@ -303,6 +356,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "repeat", 1) < 1:
         parser.error("--repeat must be >= 1")
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
     try:
         return args.run(args)
     except UsageError as error:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -135,15 +135,24 @@ def random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: Q, scal
 
 
 class _Writer:
-    """A GGUF file written tensor by tensor (the 7b shape does not fit in memory at once)."""
+    """A GGUF file written tensor by tensor (the 7b shape does not fit in memory at once).
 
-    def __init__(self, path: Path, arch: str):
+    With `weights` (name -> float array) every tensor's values come from there instead of `make`
+    (trained models; float types only)."""
+
+    def __init__(self, path: Path, arch: str, weights: Optional[Mapping[str, np.ndarray]] = None):
         self.path = path
         self.gguf = gguf.GGUFWriter(str(path), arch)
         self.tensors: list[tuple[str, Callable[[], np.ndarray]]] = []
+        self.weights = weights
 
     def tensor(self, name: str, shape: Sequence[int], qtype: Q, make: Callable[[], np.ndarray]) -> None:
         """Declares tensor `name` of numpy-order `shape`; `make()` gives its data when written."""
+        if self.weights is not None:
+            value = np.asarray(self.weights[name], dtype=np.float32)
+            if value.shape != tuple(shape) or qtype not in (Q.F32, Q.F16):
+                raise ValueError(f"{name}: got {value.shape} for {tuple(shape)} {qtype.name} (float types only)")
+            make = lambda: value.astype(np.float16 if qtype == Q.F16 else np.float32)  # noqa: E731
         if qtype in (Q.F32, Q.F16):
             dtype = np.float16 if qtype == Q.F16 else np.float32
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -166,13 +175,15 @@ class _Writer:
 
 
 def write_llm(path: os.PathLike | str, shape: Shape, *, embd_type: Optional[str] = None, seed: int = 0,
+              weights: Optional[Mapping[str, np.ndarray]] = None,
               progress: Optional[Callable[[int, int], None]] = None) -> Path:
-    """Writes a random llama-architecture LLM; token_embd in `embd_type` (default: the weight type)."""
+    """Writes a llama-architecture LLM, random unless `weights` (GGUF tensor name -> numpy-order
+    float array) gives the values; token_embd in `embd_type` (default: the weight type)."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     wtype = WEIGHT_TYPES[shape.weight_type]
     etype = WEIGHT_TYPES[embd_type or shape.weight_type]
-    out = _Writer(path, "llama")
+    out = _Writer(path, "llama", weights)
     w = out.gguf
     w.add_name(f"trimcpp random llama ({shape.n_embd}x{shape.n_layer})")
     w.add_context_length(shape.n_ctx_train)
@@ -223,20 +234,20 @@ def pinpoints(image_size: int) -> list[int]:
 
 
 def write_mmproj(path: os.PathLike | str, shape: Shape, *, version: str = "1.5", n_embd_out: Optional[int] = None,
-                 class_token: bool = True, seed: int = 1,
+                 class_token: bool = True, seed: int = 1, weights: Optional[Mapping[str, np.ndarray]] = None,
                  progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Writes a random CLIP ViT + 2-layer MLP projector (LLaVA-1.5, or 1.6 with grid pinpoints).
 
     The projector's output size is the LLM's width unless `n_embd_out` says otherwise (to test
     the mismatch error). `class_token=False` leaves out CLIP's class embedding (libmtmd then
-    gives one row per patch, in order; see trimcpp.layout).
+    gives one row per patch, in order; see trimcpp.layout). `weights` as in :func:`write_llm`.
     """
     if version not in ("1.5", "1.6"):
         raise ValueError(f"version must be '1.5' or '1.6', got {version!r}")
     path = Path(path)
     rng = np.random.default_rng(seed)
     vtype = WEIGHT_TYPES[shape.v_type]
-    out = _Writer(path, "clip")
+    out = _Writer(path, "clip", weights)
     w = out.gguf
     w.add_name(f"trimcpp random clip ({shape.v_embd}x{shape.v_layer}, llava-{version})")
     w.add_clip_has_vision_encoder(True)

@@ -1,0 +1,169 @@
+"""The scene generator (trimcpp.scenes), the dataset reader and `trimcpp eval`.
+
+Scoring is checked on the tiny random-weight models by turning their own keep-all replies into
+the answer key: keep-all must then score 100% and every other setting exactly the share of its
+replies that match, counted here from the handler directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from llama_cpp import Llama
+
+from trimcpp import TrimLlava15ChatHandler, scenes
+from trimcpp.cli import image_messages, main
+from trimcpp.evaluate import load, normalise
+from trimcpp.testing import write_pair
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    llm, mmproj = write_pair(tmp_path_factory.mktemp("models"), "tiny", version="1.5")
+    return str(llm), str(mmproj)
+
+
+def test_scenes_are_reproducible_and_seeds_differ():
+    a = [(np.asarray(im), qa) for im, _, qa in scenes.split(7, 3)]
+    b = [(np.asarray(im), qa) for im, _, qa in scenes.split(7, 3)]
+    c = [(np.asarray(im), qa) for im, _, qa in scenes.split(8, 3)]
+    assert all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))
+    assert not any(np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_answers_follow_from_the_drawn_shapes():
+    for i in range(200):
+        rng = np.random.default_rng([11, i])
+        image, shapes = scenes.scene(rng)
+        assert 3 <= len(shapes) <= 8 and image.size == (224, 224)
+        for question, answer in scenes.questions(rng, shapes, n=8):
+            words = question.rstrip("?").split()
+            assert answer in scenes.ANSWERS
+            if question.startswith("What color is the"):
+                [s] = [s for s in shapes if s.kind == words[-1]]
+                assert answer == s.color
+            elif question.startswith("How many"):
+                assert scenes.NUMBERS.index(answer) == sum(s.kind + "s" == words[2] for s in shapes)
+            elif question.startswith("Is there a"):
+                assert (answer == "yes") == any((s.color, s.kind) == (words[3], words[4]) for s in shapes)
+            else:
+                [s] = [s for s in shapes if (s.color, s.kind) == (words[2], words[3])]
+                pixel = np.asarray(image)[int(s.y), int(s.x)]
+                assert tuple(pixel) == scenes.COLORS[s.color]  # the shape is drawn where it says
+                if "left" in words:
+                    assert answer == ("left" if s.x < 112 else "right")
+                else:
+                    assert answer == ("top" if s.y < 112 else "bottom")
+
+
+def kind(question: str) -> str:
+    for start, name in (("What", "colour"), ("How", "count"), ("Is there", "exists")):
+        if question.startswith(start):
+            return name
+    return "side" if "left" in question else "height"
+
+
+def test_question_kinds_are_balanced():
+    kinds = [kind(q) for _, _, qa in scenes.split(5, 300, per_image=2) for q, _ in qa]
+    counts = {k: kinds.count(k) for k in set(kinds)}
+    assert len(counts) == 5 and min(counts.values()) > 0.1 * len(kinds)
+    answers = [a for _, _, qa in scenes.split(5, 300, per_image=2) for _, a in qa]
+    assert abs(answers.count("yes") - answers.count("no")) < 0.5 * (answers.count("yes") + answers.count("no"))
+
+
+def test_patch_labels():
+    shapes = [scenes.Figure("square", "blue", 21.0, 35.0, 6.0), scenes.Figure("circle", "red", 150.0, 100.0, 20.0)]
+    labels = scenes.patch_labels(shapes).reshape(16, 16)
+    blue_square = 1 + 3 * list(scenes.COLORS).index("blue") + scenes.KINDS.index("square")
+    red_circle = 1 + 3 * list(scenes.COLORS).index("red") + scenes.KINDS.index("circle")
+    # The square spans x 15..27, y 29..41: inside patch (2, 1) only.
+    assert labels[2, 1] == blue_square and (labels == blue_square).sum() == 1
+    # The circle spans x 130..170, y 80..120: patches 9..12 across, 5..8 down (corners mostly empty).
+    assert labels[7, 10] == red_circle and set(np.flatnonzero(labels.ravel() == red_circle) // 16) == {5, 6, 7, 8}
+    assert (labels[:, :8] != red_circle).all() and labels[0, 0] == 0
+
+
+def test_write_split_and_load(tmp_path):
+    folder = scenes.write_split(tmp_path / "split", seed=3, images=4, per_image=2)
+    records = json.loads((folder / "questions.json").read_text())
+    assert len(records) == 8 and sorted(p.name for p in folder.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+    questions = load(folder)
+    assert [(q.image.name, q.question, q.answer) for q in questions] == [(r["image"], r["question"], r["answer"]) for r in records]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "no questions.json"), ("{not json", "not valid JSON"), ("[]", "non-empty list"),
+    ('[{"image": "a.png", "question": "q"}]', "record 0 needs"),
+    ('[{"image": "missing.png", "question": "q", "answer": "a"}]', "not in"),
+])
+def test_load_errors(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "questions.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load(tmp_path)
+
+
+def test_normalise():
+    assert [normalise(s) for s in (" Red.", "yes, it is", "TOP!", "", "  ...")] == ["red", "yes", "top", "", ""]
+
+
+def test_eval_scores_against_the_answer_key(capsys, models, tmp_path):
+    llm, mmproj = models
+    folder = scenes.write_split(tmp_path / "data", seed=4, images=4, size=84, per_image=2)
+    records = json.loads((folder / "questions.json").read_text())
+    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=None, verbose=False)
+    threads = os.cpu_count()  # as trimcpp eval
+    llama = Llama(model_path=llm, chat_handler=handler, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                  verbose=False, seed=0)
+
+    def replies(method, keep):
+        handler.method, handler.keep = method, keep
+        out = []
+        for r in records:
+            reply = llama.create_chat_completion(messages=image_messages((folder / r["image"]).read_bytes(), r["question"]),
+                                                 max_tokens=4, temperature=0.0)
+            out.append(normalise(reply["choices"][0]["message"]["content"] or ""))
+        return out
+
+    key = replies("none", None)
+    for r, answer in zip(records, key):
+        r["answer"] = answer
+    (folder / "questions.json").write_text(json.dumps(records))
+    expected = {(m, k): np.mean([a == b for a, b in zip(replies(m, k), key)]) for m in ("uniform", "trimtokenator") for k in (36, 4)}
+
+    code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(folder), "--methods", "none,uniform,trimtokenator",
+                 "--keep", "36,4", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["questions"] == 8
+    cells = {(r["method"], r["keep"]): r for r in result["results"]}
+    assert set(cells) == {("none", None), ("uniform", 36), ("uniform", 4), ("trimtokenator", 36), ("trimtokenator", 4)}
+    assert cells[("none", None)]["accuracy"] == 1.0 and cells[("none", None)]["mean_kept"] == 36
+    for (method, keep), accuracy in expected.items():
+        assert cells[(method, keep)]["accuracy"] == pytest.approx(accuracy)
+        assert cells[(method, keep)]["relative"] == pytest.approx(accuracy)
+        assert cells[(method, keep)]["mean_kept"] == min(keep, 36)
+    assert cells[("uniform", 36)]["accuracy"] == 1.0  # keep >= rows: the same rows as keep-all
+
+    code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(folder), "--methods", "none,align",
+                 "--keep", "8", "--limit", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "keep 8" in out and "2 questions" in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith(("none", "align"))] == ["none", "align"]
+
+
+@pytest.mark.parametrize("args", [["--methods", "best"], ["--methods", ""], ["--keep", "0"], ["--limit", "0"]])
+def test_eval_bad_arguments(capsys, args):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", *args])
+    assert stop.value.code == 2
+    capsys.readouterr()
+
+
+def test_eval_bad_dataset(capsys, models, tmp_path):
+    llm, mmproj = models
+    code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(tmp_path)])
+    assert code == 2 and "no questions.json" in capsys.readouterr().err

@@ -1,0 +1,409 @@
+"""A LLaVA-1.5 in miniature, trained by the project on trimcpp.scenes, for the quality benchmark.
+
+Not a dependency of trimcpp: rebuilding needs PyTorch (``pip install torch==2.13.0``, CPU).
+
+    python -m trimcpp.minivlm train --out trimcpp/data/minivlm --minutes 35
+    python -m trimcpp.minivlm agree --out trimcpp/data/minivlm --data trimcpp/data/scenes-test
+
+The architecture is exactly what libmtmd and llama.cpp compute for a LLaVA-1.5 GGUF pair, so the
+exported files load unchanged:
+
+- vision: 14-pixel patches of a 224-pixel picture (256 rows), a CLIP ViT without class token
+  (position embeddings, pre-layernorm, pre-norm blocks with biases and quick-GELU MLPs), then the
+  ``mlp`` projector (linear, tanh-GELU, linear). libmtmd runs every layer of the file but the last,
+  so the mmproj carries one unused layer more than the model has.
+- LLM: llama (RMSNorm, rotary positions in ggml's "normal" pairing, SwiGLU), with the generated
+  vocabulary of :mod:`trimcpp.testing`.
+
+Training sees the same token sequence as the stock ``Llava15ChatHandler`` builds (the template's
+text chunks are taken from libmtmd itself), with the image rows in place of the marker, and learns
+the one-word answer token followed by ``</s>``. Several questions share one image: the
+system text and image rows are computed once and each question attends to them (exact, since
+attention is causal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from . import scenes
+from .cli import _quiet, image_messages
+from .testing import Shape, write_llm, write_mmproj
+
+SHAPE = Shape(n_embd=192, n_layer=4, n_head=4, n_ff=512, n_vocab=2048, weight_type="f16",
+              image_size=224, patch_size=14, v_embd=128, v_layer=5, v_head=4, v_ff=512, v_type="f16",
+              n_ctx_train=1024)
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+SEEDS = {"train": 1000, "validation": 2000, "test": 3000}  # scenes.split seeds: disjoint scene sets
+EOS = 2
+
+
+class Block(nn.Module):
+    """CLIP encoder layer as clip.cpp's llava graph runs it."""
+
+    def __init__(self, width: int, heads: int, ff: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width, eps=1e-5), nn.LayerNorm(width, eps=1e-5)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.up, self.down = nn.Linear(width, ff), nn.Linear(ff, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        h = self.ln1(x)
+        q, k, v = (f(h).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w))
+        u = self.up(self.ln2(x))
+        return x + self.down(u * torch.sigmoid(1.702 * u))
+
+
+class Vision(nn.Module):
+    def __init__(self, s: Shape):
+        super().__init__()
+        self.patch = nn.Conv2d(3, s.v_embd, s.patch_size, s.patch_size, bias=False)
+        self.pos = nn.Parameter(torch.randn(s.patches, s.v_embd) * 0.02)
+        self.pre_ln = nn.LayerNorm(s.v_embd, eps=1e-5)
+        self.blocks = nn.ModuleList(Block(s.v_embd, s.v_head, s.v_ff) for _ in range(s.v_layer - 1))
+        self.mm0, self.mm2 = nn.Linear(s.v_embd, s.n_embd), nn.Linear(s.n_embd, s.n_embd)
+        self.aux = nn.Linear(s.v_embd, 1 + 3 * len(scenes.COLORS))  # training only: patch labels
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S normalised pixels -> B x patches x v_embd encoder output."""
+        x = self.pre_ln(self.patch(pixels).flatten(2).transpose(1, 2) + self.pos)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder output -> image rows for the LLM (the ``mlp`` projector)."""
+        return self.mm2(F.gelu(self.mm0(x), approximate="tanh"))
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """ggml's normal rotary mode: pairs (2i, 2i+1) turn by position * 10000^(-2i/d). x: ... x n x d."""
+    d = x.shape[-1]
+    angle = positions[:, None].float() * 10000.0 ** (-torch.arange(0, d, 2).float() / d)
+    cos, sin = angle.cos(), angle.sin()
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+class Layer(nn.Module):
+    """llama block: RMSNorm, attention with rotary positions, RMSNorm, SwiGLU."""
+
+    def __init__(self, width: int, heads: int, ff: int):
+        super().__init__()
+        self.heads = heads
+        self.attn_norm, self.ffn_norm = nn.Parameter(torch.ones(width)), nn.Parameter(torch.ones(width))
+        self.attn_q, self.attn_k, self.attn_v, self.attn_output = (nn.Linear(width, width, bias=False) for _ in range(4))
+        self.ffn_gate, self.ffn_up = nn.Linear(width, ff, bias=False), nn.Linear(width, ff, bias=False)
+        self.ffn_down = nn.Linear(ff, width, bias=False)
+
+    def qkv(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = rms(h, self.attn_norm)
+        q, k, v = (f(x).unflatten(-1, (self.heads, -1)).transpose(-3, -2) for f in (self.attn_q, self.attn_k, self.attn_v))
+        return rope(q, positions), rope(k, positions), v  # ... x heads x n x head size
+
+    def finish(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        h = h + self.attn_output(attended.transpose(-3, -2).flatten(-2))
+        x = rms(h, self.ffn_norm)
+        return h + self.ffn_down(F.silu(self.ffn_gate(x)) * self.ffn_up(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, s: Shape):
+        super().__init__()
+        self.embed = nn.Embedding(s.n_vocab, s.n_embd)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.layers = nn.ModuleList(Layer(s.n_embd, s.n_head, s.n_ff) for _ in range(s.n_layer))
+        self.norm = nn.Parameter(torch.ones(s.n_embd))
+        self.output = nn.Linear(s.n_embd, s.n_vocab, bias=False)
+
+    def forward(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """prefix: B x P x e input rows; tokens: B x Q x L ids that follow the prefix (each of the Q
+        continuations sees the prefix, not the others). Returns the final hidden states B x Q x L x e."""
+        b, p, _ = prefix.shape
+        q_count, length = tokens.shape[1:]
+        hp, hq = prefix, self.embed(tokens)
+        pos_p, pos_q = torch.arange(p), p + torch.arange(length)
+        mask = torch.cat([torch.ones(length, p, dtype=torch.bool), torch.ones(length, length, dtype=torch.bool).tril()], 1)
+        for layer in self.layers:
+            qp, kp, vp = layer.qkv(hp, pos_p)
+            qq, kq, vq = layer.qkv(hq, pos_q)
+            keys = torch.cat([kp[:, None].expand(b, q_count, *kp.shape[1:]), kq], dim=-2)
+            values = torch.cat([vp[:, None].expand(b, q_count, *vp.shape[1:]), vq], dim=-2)
+            hp, hq = (layer.finish(hp, F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)),
+                      layer.finish(hq, F.scaled_dot_product_attention(qq, keys, values, attn_mask=mask)))
+        return rms(hq, self.norm)
+
+
+class MiniVLM(nn.Module):
+    """Vision tower + projector + LLM. Besides the answers, training supervises the encoder with
+    each patch's shape class (`Vision.aux`, not exported), standing in for CLIP's pretraining."""
+
+    def __init__(self, shape: Shape = SHAPE):
+        super().__init__()
+        self.shape = shape
+        self.vision, self.llm = Vision(shape), Llama(shape)
+
+    def hidden(self, pixels: torch.Tensor, before: torch.Tensor, tokens: torch.Tensor,
+               features: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.vision.project(self.vision.features(pixels) if features is None else features)
+        prefix = torch.cat([self.llm.embed(before).expand(rows.shape[0], -1, -1), rows], dim=1)
+        return self.llm(prefix, tokens)
+
+
+def pixels(images: Sequence) -> torch.Tensor:
+    """PIL pictures (already the encoder's size) as libmtmd normalises them."""
+    x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).float()
+    return (x / 255.0 - MEAN) / STD
+
+
+class Template:
+    """Token ids of the stock LLaVA-1.5 prompt around the image, as libmtmd tokenises it."""
+
+    def __init__(self, llm_path: str, mmproj_path: str):
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd_cpp
+        from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+        _quiet(False)
+        self._mtmd = mtmd_cpp
+        handler = Llava15ChatHandler(clip_model_path=mmproj_path, verbose=False)
+        self.llama = llama_cpp.Llama(model_path=llm_path, chat_handler=handler, n_ctx=1024, verbose=False)
+        handler._mtmd_cpp = self
+        self.handler, self._cache = handler, {}
+        self.before, _ = self._capture("x")
+
+    def __getattr__(self, name: str):
+        return getattr(self._mtmd, name)
+
+    def mtmd_tokenize(self, ctx, chunks, text, bitmaps, n_bitmaps):
+        status = self._mtmd.mtmd_tokenize(ctx, chunks, text, bitmaps, n_bitmaps)
+        parts: list[list[int]] = [[]]
+        for i in range(self._mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = self._mtmd.mtmd_input_chunks_get(chunks, i)
+            if self._mtmd.mtmd_input_chunk_get_type(chunk) == self._mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                parts.append([])
+                continue
+            n = ctypes.c_size_t()
+            ids = self._mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+            parts[-1] += [ids[j] for j in range(n.value)]
+        if status != 0:
+            raise RuntimeError(f"mtmd_tokenize failed ({status})")
+        raise _Captured(parts)
+
+    def _capture(self, question: str) -> tuple[list[int], list[int]]:
+        buffer = io.BytesIO()
+        Image.new("RGB", (SHAPE.image_size, SHAPE.image_size)).save(buffer, "PNG")
+        try:
+            self.llama.create_chat_completion(messages=image_messages(buffer.getvalue(), question), max_tokens=1)
+        except _Captured as done:
+            before, after = done.parts
+            return before, after
+        raise RuntimeError("libmtmd's tokenisation was not captured")
+
+    def after(self, question: str) -> list[int]:
+        """The ids between the image rows and the answer: the question and the generation prompt."""
+        if question not in self._cache:
+            self._cache[question] = self._capture(question)[1]
+        return self._cache[question]
+
+    def answer(self, word: str) -> int:
+        [token] = self.answer_tokens(word)
+        return token
+
+    def answer_tokens(self, text: str) -> list[int]:
+        return self.llama.tokenize(text.encode(), add_bos=False, special=False)
+
+
+class _Captured(Exception):
+    """Stops the stock handler once libmtmd has tokenised the prompt."""
+
+    def __init__(self, parts: list[list[int]]):
+        super().__init__("captured")
+        self.parts = parts
+
+
+def batch(template: Template, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels, tokens B x Q x L, target ids B x Q x L, target mask) for a list of (image, [(q, a)...]):
+    the answer's tokens (one for a one-word answer, more for a description), then </s>, are the targets."""
+    q_count = max(len(pairs) for _, pairs in items)
+    seqs = [[(template.after(q), template.answer_tokens(a)) for q, a in pairs] for _, pairs in items]
+    length = max(len(p) + len(a) for group in seqs for p, a in group)
+    tokens = torch.zeros(len(items), q_count, length, dtype=torch.long)
+    targets = torch.zeros_like(tokens)
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    for i, group in enumerate(seqs):
+        for j, (prompt, answer) in enumerate(group):
+            n = len(prompt) + len(answer)
+            tokens[i, j, :n] = torch.tensor(prompt + answer)
+            targets[i, j, len(prompt) - 1: n] = torch.tensor(answer + [EOS])
+            mask[i, j, len(prompt) - 1: n] = True
+    return pixels([im for im, _ in items]), tokens, targets, mask
+
+
+def description(shapes: list[scenes.Figure]) -> tuple[str, str]:
+    """A training-only caption (LLaVA's first stage aligns image rows with captions): every shape's
+    colour and kind, left to right."""
+    return "Describe the image.", " ".join(f"{s.color} {s.kind}" for s in sorted(shapes, key=lambda s: s.x))
+
+
+def predict(model: MiniVLM, template: Template, items: list, before: torch.Tensor) -> list[list[str]]:
+    """Greedy one-token answers (as words) for each question of each item."""
+    words = {template.answer(w): w for w in scenes.ANSWERS}
+    x, tokens, _, mask = batch(template, [(im, [(q, "yes") for q in qs]) for im, qs in items])
+    with torch.no_grad():
+        h = model.hidden(x, before, tokens)
+        logits = model.llm.output(h)
+    out = []
+    for i, (_, qs) in enumerate(items):
+        row = []
+        for j in range(len(qs)):
+            position = int(mask[i, j].nonzero()[0])
+            token = int(logits[i, j, position].argmax())
+            row.append(words.get(token, template.llama.detokenize([token]).decode(errors="replace").strip()))
+        out.append(row)
+    return out
+
+
+def export(model: MiniVLM, folder: Path) -> tuple[Path, Path]:
+    """Writes ``llm.gguf`` and ``mmproj.gguf`` (F16 matrices) into `folder`."""
+    s = model.shape
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    llm = {"token_embd.weight": sd["llm.embed.weight"], "output_norm.weight": sd["llm.norm"],
+           "output.weight": sd["llm.output.weight"]}
+    for i in range(s.n_layer):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            llm[f"blk.{i}.{name}.weight"] = sd[f"llm.layers.{i}.{name}.weight"]
+        for name in ("attn_norm", "ffn_norm"):
+            llm[f"blk.{i}.{name}.weight"] = sd[f"llm.layers.{i}.{name}"]
+    vision = {"v.patch_embd.weight": sd["vision.patch.weight"], "v.position_embd.weight": sd["vision.pos"],
+              "v.pre_ln.weight": sd["vision.pre_ln.weight"], "v.pre_ln.bias": sd["vision.pre_ln.bias"],
+              "mm.0.weight": sd["vision.mm0.weight"], "mm.0.bias": sd["vision.mm0.bias"],
+              "mm.2.weight": sd["vision.mm2.weight"], "mm.2.bias": sd["vision.mm2.bias"]}
+    names = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_out": "o", "ln1": "ln1", "ln2": "ln2",
+             "ffn_up": "up", "ffn_down": "down"}
+    for i in range(s.v_layer):
+        for gguf_name, torch_name in names.items():
+            for part in ("weight", "bias"):
+                key = f"vision.blocks.{i}.{torch_name}.{part}"
+                if i < s.v_layer - 1:
+                    value = sd[key]
+                else:  # the last layer of the file: libmtmd never runs it
+                    value = np.zeros_like(sd[f"vision.blocks.0.{torch_name}.{part}"])
+                vision[f"v.blk.{i}.{gguf_name}.{part}"] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    return (write_llm(folder / "llm.gguf", s, weights=llm),
+            write_mmproj(folder / "mmproj.gguf", s, class_token=False, weights=vision))
+
+
+def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 8, lr: float = 2e-3, seed: int = 0,
+          aux_weight: float = 0.5) -> None:
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = MiniVLM()
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", flush=True)
+    initial = export(model, out / "untrained")  # for the template's tokeniser (same vocabulary)
+    template = Template(*map(str, initial))
+    before = torch.tensor(template.before)
+    validation = [(im, qa) for im, _, qa in scenes.split(SEEDS["validation"], 60, SHAPE.image_size, 4)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    began, step, log = time.time(), 0, []
+    train_scenes = scenes.split(SEEDS["train"], 10**9, SHAPE.image_size, questions)
+    while (elapsed := time.time() - began) < minutes * 60:
+        fraction = elapsed / (minutes * 60)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, step / 200) * 0.5 * (1 + math.cos(math.pi * fraction))
+        drawn = [next(train_scenes) for _ in range(images_per_step)]
+        x, tokens, targets, mask = batch(template, [(im, qa + [description(shapes)]) for im, shapes, qa in drawn])
+        labels = torch.from_numpy(np.stack([scenes.patch_labels(shapes, SHAPE.image_size, SHAPE.patch_size)
+                                            for _, shapes, _ in drawn]))
+        features = model.vision.features(x)
+        logits = model.llm.output(model.hidden(x, before, tokens, features)[mask])
+        answer_loss = F.cross_entropy(logits, targets[mask])
+        loss = answer_loss + aux_weight * F.cross_entropy(model.vision.aux(features).flatten(0, 1), labels.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 100 == 0:
+            model.eval()
+            got = predict(model, template, [(im, [q for q, _ in qa]) for im, qa in validation], before)
+            right = [g == a for row, (_, qa) in zip(got, validation) for g, (_, a) in zip(row, qa)]
+            model.train()
+            log.append({"step": step, "minutes": elapsed / 60, "loss": answer_loss.item(), "patch_loss": (loss - answer_loss).item() / aux_weight, "validation": float(np.mean(right))})
+            print(json.dumps(log[-1]), flush=True)
+            torch.save(model.state_dict(), out / "minivlm.pt")
+    torch.save(model.state_dict(), out / "minivlm.pt")
+    export(model, out)
+    (out / "training.json").write_text(json.dumps({"steps": step, "images_per_step": images_per_step,
+                                                   "questions_per_image": questions, "lr": lr, "aux_weight": aux_weight,
+                                                   "minutes": minutes, "log": log}, indent=1))
+
+
+def agree(out: Path, data: Path) -> dict:
+    """PyTorch's answers vs llama.cpp's (TrimLlava15ChatHandler, keep=None, greedy) on a split."""
+    from llama_cpp import Llama
+
+    from .handlers import TrimLlava15ChatHandler
+
+    model = MiniVLM()
+    model.load_state_dict(torch.load(out / "minivlm.pt"))
+    model.eval()
+    template = Template(str(out / "llm.gguf"), str(out / "mmproj.gguf"))
+    before = torch.tensor(template.before)
+    records = json.loads((data / "questions.json").read_text())
+    handler = TrimLlava15ChatHandler(clip_model_path=str(out / "mmproj.gguf"), keep=None, verbose=False)
+    llama = Llama(model_path=str(out / "llm.gguf"), chat_handler=handler, n_ctx=1024, verbose=False)
+    same = torch_right = cpp_right = 0
+    for r in records:
+        image = Image.open(data / r["image"])
+        [[mine]] = predict(model, template, [(image, [r["question"]])], before)
+        reply = llama.create_chat_completion(messages=image_messages((data / r["image"]).read_bytes(), r["question"]),
+                                             max_tokens=3, temperature=0.0)
+        theirs = reply["choices"][0]["message"]["content"].strip().lower().strip(".")
+        same += mine == theirs
+        torch_right += mine == r["answer"]
+        cpp_right += theirs == r["answer"]
+    n = len(records)
+    return {"questions": n, "agreement": same / n, "pytorch_accuracy": torch_right / n, "llama_cpp_accuracy": cpp_right / n}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trimcpp.minivlm")
+    parser.add_argument("command", choices=("train", "agree", "split"))
+    parser.add_argument("--out", type=Path, default=Path("trimcpp/data/minivlm"))
+    parser.add_argument("--data", type=Path, default=Path("trimcpp/data/scenes-test"))
+    parser.add_argument("--minutes", type=float, default=35.0)
+    parser.add_argument("--images", type=int, default=200, help="split: scenes in the test split")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        train(args.out, args.minutes)
+    elif args.command == "split":
+        scenes.write_split(args.data, SEEDS["test"], args.images, SHAPE.image_size, per_image=2)
+    else:
+        print(json.dumps(agree(args.out, args.data), indent=1))
+
+
+if __name__ == "__main__":
+    main()

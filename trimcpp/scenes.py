@@ -1,0 +1,137 @@
+"""Synthetic scenes and one-word questions whose evidence sits in a few patches.
+
+A scene is a square picture with 3-8 coloured shapes (circle, square, triangle) of several sizes,
+some small, at random places that do not overlap. Questions, each answered by one word:
+
+- colour:  "What color is the triangle?"            (a kind that occurs once)   -> red
+- exists:  "Is there a blue circle?"                                              -> yes / no
+- count:   "How many squares are there?"            (1 to 4)                      -> two
+- side:    "Is the red circle on the left or right?"  (a unique colour + kind)   -> left / right
+- height:  "Is the red circle at the top or bottom?"                              -> top / bottom
+
+Everything follows from a seed, so train / validation / test splits come from disjoint seed
+ranges. :func:`write_split` writes a split as PNG files plus ``questions.json``, the format
+``trimcpp eval`` reads: a list of ``{"image": "00000.png", "question": ..., "answer": ...}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (240, 210, 40),
+          "white": (245, 245, 245), "black": (20, 20, 20)}
+KINDS = ("circle", "square", "triangle")
+NUMBERS = ("zero", "one", "two", "three", "four")
+ANSWERS = (*COLORS, "yes", "no", *NUMBERS[1:], "left", "right", "top", "bottom")
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    kind: str
+    color: str
+    x: float  # centre, pixels
+    y: float
+    r: float  # half the side / radius
+
+
+def scene(rng: np.random.Generator, size: int = 224) -> tuple[Image.Image, list[Figure]]:
+    """A picture and the shapes drawn on it."""
+    background = tuple(int(c) for c in rng.integers(90, 170, 3))  # flat: the test split's PNGs stay small
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    shapes: list[Figure] = []
+    for _ in range(int(rng.integers(3, 9))):
+        for _attempt in range(50):
+            r = float(rng.choice([rng.uniform(6, 11), rng.uniform(11, 26)]))
+            x, y = rng.uniform(r + 2, size - r - 2, 2)
+            if all((x - s.x) ** 2 + (y - s.y) ** 2 > (r + s.r + 4) ** 2 for s in shapes):
+                shapes.append(Figure(str(rng.choice(KINDS)), str(rng.choice(list(COLORS))), float(x), float(y), r))
+                break
+    for s in shapes:
+        _draw(draw, s, COLORS[s.color])
+    return image, shapes
+
+
+def _draw(draw: ImageDraw.ImageDraw, s: Figure, fill) -> None:
+    box = [s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r]
+    if s.kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif s.kind == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=fill)
+
+
+def questions(rng: np.random.Generator, shapes: list[Figure], size: int = 224, n: int = 8) -> list[tuple[str, str]]:
+    """Up to `n` distinct (question, answer) pairs about `shapes`, taking the five kinds in turn
+    (in a random order) so that each kind is about equally frequent."""
+    kinds = [s.kind for s in shapes]
+    pairs = [(s.color, s.kind) for s in shapes]
+    unique = [s for s in shapes if pairs.count((s.color, s.kind)) == 1]
+    present = sorted(set(pairs))
+    absent = sorted({(c, k) for c in COLORS for k in KINDS} - set(pairs))
+    by_kind = {
+        "colour": [(f"What color is the {s.kind}?", s.color) for s in shapes if kinds.count(s.kind) == 1],
+        "count": [(f"How many {k}s are there?", NUMBERS[kinds.count(k)]) for k in KINDS if 1 <= kinds.count(k) <= 4],
+        "side": [(f"Is the {s.color} {s.kind} on the left or right?", "left" if s.x < size / 2 else "right")
+                 for s in unique if abs(s.x - size / 2) > s.r + 6],
+        "height": [(f"Is the {s.color} {s.kind} at the top or bottom?", "top" if s.y < size / 2 else "bottom")
+                   for s in unique if abs(s.y - size / 2) > s.r + 6],
+        "exists": [(f"Is there a {c} {k}?", "yes" if (c, k) in present else "no") for c, k in present + absent],
+    }
+    for name in by_kind:
+        by_kind[name] = [by_kind[name][i] for i in rng.permutation(len(by_kind[name]))]
+    yes = [qa for qa in by_kind["exists"] if qa[1] == "yes"]
+    no = [qa for qa in by_kind["exists"] if qa[1] == "no"]
+    first = int(rng.integers(2))  # exists: yes and no alternate, starting at random
+    by_kind["exists"] = [x for pair in zip(*((yes, no) if first else (no, yes))) for x in pair]
+    chosen: list[tuple[str, str]] = []
+    order = [list(by_kind)[i] for i in rng.permutation(len(by_kind))]
+    while len(chosen) < n and any(by_kind.values()):
+        for name in order:
+            if by_kind[name] and len(chosen) < n:
+                chosen.append(by_kind[name].pop(0))
+    return chosen
+
+
+def patch_labels(shapes: list[Figure], size: int = 224, patch: int = 14) -> np.ndarray:
+    """(size / patch)^2 class ids, row-major: 0 for background, else 1 + 3 * colour + kind of the
+    shape with most pixels in that patch (dense labels for pretraining a vision tower)."""
+    ids = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(ids)
+    colours = list(COLORS)
+    for s in shapes:
+        _draw(draw, s, 1 + 3 * colours.index(s.color) + KINDS.index(s.kind))
+    g = size // patch
+    blocks = np.asarray(ids)[: g * patch, : g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
+    counts = np.stack([(blocks == c).sum(axis=1) for c in range(1 + 3 * len(colours))], axis=1)
+    counts[:, 0] = 0
+    return np.where(counts.max(axis=1) > 0, counts.argmax(axis=1), 0)
+
+
+def split(seed: int, images: int, size: int = 224, per_image: int = 8) -> Iterator[tuple[Image.Image, list[Figure], list[tuple[str, str]]]]:
+    """`images` scenes (picture, shapes, questions); scene i comes from seed (seed, i)."""
+    for i in range(images):
+        rng = np.random.default_rng([seed, i])
+        image, shapes = scene(rng, size)
+        yield image, shapes, questions(rng, shapes, size, per_image)
+
+
+def write_split(folder: os.PathLike | str, seed: int, images: int, size: int = 224, per_image: int = 3) -> Path:
+    """Writes `images` scenes as PNG files and their questions to ``questions.json`` in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (image, _, pairs) in enumerate(split(seed, images, size, per_image)):
+        name = f"{i:05d}.png"
+        image.save(folder / name, optimize=True)
+        records += [{"image": name, "question": q, "answer": a} for q, a in pairs]
+    (folder / "questions.json").write_text(json.dumps(records, indent=1))
+    return folder
