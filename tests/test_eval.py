@@ -1,4 +1,4 @@
-"""The scene generator (trimcpp.scenes), the dataset reader and `trimcpp eval`.
+"""The scene generator (trimcpp.scenes), the dataset reader, `trimcpp eval`, and the bundled mini VLM.
 
 Scoring is checked on the tiny random-weight models by turning their own keep-all replies into
 the answer key: keep-all must then score 100% and every other setting exactly the share of its
@@ -17,7 +17,7 @@ from llama_cpp import Llama
 
 from trimcpp import TrimLlava15ChatHandler, scenes
 from trimcpp.cli import image_messages, main
-from trimcpp.evaluate import load, normalise
+from trimcpp.evaluate import BUNDLED, load, normalise
 from trimcpp.testing import write_pair
 
 
@@ -167,3 +167,28 @@ def test_eval_bad_dataset(capsys, models, tmp_path):
     llm, mmproj = models
     code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(tmp_path)])
     assert code == 2 and "no questions.json" in capsys.readouterr().err
+
+
+ANSWER_WORDS = {"colour": set(scenes.COLORS), "count": set(scenes.NUMBERS[1:]), "exists": {"yes", "no"},
+                "side": {"left", "right"}, "height": {"top", "bottom"}}
+
+
+def test_bundled_mini_vlm_reads_the_picture():
+    """The trained model shipped in trimcpp/data, through llama.cpp keeping every row: each reply is
+    a word of the asked kind, and it beats the best answer that ignores the picture (the most
+    frequent answer of each question kind)."""
+    questions = load(BUNDLED["data"])
+    assert len(questions) == 400
+    handler = TrimLlava15ChatHandler(clip_model_path=str(BUNDLED["mmproj"]), keep=None, verbose=False)
+    llama = Llama(model_path=str(BUNDLED["model"]), chat_handler=handler, n_ctx=2048, verbose=False, seed=0)
+    sample = questions[:80]
+    right, by_kind = 0, {}
+    for q in sample:
+        reply = llama.create_chat_completion(messages=image_messages(q.image.read_bytes(), q.question), max_tokens=4,
+                                             temperature=0.0)
+        answer = normalise(reply["choices"][0]["message"]["content"] or "")
+        assert answer in ANSWER_WORDS[kind(q.question)], (q.question, answer)
+        right += answer == q.answer
+        by_kind.setdefault(kind(q.question), []).append(q.answer)
+    blind = sum(max(answers.count(a) for a in set(answers)) for answers in by_kind.values())
+    assert right > blind

@@ -136,6 +136,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Layer(s.n_embd, s.n_head, s.n_ff) for _ in range(s.n_layer))
         self.norm = nn.Parameter(torch.ones(s.n_embd))
         self.output = nn.Linear(s.n_embd, s.n_vocab, bias=False)
+        self.output.weight = self.embed.weight  # tied (exported as both token_embd and output)
 
     def forward(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """prefix: B x P x e input rows; tokens: B x Q x L ids that follow the prefix (each of the Q
@@ -157,7 +158,9 @@ class Llama(nn.Module):
 
 class MiniVLM(nn.Module):
     """Vision tower + projector + LLM. Besides the answers, training supervises the encoder with
-    each patch's shape class (`Vision.aux`, not exported), standing in for CLIP's pretraining."""
+    each patch's shape class (`Vision.aux`, not exported), standing in for CLIP's pretraining, and
+    asks each projected row that shows a shape to read, through the LLM's (tied) output head, as
+    that shape's colour and kind words, standing in for LLaVA's caption pretraining."""
 
     def __init__(self, shape: Shape = SHAPE):
         super().__init__()
@@ -285,50 +288,76 @@ def predict(model: MiniVLM, template: Template, items: list, before: torch.Tenso
     return out
 
 
+_VISION_BLOCK = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_out": "o", "ln1": "ln1", "ln2": "ln2",
+                 "ffn_up": "up", "ffn_down": "down"}
+
+
+def _names(s: Shape) -> dict[str, str]:
+    """GGUF tensor name -> state_dict key, for every trained tensor (not the aux head; not the
+    mmproj's last layer, which libmtmd never runs and which is written as zeros)."""
+    names = {"token_embd.weight": "llm.embed.weight", "output_norm.weight": "llm.norm",
+             "output.weight": "llm.output.weight", "v.patch_embd.weight": "vision.patch.weight",
+             "v.position_embd.weight": "vision.pos", "v.pre_ln.weight": "vision.pre_ln.weight",
+             "v.pre_ln.bias": "vision.pre_ln.bias", "mm.0.weight": "vision.mm0.weight", "mm.0.bias": "vision.mm0.bias",
+             "mm.2.weight": "vision.mm2.weight", "mm.2.bias": "vision.mm2.bias"}
+    for i in range(s.n_layer):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            names[f"blk.{i}.{name}.weight"] = f"llm.layers.{i}.{name}.weight"
+        for name in ("attn_norm", "ffn_norm"):
+            names[f"blk.{i}.{name}.weight"] = f"llm.layers.{i}.{name}"
+    for i in range(s.v_layer - 1):
+        for gguf_name, torch_name in _VISION_BLOCK.items():
+            for part in ("weight", "bias"):
+                names[f"v.blk.{i}.{gguf_name}.{part}"] = f"vision.blocks.{i}.{torch_name}.{part}"
+    return names
+
+
 def export(model: MiniVLM, folder: Path) -> tuple[Path, Path]:
     """Writes ``llm.gguf`` and ``mmproj.gguf`` (F16 matrices) into `folder`."""
     s = model.shape
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    llm = {"token_embd.weight": sd["llm.embed.weight"], "output_norm.weight": sd["llm.norm"],
-           "output.weight": sd["llm.output.weight"]}
-    for i in range(s.n_layer):
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-            llm[f"blk.{i}.{name}.weight"] = sd[f"llm.layers.{i}.{name}.weight"]
-        for name in ("attn_norm", "ffn_norm"):
-            llm[f"blk.{i}.{name}.weight"] = sd[f"llm.layers.{i}.{name}"]
-    vision = {"v.patch_embd.weight": sd["vision.patch.weight"], "v.position_embd.weight": sd["vision.pos"],
-              "v.pre_ln.weight": sd["vision.pre_ln.weight"], "v.pre_ln.bias": sd["vision.pre_ln.bias"],
-              "mm.0.weight": sd["vision.mm0.weight"], "mm.0.bias": sd["vision.mm0.bias"],
-              "mm.2.weight": sd["vision.mm2.weight"], "mm.2.bias": sd["vision.mm2.bias"]}
-    names = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_out": "o", "ln1": "ln1", "ln2": "ln2",
-             "ffn_up": "up", "ffn_down": "down"}
-    for i in range(s.v_layer):
-        for gguf_name, torch_name in names.items():
-            for part in ("weight", "bias"):
-                key = f"vision.blocks.{i}.{torch_name}.{part}"
-                if i < s.v_layer - 1:
-                    value = sd[key]
-                else:  # the last layer of the file: libmtmd never runs it
-                    value = np.zeros_like(sd[f"vision.blocks.0.{torch_name}.{part}"])
-                vision[f"v.blk.{i}.{gguf_name}.{part}"] = value
+    tensors = {g: sd[k] for g, k in _names(s).items()}
+    llm = {g: v for g, v in tensors.items() if not g.startswith(("v.", "mm."))}
+    vision = {g: v for g, v in tensors.items() if g.startswith(("v.", "mm."))}
+    for gguf_name, torch_name in _VISION_BLOCK.items():  # the layer libmtmd skips
+        for part in ("weight", "bias"):
+            vision[f"v.blk.{s.v_layer - 1}.{gguf_name}.{part}"] = np.zeros_like(sd[f"vision.blocks.0.{torch_name}.{part}"])
     folder.mkdir(parents=True, exist_ok=True)
     return (write_llm(folder / "llm.gguf", s, weights=llm),
             write_mmproj(folder / "mmproj.gguf", s, class_token=False, weights=vision))
 
 
-def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 8, lr: float = 2e-3, seed: int = 0,
-          aux_weight: float = 0.5) -> None:
+def load_gguf(model: MiniVLM, folder: Path) -> None:
+    """Loads the weights of an exported pair (to go on training from it; the aux head stays as is)."""
+    import gguf
+
+    names, state = _names(model.shape), model.state_dict()
+    for file in ("llm.gguf", "mmproj.gguf"):
+        for tensor in gguf.GGUFReader(str(folder / file)).tensors:
+            if tensor.name in names:
+                key = names[tensor.name]
+                state[key] = torch.from_numpy(np.array(tensor.data, dtype=np.float32)).reshape(state[key].shape)
+    model.load_state_dict(state)
+
+
+def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 12, lr: float = 2e-3, seed: int = 0,
+          aux_weight: float = 0.5, start: Path | None = None) -> None:
+    """Trains for `minutes` (from the exported pair in `start`, if given) and exports to `out`."""
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = MiniVLM()
+    if start is not None:
+        load_gguf(model, start)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", flush=True)
     initial = export(model, out / "untrained")  # for the template's tokeniser (same vocabulary)
     template = Template(*map(str, initial))
     before = torch.tensor(template.before)
+    colour_ids = torch.tensor([template.answer(c) for c in scenes.COLORS])
+    kind_ids = torch.tensor([template.answer(k) for k in scenes.KINDS])
     validation = [(im, qa) for im, _, qa in scenes.split(SEEDS["validation"], 60, SHAPE.image_size, 4)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     began, step, log = time.time(), 0, []
-    train_scenes = scenes.split(SEEDS["train"], 10**9, SHAPE.image_size, questions)
+    train_scenes = scenes.split(SEEDS["train"] + seed, 10**9, SHAPE.image_size, questions)  # seed < 1000
     while (elapsed := time.time() - began) < minutes * 60:
         fraction = elapsed / (minutes * 60)
         for group in optimizer.param_groups:
@@ -340,7 +369,15 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
         features = model.vision.features(x)
         logits = model.llm.output(model.hidden(x, before, tokens, features)[mask])
         answer_loss = F.cross_entropy(logits, targets[mask])
-        loss = answer_loss + aux_weight * F.cross_entropy(model.vision.aux(features).flatten(0, 1), labels.flatten())
+        flat = labels.flatten()
+        loss = answer_loss + aux_weight * F.cross_entropy(model.vision.aux(features).flatten(0, 1), flat)
+        shown = flat > 0
+        if shown.any():
+            row_logits = model.llm.output(rms(model.vision.project(features).flatten(0, 1)[shown], model.llm.norm))
+            words = torch.zeros_like(row_logits)
+            words[torch.arange(len(words)), colour_ids[(flat[shown] - 1) // 3]] = 0.5
+            words[torch.arange(len(words)), kind_ids[(flat[shown] - 1) % 3]] = 0.5
+            loss = loss + aux_weight * F.cross_entropy(row_logits, words)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -351,7 +388,7 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
             got = predict(model, template, [(im, [q for q, _ in qa]) for im, qa in validation], before)
             right = [g == a for row, (_, qa) in zip(got, validation) for g, (_, a) in zip(row, qa)]
             model.train()
-            log.append({"step": step, "minutes": elapsed / 60, "loss": answer_loss.item(), "patch_loss": (loss - answer_loss).item() / aux_weight, "validation": float(np.mean(right))})
+            log.append({"step": step, "minutes": elapsed / 60, "loss": answer_loss.item(), "aux_loss": (loss - answer_loss).item() / aux_weight, "validation": float(np.mean(right))})
             print(json.dumps(log[-1]), flush=True)
             torch.save(model.state_dict(), out / "minivlm.pt")
     torch.save(model.state_dict(), out / "minivlm.pt")
@@ -396,9 +433,12 @@ def main(argv=None) -> None:
     parser.add_argument("--data", type=Path, default=Path("trimcpp/data/scenes-test"))
     parser.add_argument("--minutes", type=float, default=35.0)
     parser.add_argument("--images", type=int, default=200, help="split: scenes in the test split")
+    parser.add_argument("--start", type=Path, help="train: go on from the pair exported in this folder")
+    parser.add_argument("--lr", type=float, default=2e-3, help="train: peak learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="train: torch seed (and the training scenes' offset)")
     args = parser.parse_args(argv)
     if args.command == "train":
-        train(args.out, args.minutes)
+        train(args.out, args.minutes, lr=args.lr, seed=args.seed, start=args.start)
     elif args.command == "split":
         scenes.write_split(args.data, SEEDS["test"], args.images, SHAPE.image_size, per_image=2)
     else:
