@@ -255,19 +255,29 @@ def test_show_needs_model_and_mmproj(capsys, tmp_path):
     capsys.readouterr()
 
 
-def test_layout_matches_libmtmd_chunks(models, monkeypatch):
+@pytest.fixture
+def encoded_rows(monkeypatch):
+    """encoded_rows(llama, pixels): the image rows, per chunk, that a trimmed handler hands to
+    trimcpp.prune for one request with that picture (prune runs as usual)."""
+    seen = []
+    real = trimcpp.handlers.prune
+    monkeypatch.setattr(trimcpp.handlers, "prune", lambda rows, *a, **k: seen.append(np.array(rows)) or real(rows, *a, **k))
+
+    def encode(llama: Llama, pixels: np.ndarray) -> list[np.ndarray]:
+        seen.clear()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        llama.create_chat_completion(messages=image_messages(buffer.getvalue(), "hi"), max_tokens=1)
+        return list(seen)
+
+    return encode
+
+
+def test_layout_matches_libmtmd_chunks(models, encoded_rows):
     """The chunks libmtmd makes for LLaVA-1.6: the count per image size, and the order (slices left to
     right, then the overview): slice 1's rows equal the rows of its own 84 x 84 picture."""
     from trimcpp.layout import chunks, read_vision
 
-    seen = []
-    real = trimcpp.handlers.prune
-
-    def spy(rows, *args, **kwargs):
-        seen.append(np.array(rows))
-        return real(rows, *args, **kwargs)
-
-    monkeypatch.setattr(trimcpp.handlers, "prune", spy)
     vision = read_vision(models["1.6"])
     handler = TrimLlava16ChatHandler(clip_model_path=models["1.6"], keep=3, verbose=False)
     llama = Llama(model_path=models["llm"], chat_handler=handler, n_ctx=4096, verbose=False)
@@ -275,14 +285,11 @@ def test_layout_matches_libmtmd_chunks(models, monkeypatch):
     left, right = (rng.integers(0, 256, (84, 84, 3), dtype=np.uint8) for _ in range(2))
 
     def encode(pixels: np.ndarray) -> list[np.ndarray]:
-        seen.clear()
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, "PNG")
-        llama.create_chat_completion(messages=image_messages(buffer.getvalue(), "hi"), max_tokens=1)
+        rows = encoded_rows(llama, pixels)
         [selection] = handler.last_selection
         parts = chunks(vision, pixels.shape[1], pixels.shape[0])
         assert selection.chunk_rows == [ROWS] * len(parts)
-        return list(seen)
+        return rows
 
     for width, height in ((80, 60), (100, 200), (300, 300), (500, 100)):
         encode(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -292,7 +299,7 @@ def test_layout_matches_libmtmd_chunks(models, monkeypatch):
 
 
 @pytest.mark.parametrize("class_token", [True, False])
-def test_rows_carry_the_patches_layout_says(models, tmp_path, monkeypatch, class_token):
+def test_rows_carry_the_patches_layout_says(models, tmp_path, encoded_rows, class_token):
     """With a one-layer mmproj (libmtmd runs all layers but the last: none) each row depends on one
     patch only: brightening one patch of a grey picture must change exactly the row that
     trimcpp.layout assigns to that patch's pixels."""
@@ -300,18 +307,11 @@ def test_rows_carry_the_patches_layout_says(models, tmp_path, monkeypatch, class
 
     shape = dataclasses.replace(SHAPES["tiny"], v_layer=1)
     mmproj = str(write_mmproj(tmp_path / "mm.gguf", shape, class_token=class_token))
-    seen = []
-    real = trimcpp.handlers.prune
-    monkeypatch.setattr(trimcpp.handlers, "prune", lambda rows, *a, **k: seen.append(np.array(rows)) or real(rows, *a, **k))
     handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=3, verbose=False)
     llama = Llama(model_path=models["llm"], chat_handler=handler, n_ctx=1024, verbose=False)
 
     def rows(pixels: np.ndarray) -> np.ndarray:
-        seen.clear()
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, "PNG")
-        llama.create_chat_completion(messages=image_messages(buffer.getvalue(), "hi"), max_tokens=1)
-        return seen[0]
+        return encoded_rows(llama, pixels)[0]
 
     vision = read_vision(mmproj)
     grey = np.full((84, 84, 3), 128, np.uint8)

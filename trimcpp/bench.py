@@ -36,6 +36,14 @@ HANDLERS = {"1.5": (Llava15ChatHandler, TrimLlava15ChatHandler), "1.6": (Llava16
 Step = Callable[[str], None]  # called once per finished request, with what ran
 
 
+def load_llama(model: str, handler: Any, *, n_ctx: int, threads: Optional[int] = None, verbose: bool = False,
+               **kwargs: Any) -> llama_cpp.Llama:
+    """A Llama with `handler` on `threads` threads (default: every core) for prompt and generation alike."""
+    threads = threads or os.cpu_count() or 1
+    return llama_cpp.Llama(model_path=model, chat_handler=handler, n_ctx=n_ctx, n_threads=threads,
+                           n_threads_batch=threads, verbose=verbose, **kwargs)
+
+
 def cache_dir() -> Path:
     """Where generated models are kept: $TRIMCPP_CACHE, else the platform's user cache folder."""
     if os.environ.get("TRIMCPP_CACHE"):
@@ -132,11 +140,9 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
     budget) pages the model files in. Returns the settings, the machine, and one entry per handler
     with the medians and every run.
     """
-    threads = threads or os.cpu_count() or 1
     stock = timed_stock(version, mmproj, verbose=False)
     trimmed = HANDLERS[version][1](clip_model_path=mmproj, keep=min(keeps), method=method, verbose=False)
-    llama = llama_cpp.Llama(model_path=model, chat_handler=stock, n_ctx=n_ctx, n_threads=threads,
-                            n_threads_batch=threads, verbose=False)
+    llama = load_llama(model, stock, n_ctx=n_ctx, threads=threads)
     for handler in (stock, trimmed):
         handler._init_mtmd_context(llama)
     request(llama, trimmed, messages)
@@ -167,7 +173,7 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
                       "ttft_s": s.ttft_s} for s in runs],
         })
     return {"model": model, "mmproj": mmproj, "llava": version, "method": method, "repeat": repeat, "n_ctx": n_ctx,
-            "threads": threads, "machine": machine(), "results": entries}
+            "threads": llama.n_threads, "machine": machine(), "results": entries}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -113,26 +113,21 @@ def _version(args: argparse.Namespace) -> str:
 
 def _session(args: argparse.Namespace):
     """The trimmed handler and a Llama for chat / show, after checking every argument."""
-    from llama_cpp import Llama
-
-    from .handlers import TrimLlava15ChatHandler, TrimLlava16ChatHandler
+    from .bench import HANDLERS, load_llama
 
     image = read_image(args.image)
     _existing(args.model, "model")
     _existing(args.mmproj, "mmproj")
     version = _version(args)
-    kind = TrimLlava16ChatHandler if version == "1.6" else TrimLlava15ChatHandler
     try:
         options = {"keep": args.keep} if hasattr(args, "keep") else {}  # else the handler's default
-        handler = kind(clip_model_path=args.mmproj, method=args.method, stage1_ratio=args.stage1_ratio,
-                       verbose=args.verbose, **options)
+        handler = HANDLERS[version][1](clip_model_path=args.mmproj, method=args.method,
+                                       stage1_ratio=args.stage1_ratio, verbose=args.verbose, **options)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
     _quiet(args.verbose)
-    threads = args.threads or os.cpu_count() or 1
     try:
-        llama = Llama(model_path=args.model, chat_handler=handler, n_ctx=args.n_ctx, n_threads=threads,
-                      n_threads_batch=threads, verbose=args.verbose)
+        llama = load_llama(args.model, handler, n_ctx=args.n_ctx, threads=args.threads, verbose=args.verbose)
     except ValueError as error:
         raise UsageError(f"cannot load model {args.model!r}: {error}") from None
     handler._init_mtmd_context(llama)  # load the mmproj now: the time to first token is the request's

@@ -16,14 +16,11 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import llama_cpp
-
-from .bench import machine
+from .bench import HANDLERS, load_llama, machine
 
 DATA = Path(__file__).parent / "data"
 BUNDLED = {"model": DATA / "minivlm" / "llm.gguf", "mmproj": DATA / "minivlm" / "mmproj.gguf",
            "data": DATA / "scenes-test"}  # the project's trained mini VLM and its test split
-from .handlers import TrimLlava15ChatHandler, TrimLlava16ChatHandler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +65,8 @@ def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequenc
     """Asks every question under every (method, keep); `none` runs once (it keeps every row)."""
     from .cli import image_messages
 
-    kind = TrimLlava16ChatHandler if version == "1.6" else TrimLlava15ChatHandler
-    handler = kind(clip_model_path=mmproj, verbose=False)
-    threads = threads or os.cpu_count() or 1
-    llama = llama_cpp.Llama(model_path=model, chat_handler=handler, n_ctx=n_ctx, n_threads=threads,
-                            n_threads_batch=threads, verbose=False, seed=0)
+    handler = HANDLERS[version][1](clip_model_path=mmproj, verbose=False)
+    llama = load_llama(model, handler, n_ctx=n_ctx, threads=threads, seed=0)
     configs = [(m, None) if m == "none" else (m, k) for m in methods for k in ([None] if m == "none" else keeps)]
     right = {c: 0 for c in configs}
     kept = {c: 0 for c in configs}
