@@ -168,8 +168,12 @@ class MiniVLM(nn.Module):
         self.vision, self.llm = Vision(shape), Llama(shape)
 
     def hidden(self, pixels: torch.Tensor, before: torch.Tensor, tokens: torch.Tensor,
-               features: torch.Tensor | None = None) -> torch.Tensor:
+               features: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """Final LLM states for `tokens` after the prompt and the image rows (only rows `kept`, B x K
+        ascending indices, when given: what a pruning handler hands the LLM)."""
         rows = self.vision.project(self.vision.features(pixels) if features is None else features)
+        if kept is not None:
+            rows = rows.gather(1, kept[..., None].expand(-1, -1, rows.shape[-1]))
         prefix = torch.cat([self.llm.embed(before).expand(rows.shape[0], -1, -1), rows], dim=1)
         return self.llm(prefix, tokens)
 
@@ -270,6 +274,25 @@ def description(shapes: list[scenes.Figure]) -> tuple[str, str]:
     return "Describe the image.", " ".join(f"{s.color} {s.kind}" for s in sorted(shapes, key=lambda s: s.x))
 
 
+def kept_rows(labels: torch.Tensor, rng: np.random.Generator, share: float = 0.6) -> torch.Tensor | None:
+    """Training only, for robustness to fewer rows: None (all rows) in 1 - `share` of the steps, else
+    B x K row indices, ascending: every row that shows a shape plus background rows drawn at random
+    up to one K for the batch (K between the most shape rows of any picture and all of them). The
+    rows that answer the questions always stay, so no selection method is taught, only shorter
+    and shifted image sequences."""
+    if rng.random() >= share:
+        return None
+    shown = labels > 0
+    n = labels.shape[1]
+    k = int(rng.integers(max(32, int(shown.sum(1).max())), n + 1))
+    out = []
+    for row in shown.numpy():
+        background = np.flatnonzero(~row)
+        extra = rng.choice(background, k - int(row.sum()), replace=False)
+        out.append(np.sort(np.concatenate([np.flatnonzero(row), extra])))
+    return torch.from_numpy(np.stack(out)).long()
+
+
 def predict(model: MiniVLM, template: Template, items: list, before: torch.Tensor) -> list[list[str]]:
     """Greedy one-token answers (as words) for each question of each item."""
     words = {template.answer(w): w for w in scenes.ANSWERS}
@@ -341,7 +364,7 @@ def load_gguf(model: MiniVLM, folder: Path) -> None:
 
 
 def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 12, lr: float = 2e-3, seed: int = 0,
-          aux_weight: float = 0.5, start: Path | None = None) -> None:
+          aux_weight: float = 0.5, start: Path | None = None, row_share: float = 0.6) -> None:
     """Trains for `minutes` (from the exported pair in `start`, if given) and exports to `out`."""
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -354,6 +377,11 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
     before = torch.tensor(template.before)
     colour_ids = torch.tensor([template.answer(c) for c in scenes.COLORS])
     kind_ids = torch.tensor([template.answer(k) for k in scenes.KINDS])
+    grid = SHAPE.image_size // SHAPE.patch_size  # a patch's half of the picture, as a word id
+    column, line = torch.arange(grid * grid) % grid, torch.arange(grid * grid) // grid
+    side_ids = torch.where(column < grid // 2, template.answer("left"), template.answer("right"))
+    height_ids = torch.where(line < grid // 2, template.answer("top"), template.answer("bottom"))
+    rng = np.random.default_rng(seed)
     validation = [(im, qa) for im, _, qa in scenes.split(SEEDS["validation"], 60, SHAPE.image_size, 4)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     began, step, log = time.time(), 0, []
@@ -367,16 +395,19 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
         labels = torch.from_numpy(np.stack([scenes.patch_labels(shapes, SHAPE.image_size, SHAPE.patch_size)
                                             for _, shapes, _ in drawn]))
         features = model.vision.features(x)
-        logits = model.llm.output(model.hidden(x, before, tokens, features)[mask])
+        kept = kept_rows(labels, rng, row_share)
+        logits = model.llm.output(model.hidden(x, before, tokens, features, kept)[mask])
         answer_loss = F.cross_entropy(logits, targets[mask])
         flat = labels.flatten()
         loss = answer_loss + aux_weight * F.cross_entropy(model.vision.aux(features).flatten(0, 1), flat)
         shown = flat > 0
         if shown.any():
             row_logits = model.llm.output(rms(model.vision.project(features).flatten(0, 1)[shown], model.llm.norm))
-            words = torch.zeros_like(row_logits)
-            words[torch.arange(len(words)), colour_ids[(flat[shown] - 1) // 3]] = 0.5
-            words[torch.arange(len(words)), kind_ids[(flat[shown] - 1) % 3]] = 0.5
+            words, at = torch.zeros_like(row_logits), torch.arange(len(row_logits))
+            where = torch.arange(len(flat))[shown] % (grid * grid)
+            for ids in (colour_ids[(flat[shown] - 1) // 3], kind_ids[(flat[shown] - 1) % 3], side_ids[where],
+                        height_ids[where]):
+                words[at, ids] = 0.25
             loss = loss + aux_weight * F.cross_entropy(row_logits, words)
         optimizer.zero_grad()
         loss.backward()
@@ -395,6 +426,7 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
     export(model, out)
     (out / "training.json").write_text(json.dumps({"steps": step, "images_per_step": images_per_step,
                                                    "questions_per_image": questions, "lr": lr, "aux_weight": aux_weight,
+                                                   "row_share": row_share, "seed": seed, "start": None if start is None else str(start),
                                                    "minutes": minutes, "log": log}, indent=1))
 
 
