@@ -1,6 +1,7 @@
 // bindings.cpp — the private module trimcpp._core. The Python layer (trimcpp/selection.py) validates
 // arguments and hands over C-contiguous float32 arrays; this file only moves pointers and the GIL.
-// trim::InputError derives from std::invalid_argument, which pybind11 raises as ValueError.
+// trim::InputError derives from std::invalid_argument, which pybind11 raises as ValueError;
+// trim::DeviceError from std::runtime_error, raised as RuntimeError.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -27,23 +28,23 @@ trim::Problem problem(const Floats& visual, const std::optional<Floats>& text) {
 }
 
 Indices select_rows(const Floats& visual, const std::optional<Floats>& text, int64_t keep, trim::Method method,
-                    double stage1_ratio, uint64_t seed) {
+                    double stage1_ratio, uint64_t seed, trim::Backend backend) {
   const trim::Problem p = problem(visual, text);
   std::vector<int64_t> picks(static_cast<size_t>(p.n));  // room for every row, whatever the method
   int64_t count = 0;
   {
     py::gil_scoped_release release;
-    count = trim::select(p, method, keep, stage1_ratio, seed, picks.data());
+    count = trim::select(p, method, keep, stage1_ratio, seed, backend, picks.data());
   }
   return Indices(count, picks.data());
 }
 
-py::array_t<float> alignment_scores(const Floats& visual, const Floats& text) {
+py::array_t<float> alignment_scores(const Floats& visual, const Floats& text, trim::Backend backend) {
   const trim::Problem p = problem(visual, text);
   py::array_t<float> out(p.n);
   float* dst = out.mutable_data();
   py::gil_scoped_release release;
-  trim::cpu::alignment_scores(p, dst);
+  trim::alignment_scores(p, backend, dst);
   return out;
 }
 
@@ -72,14 +73,22 @@ PYBIND11_MODULE(_core, m) {
       .value("uniform", trim::Method::uniform)
       .value("random", trim::Method::random)
       .value("none", trim::Method::none);
+  py::enum_<trim::Backend>(m, "Backend")
+      .value("cpu", trim::Backend::cpu)
+      .value("cuda", trim::Backend::cuda)
+      .value("metal", trim::Backend::metal);
   m.def("select", &select_rows, py::arg("visual"), py::arg("text"), py::arg("keep"), py::arg("method"),
-        py::arg("stage1_ratio"), py::arg("seed"), "Selected row indices in pick order.");
-  m.def("alignment_scores", &alignment_scores, py::arg("visual"), py::arg("text"),
+        py::arg("stage1_ratio"), py::arg("seed"), py::arg("backend"), "Selected row indices in pick order.");
+  m.def("alignment_scores", &alignment_scores, py::arg("visual"), py::arg("text"), py::arg("backend"),
         "Stage-1 scores a_i (text must have rows).");
   m.def("normalized_sum_sqnorm", &normalized_sum_sqnorm, py::arg("rows"),
         "||sum of the L2-normalised rows||^2, in double.");
   m.def("split_budget", &split_budget, py::arg("sizes"), py::arg("weights"), py::arg("total"),
         "Largest-remainder budgets in [1, size] proportional to the weights.");
   m.def("cpu_available", &trim::cpu::available, "Whether the CPU backend runs here.");
+  m.def("cuda_available", &trim::cuda::available, "Whether this build has CUDA and a usable device.");
+  m.def("cuda_device", &trim::cuda::device_name, "The CUDA device's name, or why there is none.");
+  m.def("metal_available", &trim::metal::available, "Whether this build has Metal and a usable device.");
+  m.def("metal_device", &trim::metal::device_name, "The Metal device's name, or why there is none.");
   m.def("cpu_isa", &trim::cpu::kernels_isa, "The instruction set the CPU kernels run with.");
 }

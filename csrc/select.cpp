@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "trim.h"
@@ -133,10 +134,56 @@ void split_budget(const int64_t* sizes, const double* weights, int64_t count, in
   }
 }
 
-int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, uint64_t seed, int64_t* out) {
+std::vector<double> text_centroid(const Problem& p, double* offset) {
+  std::vector<double> mean(static_cast<size_t>(p.d), 0.0);
+  double sq = 0;
+  for (int64_t j = 0; j < p.m; ++j) {
+    const float* t = p.t + j * p.d;
+    for (int64_t i = 0; i < p.d; ++i) {
+      mean[i] += t[i];
+      sq += static_cast<double>(t[i]) * t[i];
+    }
+  }
+  double mean_sq = 0;
+  for (double& x : mean) {
+    x /= static_cast<double>(p.m);
+    mean_sq += x * x;
+  }
+  *offset = sq / static_cast<double>(p.m) - mean_sq;
+  return mean;
+}
+
+void throw_bad_rows(const Problem& p, const std::string& subject) {
+  const std::string lead = subject.empty() ? "" : subject + " ";
+  if (!all_finite(p.v, p.n * p.d)) throw InputError(lead + "contains NaN or inf");
+  throw InputError(lead + "has values too large for float32 arithmetic (a squared norm overflows)");
+}
+
+namespace {
+
+void select_scored(const Problem& p, Method method, int64_t k, double stage1_ratio, Backend backend, int64_t* out) {
+  switch (backend) {
+    case Backend::cuda: cuda::select_scored(p, method, k, stage1_ratio, out); break;
+    case Backend::metal: metal::select_scored(p, method, k, stage1_ratio, out); break;
+    default: cpu::select_scored(p, method, k, stage1_ratio, out); break;
+  }
+}
+
+}  // namespace
+
+void alignment_scores(const Problem& p, Backend backend, float* out) {
+  switch (backend) {
+    case Backend::cuda: cuda::alignment_scores(p, out); break;
+    case Backend::metal: metal::alignment_scores(p, out); break;
+    default: cpu::alignment_scores(p, out); break;
+  }
+}
+
+int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, uint64_t seed, Backend backend,
+               int64_t* out) {
   if (p.m > 0 && !all_finite(p.t, p.m * p.d)) throw InputError("text contains NaN or inf");
   const bool scored = method == Method::trimtokenator || method == Method::align || method == Method::divprune;
-  // The scored CPU path finds non-finite rows in its first pass; everything else checks here.
+  // The scored paths find non-finite rows in their first pass; everything else checks here.
   if ((!scored || k >= p.n) && !all_finite(p.v, p.n * p.d)) throw InputError("visual contains NaN or inf");
   if (k >= p.n || method == Method::none) {
     std::iota(out, out + p.n, int64_t{0});
@@ -145,7 +192,7 @@ int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, 
   switch (method) {
     case Method::uniform: select_uniform(p.n, k, out); break;
     case Method::random: select_random(p.n, k, seed, out); break;
-    default: cpu::select_scored(p, method, k, stage1_ratio, out); break;
+    default: select_scored(p, method, k, stage1_ratio, backend, out); break;
   }
   return k;
 }

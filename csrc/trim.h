@@ -4,14 +4,23 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 namespace trim {
 
 enum class Method : int { trimtokenator = 0, align = 1, divprune = 2, uniform = 3, random = 4, none = 5 };
 
+enum class Backend : int { cpu = 0, cuda = 1, metal = 2 };
+
 // Input the core itself finds invalid (non-finite values, overflow); bindings map it to ValueError.
 struct InputError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
+};
+
+// A GPU backend that cannot run (no device, driver or runtime error); bindings map it to RuntimeError.
+struct DeviceError : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 // Row-major V (n x d) and T (m x d; t may be null when m == 0).
@@ -37,8 +46,16 @@ void select_uniform(int64_t n, int64_t k, int64_t* out);
 void select_random(int64_t n, int64_t k, uint64_t seed, int64_t* out);
 // Budgets b_i in [1, sizes[i]] proportional to weights[i], largest remainder, sum min(total, sum sizes).
 void split_budget(const int64_t* sizes, const double* weights, int64_t count, int64_t total, int64_t* out);
-// Selects min(k, n) rows (all n for `none`) on the CPU backend; indices in pick order into out[n].
-int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, uint64_t seed, int64_t* out);
+// The mean of the rows of T in double (m >= 1), and *offset = mean_j ||t_j||^2 - ||mean||^2.
+std::vector<double> text_centroid(const Problem& p, double* offset);
+// Throws the InputError that fits rows whose first pass failed: non-finite values, or overflow. The
+// message starts with `subject`, or with the verb when `subject` is empty.
+[[noreturn]] void throw_bad_rows(const Problem& p, const std::string& subject = "visual");
+// Selects min(k, n) rows (all n for `none`) on `backend`; indices in pick order into out[n].
+int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, uint64_t seed, Backend backend,
+               int64_t* out);
+// The stage-1 scores a_i (m >= 1) on `backend`, into out[n].
+void alignment_scores(const Problem& p, Backend backend, float* out);
 
 namespace cpu {
 // True when this backend can run here (always, for the CPU).
@@ -50,5 +67,22 @@ void select_scored(const Problem& p, Method method, int64_t k, double stage1_rat
 // ||sum_i v_i / max(||v_i||, 1e-12)||^2 over the n rows of v, in double (its errors name no subject).
 double normalized_sum_sqnorm(const float* v, int64_t n, int64_t d);
 }  // namespace cpu
+
+// The GPU backends (csrc/cuda, csrc/metal, or their no_*.cpp stubs when switched off at build time).
+// available() is a run-time check (a device and a working driver); the others throw DeviceError.
+namespace cuda {
+bool available();
+// The device's name, or why there is none.
+std::string device_name();
+void alignment_scores(const Problem& p, float* out);
+void select_scored(const Problem& p, Method method, int64_t k, double stage1_ratio, int64_t* out);
+}  // namespace cuda
+
+namespace metal {
+bool available();
+std::string device_name();
+void alignment_scores(const Problem& p, float* out);
+void select_scored(const Problem& p, Method method, int64_t k, double stage1_ratio, int64_t* out);
+}  // namespace metal
 
 }  // namespace trim

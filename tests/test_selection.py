@@ -96,16 +96,15 @@ def test_tiny_stage1_ratio_is_pure_alignment(backend):
     assert list(a) == list(b)
 
 
-@pytest.mark.parametrize("method", SCORED)
-def test_duplicate_rows_ties_go_to_the_lower_index(backend, method):
-    # Distinct rows are far apart, so every tie is an exact tie between copies: the backend must
-    # break it as the reference does (the lower original index), step for step.
+def check_duplicate_ties(method, pick) -> None:
+    """Distinct rows are far apart, so every tie is an exact tie between copies: pick(v, t, keep)
+    (indices in pick order) must break it as the reference does (the lower index), step for step."""
     rng = np.random.default_rng(7)
     base = rng.standard_normal((12, 64)).astype(np.float32)
     v = base[rng.integers(0, 12, size=90)]
     t = rng.standard_normal((5, 64)).astype(np.float32)
     for keep in (1, 5, 12, 20, 60):
-        picks = pick_order(v, t, keep, method=method, backend=backend)
+        picks = pick(v, t, keep)
         if method == "trimtokenator":
             ref.check_trimtokenator(picks, v, t, keep, exact=True)
         elif method == "align":
@@ -113,6 +112,11 @@ def test_duplicate_rows_ties_go_to_the_lower_index(backend, method):
         else:
             # Past the 12 distinct rows every candidate is ~0 from S: rounding, not ties, decides.
             ref.check_divprune(picks, v, keep, exact=keep <= 12)
+
+
+@pytest.mark.parametrize("method", SCORED)
+def test_duplicate_rows_ties_go_to_the_lower_index(backend, method):
+    check_duplicate_ties(method, lambda v, t, keep: pick_order(v, t, keep, method=method, backend=backend))
 
 
 def test_all_identical_rows_keep_the_first_k(backend):

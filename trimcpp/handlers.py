@@ -339,7 +339,7 @@ class TrimLlava15ChatHandler(_Trimming, Llava15ChatHandler):
             to keep every row.
         method: a selection method of :func:`trimcpp.prune` ("trimtokenator" by default).
         stage1_ratio: share of the rows that survive TrimTokenator's alignment stage.
-        backend: selection backend ("cpu", ...), None for the best available.
+        backend: selection backend ("cpu", "cuda", "metal"), None to choose by size (see prune).
         verbose: as the stock handler (libmtmd's log and the rendered prompt).
         **kwargs: passed to the stock handler.
 

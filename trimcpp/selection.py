@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -15,16 +16,46 @@ METHODS = ("trimtokenator", "align", "divprune", "uniform", "random", "none")
 
 Keep = Union[int, float]
 
+# backend=None runs on a GPU from this many image rows up, on the CPU below. An estimate, not yet a
+# measurement (no GPU has run this code so far): under it the CPU selects in a few ms and a GPU
+# would spend about as long uploading the rows and launching 2 kernels per kept row. See README.
+GPU_MIN_ROWS = 1024
+
+_AVAILABLE = {"cpu": _core.cpu_available, "cuda": _core.cuda_available, "metal": _core.metal_available}
+
 
 def available_backends() -> list[str]:
-    """The backends usable on this machine, best first (``["cpu"]`` on a machine without a GPU)."""
-    return [name for name in BACKENDS if name == "cpu" and _core.cpu_available()]
+    """The backends usable on this machine: ``"cpu"`` first, then any GPU backend that this build
+    has and that finds a working device at run time (``["cpu"]`` on a machine without a GPU)."""
+    return [name for name in BACKENDS if _AVAILABLE[name]()]
 
 
-def _backend(func: str, backend: Optional[str]) -> str:
-    available = available_backends()
+def backend_for(rows: int) -> str:
+    """The backend ``backend=None`` picks for `rows` image rows: a usable GPU from GPU_MIN_ROWS up,
+    else the CPU."""
+    gpus = [name for name in available_backends() if name != "cpu"]
+    return gpus[0] if gpus and rows >= GPU_MIN_ROWS else "cpu"
+
+
+def _run_on(func: str, backend: Optional[str], rows: int, call):
+    """call(backend name) on `backend`, or for None on backend_for(rows), falling back to the CPU
+    with a RuntimeWarning when the GPU fails (no device, driver or runtime error)."""
+    chosen = backend_for(rows) if backend is None else backend
+    try:
+        return call(chosen)
+    except RuntimeError as error:
+        if backend is not None or chosen == "cpu":
+            raise RuntimeError(f"{func}: {error}") from None
+        warnings.warn(f"{func}: the {chosen} backend failed ({error}); selecting on the CPU instead",
+                      RuntimeWarning, stacklevel=3)
+        return call("cpu")
+
+
+def _backend(func: str, backend: Optional[str]) -> Optional[str]:
+    """Checks an explicit backend (known and usable here); None stays None (chosen per call)."""
     if backend is None:
-        return available[0]
+        return None
+    available = available_backends()
     if not isinstance(backend, str):
         raise TypeError(f"{func}: backend must be a string or None, got {type(backend).__name__}")
     if backend not in BACKENDS:
@@ -127,9 +158,9 @@ def pick_order(
     _backend(func, backend)
     v, t = _visual_text(func, visual, text)
     k = resolve_keep(func, keep, v.shape[0])
-    order = _core_call(
-        func, _core.select, v, t, k, getattr(_core.Method, method), float(stage1_ratio), int(seed) % 2**64
-    )
+    args = (v, t, k, getattr(_core.Method, method), float(stage1_ratio), int(seed) % 2**64)
+    order = _run_on(func, backend, v.shape[0],
+                    lambda name: _core_call(func, _core.select, *args, getattr(_core.Backend, name)))
     return np.asarray(order, dtype=np.int64)
 
 
@@ -152,11 +183,12 @@ def prune(
         method: "trimtokenator" (default), "align", "divprune", "uniform", "random" or "none".
         stage1_ratio: share of N that survives the alignment stage, in (0, 1].
         seed: seed of the "random" method.
-        backend: "cpu", "cuda", "metal", or None for the best available one.
+        backend: "cpu", "cuda", "metal", or None: a usable GPU from GPU_MIN_ROWS rows up, else
+            the CPU; a GPU that fails then falls back to the CPU with a RuntimeWarning.
 
     Raises:
         ValueError: bad shapes or values (NaN/inf included); TypeError: non-numeric input;
-        RuntimeError: a known backend that is not available here.
+        RuntimeError: an explicit backend that is not available here or fails.
     """
     order = pick_order(
         visual, text, keep, method=method, stage1_ratio=stage1_ratio, seed=seed, backend=backend, _func="prune"
@@ -164,18 +196,21 @@ def prune(
     return np.sort(order)
 
 
-def alignment_scores(visual: ArrayLike, text: ArrayLike) -> np.ndarray:
+def alignment_scores(visual: ArrayLike, text: ArrayLike, *, backend: Optional[str] = None) -> np.ndarray:
     """The stage-1 scores ``a_i = -(1/M) sum_j ||v_i - t_j||^2`` (float32, one per visual row).
 
     Computed with the centroid identity in O((N + M) D); text must have at least one row.
+    `backend` as for :func:`prune`.
     """
     func = "alignment_scores"
     if text is None:
         raise ValueError(f"{func}: text is required")
+    _backend(func, backend)
     v, t = _visual_text(func, visual, text)
     if t is None:
         raise ValueError(f"{func}: text has no rows (M = 0); the scores need at least one")
-    return _core_call(func, _core.alignment_scores, v, t)
+    return _run_on(func, backend, v.shape[0],
+                   lambda name: _core_call(func, _core.alignment_scores, v, t, getattr(_core.Backend, name)))
 
 
 def split_budget(images: Sequence[ArrayLike], total: int) -> list[int]:

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
-#include <string>
 #include <vector>
 
 #include "../trim.h"
@@ -31,26 +30,6 @@ struct Pick {
 
 inline bool better(float value, int64_t index, const Pick& than) {
   return value < than.value || (value == than.value && index < than.index);
-}
-
-// Mean of the rows of T in double: the stage-1 centroid, and C = mean_j ||t_j||^2 - ||tbar||^2.
-std::vector<double> text_centroid(const Problem& p, double* offset) {
-  std::vector<double> mean(static_cast<size_t>(p.d), 0.0);
-  double sq = 0;
-  for (int64_t j = 0; j < p.m; ++j) {
-    const float* t = p.t + j * p.d;
-    for (int64_t i = 0; i < p.d; ++i) {
-      mean[i] += t[i];
-      sq += static_cast<double>(t[i]) * t[i];
-    }
-  }
-  double mean_sq = 0;
-  for (double& x : mean) {
-    x /= static_cast<double>(p.m);
-    mean_sq += x * x;
-  }
-  *offset = sq / static_cast<double>(p.m) - mean_sq;
-  return mean;
 }
 
 // Everything the threads of one selection share.
@@ -125,14 +104,6 @@ void start_direction(Region& r, int tid) {
     for (int t = 0; t < r.threads; ++t) total += r.sums[t * r.p.d + i];
     w[i] = static_cast<float>(total);
   }
-}
-
-// Throws the message that fits a failed first pass: non-finite input, or overflow. The message
-// starts with `subject` ("visual"), or with the verb when the caller names the rows itself ("").
-[[noreturn]] void throw_bad_rows(const Problem& p, const std::string& subject = "visual") {
-  const std::string lead = subject.empty() ? "" : subject + " ";
-  if (!all_finite(p.v, p.n * p.d)) throw InputError(lead + "contains NaN or inf");
-  throw InputError(lead + "has values too large for float32 arithmetic (a squared norm overflows)");
 }
 
 // Stage-1 ranking: positions of all rows by ascending ||v_i - tbar||^2, ties to the lower index.
