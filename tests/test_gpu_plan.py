@@ -94,3 +94,14 @@ def test_bad_rows_are_reported(emulator):
         run(emulator, bad, t, 4)
     with pytest.raises(ValueError, match="^visual has values too large"):
         run(emulator, v * np.float32(1e30), None, 4, "divprune")
+
+
+def test_metal_kernels_parse(emulator):
+    """No Xcode here: select.metal (with arith.h's Metal branch) at least parses as C++ with a shim
+    of the Metal names (tests/metal_shim); Apple's compiler and the host code are unchecked here."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    done = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Wno-attributes", "-Wno-unused-parameter",
+                           "-D__METAL_VERSION__=300", "-x", "c++", "-I", str(ROOT / "tests" / "metal_shim"),
+                           "-I", str(ROOT / "csrc"), "-include", "metal_stdlib", str(ROOT / "csrc/metal/select.metal")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
