@@ -4,7 +4,9 @@ algorithm, timed side by side (interleaved) in one run.
     python -m trimcpp.bench_select [--repeat 50] [--json]
 
 Cases: LLaVA-1.5 (N=576, D=4096, K=64, M=40) and LLaVA-NeXT (5 images of 576 rows sharing a
-budget of 320, split with split_budget, each image pruned with its own budget).
+budget of 320, split with split_budget, each image pruned with its own budget). Then every available
+backend (CPU, CUDA, Metal) on one call of N = 576, 1152 and 2880 rows (K=64), timed from host rows
+to host indices (uploads included): where a GPU overtakes the CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import _core, prune, split_budget
+from . import _core, available_backends, prune, split_budget
 
 
 def numpy_trimtokenator(v: np.ndarray, t: np.ndarray, keep: int, stage1_ratio: float = 0.8) -> np.ndarray:
@@ -66,19 +68,28 @@ def _data(n: int, d: int, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return v, t
 
 
-def _interleaved(a: Callable[[], object], b: Callable[[], object], repeat: int) -> tuple[float, float]:
-    """Median seconds of a and b, run alternately so that both see the same machine load."""
-    a()
-    b()
-    ta, tb = [], []
+def _interleaved(calls: list[Callable[[], object]], repeat: int) -> list[float]:
+    """Median seconds of each call, run in turn so that all see the same machine load."""
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeat):
-        start = time.perf_counter()
-        a()
-        ta.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        b()
-        tb.append(time.perf_counter() - start)
-    return statistics.median(ta), statistics.median(tb)
+        for call, spent in zip(calls, times):
+            start = time.perf_counter()
+            call()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
+
+
+def backend_sweep(repeat: int, sizes: tuple[int, ...] = (576, 1152, 2880)) -> list[dict]:
+    """Median ms of prune(N x 4096, K=64, M=40) on each available backend, for each N."""
+    backends = available_backends()
+    rows = []
+    for n in sizes:
+        v, t = _data(n, 4096, 40, n)
+        ms = _interleaved([lambda b=b: prune(v, t, 64, backend=b) for b in backends], repeat)
+        rows.append({"rows": n, **{f"{b}_ms": x * 1e3 for b, x in zip(backends, ms)}})
+    return rows
 
 
 def run(repeat: int = 50) -> dict:
@@ -88,13 +99,14 @@ def run(repeat: int = 50) -> dict:
             "processor": platform.processor() or platform.machine(),
             "kernels": _core.cpu_isa(),
             "numpy": np.__version__,
+            "gpus": {name: getattr(_core, f"{name}_device")() for name in ("cuda", "metal")},
         },
         "cases": [],
     }
 
     v, t = _data(576, 4096, 40, 0)
     same = bool(np.array_equal(prune(v, t, 64), numpy_trimtokenator(v, t, 64)))
-    ours, theirs = _interleaved(lambda: prune(v, t, 64), lambda: numpy_trimtokenator(v, t, 64), repeat)
+    ours, theirs = _interleaved([lambda: prune(v, t, 64), lambda: numpy_trimtokenator(v, t, 64)], repeat)
     results["cases"].append(
         {"case": "llava-1.5: N=576 D=4096 K=64 M=40", "trimcpp_ms": ours * 1e3, "numpy_ms": theirs * 1e3,
          "speedup": theirs / ours, "same_selection": same}
@@ -109,12 +121,13 @@ def run(repeat: int = 50) -> dict:
         return [numpy_trimtokenator(x, t, b) for x, b in zip(images, numpy_split_budget(images, 320))]
 
     same = all(np.array_equal(a, b) for a, b in zip(ours_next(), numpy_next()))
-    ours, theirs = _interleaved(ours_next, numpy_next, max(5, repeat // 5))
+    ours, theirs = _interleaved([ours_next, numpy_next], max(5, repeat // 5))
     results["cases"].append(
         {"case": "llava-next: 5 x 576 rows, D=4096, total 320, M=40", "trimcpp_ms": ours * 1e3,
          "numpy_ms": theirs * 1e3, "speedup": theirs / ours, "same_selection": same,
          "budgets": split_budget(images, 320)}
     )
+    results["backends"] = backend_sweep(max(5, repeat // 5))
     return results
 
 
@@ -132,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':52} {'trimcpp ms':>11} {'numpy ms':>9} {'speedup':>8}  same selection")
     for c in results["cases"]:
         print(f"{c['case']:52} {c['trimcpp_ms']:11.2f} {c['numpy_ms']:9.2f} {c['speedup']:7.2f}x  {c['same_selection']}")
+    print(f"\nprune(N x 4096, K=64, M=40) per backend, ms (host rows in, indices out); GPUs: {m['gpus']}")
+    sweep = results["backends"]
+    names = [k for k in sweep[0] if k != "rows"]
+    print(f"{'rows':>6} " + " ".join(f"{k[:-3]:>9}" for k in names))
+    for row in sweep:
+        print(f"{row['rows']:6d} " + " ".join(f"{row[k]:9.2f}" for k in names))
     return 0
 
 

@@ -34,9 +34,6 @@ struct Params {
 constexpr NSUInteger kGroup = 256;  // threads per threadgroup of the row and element kernels
 constexpr NSUInteger kParams = 15;  // buffer index of Params
 
-enum Slot : NSUInteger { kV = 0, kCenter = 1, kInv = 2, kDist = 3, kBad = 4, kAlive = 5, kValue = 6, kPicks = 7,
-                         kW = 8, kW32 = 9, kParts = 10 };
-
 // The device, queue and pipelines, made once; `error` says why not when device is nil.
 struct Context {
   id<MTLDevice> device = nil;
@@ -117,6 +114,7 @@ class Device {
     parts_ = buffer(sizeof(TrimKahan) * TRIM_SUM_CHUNKS * p.d);
     commands_ = [c_.queue commandBuffer];
     encoder_ = [commands_ computeCommandEncoder];
+    // Bound once, at the [[buffer(i)]] indices of select.metal.
     const id<MTLBuffer> slots[] = {v_, center_, inv_, dist_, bad_, alive_, value_, picks_, w_, w32_, parts_};
     for (NSUInteger i = 0; i < sizeof slots / sizeof slots[0]; ++i) [encoder_ setBuffer:slots[i] offset:0 atIndex:i];
     params_ = Params{n_, d_, 0, 0, 0, 0, 0, 0};
