@@ -17,7 +17,9 @@ exported files load unchanged:
 
 Training sees the same token sequence as the stock ``Llava15ChatHandler`` builds (the template's
 text chunks are taken from libmtmd itself), with the image rows in place of the marker, and learns
-the one-word answer token followed by ``</s>``. Several questions share one image: the
+the one-word answer token followed by ``</s>``. In 60% of the steps the LLM sees fewer image rows
+(every row that shows a shape, plus background rows drawn at random: :func:`kept_rows`), so that a
+pruned image's shorter, shifted sequence is not new to it. Several questions share one image: the
 system text and image rows are computed once and each question attends to them (exact, since
 attention is causal).
 """
