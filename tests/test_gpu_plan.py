@@ -24,10 +24,15 @@ METHOD = {"trimtokenator": 0, "align": 1, "divprune": 2}
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if compiler is None:
-        pytest.skip("no C++ compiler to build tests/gpu_emulator.cpp")
+def compiler():
+    found = shutil.which(os.environ.get("CXX", "c++"))
+    if found is None:
+        pytest.skip("no C++ compiler to build tests/gpu_emulator.cpp or parse the Metal kernels")
+    return found
+
+
+@pytest.fixture(scope="module")
+def emulator(compiler, tmp_path_factory):
     exe = tmp_path_factory.mktemp("emulator") / "gpu_emulator"
     subprocess.run([compiler, "-O2", "-std=c++17", "-I", str(ROOT / "csrc"), *(str(ROOT / s) for s in SOURCES),
                     "-pthread", "-o", str(exe)], check=True, capture_output=True)
@@ -96,10 +101,9 @@ def test_bad_rows_are_reported(emulator):
         run(emulator, v * np.float32(1e30), None, 4, "divprune")
 
 
-def test_metal_kernels_parse(emulator):
+def test_metal_kernels_parse(compiler):
     """No Xcode here: select.metal (with arith.h's Metal branch) at least parses as C++ with a shim
     of the Metal names (tests/metal_shim); Apple's compiler and the host code are unchecked here."""
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
     done = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Wno-attributes", "-Wno-unused-parameter",
                            "-D__METAL_VERSION__=300", "-x", "c++", "-I", str(ROOT / "tests" / "metal_shim"),
                            "-I", str(ROOT / "csrc"), "-include", "metal_stdlib", str(ROOT / "csrc/metal/select.metal")],

@@ -51,10 +51,10 @@ def _run_on(func: str, backend: Optional[str], rows: int, call):
         return call("cpu")
 
 
-def _backend(func: str, backend: Optional[str]) -> Optional[str]:
-    """Checks an explicit backend (known and usable here); None stays None (chosen per call)."""
+def _backend(func: str, backend: Optional[str]) -> None:
+    """Raises unless `backend` is None (chosen per call) or a known backend usable here."""
     if backend is None:
-        return None
+        return
     available = available_backends()
     if not isinstance(backend, str):
         raise TypeError(f"{func}: backend must be a string or None, got {type(backend).__name__}")
@@ -64,7 +64,6 @@ def _backend(func: str, backend: Optional[str]) -> Optional[str]:
         raise RuntimeError(
             f"{func}: backend {backend!r} is not available here (available: {', '.join(available)})"
         )
-    return backend
 
 
 def _rows(func: str, name: str, x: ArrayLike) -> np.ndarray:
