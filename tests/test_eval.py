@@ -75,6 +75,37 @@ def test_question_kinds_are_balanced():
     assert abs(answers.count("yes") - answers.count("no")) < 0.5 * (answers.count("yes") + answers.count("no"))
 
 
+def test_question_kind_names_every_generated_question():
+    for _, _, qa in scenes.split(6, 40):
+        for q, _ in qa:
+            assert scenes.question_kind(q) == kind(q)
+    assert set(scenes.QUESTION_KINDS) == set(ANSWER_WORDS)
+
+
+def test_evidence_is_the_named_shapes():
+    shapes = [scenes.Figure("square", "blue", 21.0, 35.0, 6.0), scenes.Figure("circle", "red", 150.0, 100.0, 20.0),
+              scenes.Figure("circle", "green", 60.0, 180.0, 9.0)]
+    labels = scenes.patch_labels(shapes)
+
+    def patches_of(s):  # patches that hold the shape's centre or lie well inside its box
+        return {int(y // 14) * 16 + int(x // 14) for x in (s.x - s.r / 2, s.x, s.x + s.r / 2)
+                for y in (s.y - s.r / 2, s.y, s.y + s.r / 2)}
+
+    def within(patches, *figures):  # every patch touches the box of one of `figures`
+        return all(any(abs((p % 16) * 14 + 7 - f.x) < f.r + 7 and abs((p // 16) * 14 + 7 - f.y) < f.r + 7
+                       for f in figures) for p in patches)
+
+    square, red, green = shapes
+    cases = {"What color is the square?": [square], "How many circles are there?": [red, green],
+             "Is there a red circle?": [red], "Is the green circle on the left or right?": [green],
+             "Is the red circle at the top or bottom?": [red]}
+    for question, figures in cases.items():
+        got = set(np.flatnonzero(scenes.evidence(question, labels)))
+        assert set().union(*map(patches_of, figures)) <= got and within(got, *figures), question
+    for question in ("Is there a green square?", "How many triangles are there?", "Describe the image."):
+        assert not scenes.evidence(question, labels).any(), question
+
+
 def test_patch_labels():
     shapes = [scenes.Figure("square", "blue", 21.0, 35.0, 6.0), scenes.Figure("circle", "red", 150.0, 100.0, 20.0)]
     labels = scenes.patch_labels(shapes).reshape(16, 16)

@@ -52,6 +52,7 @@ MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 SEEDS = {"train": 1000, "validation": 2000, "test": 3000}  # scenes.split seeds: disjoint scene sets
 EOS = 2
+WATCH = 1  # the LLM layer whose head 0 training teaches to look at a question's shapes
 
 
 class Block(nn.Module):
@@ -140,22 +141,32 @@ class Llama(nn.Module):
         self.output = nn.Linear(s.n_embd, s.n_vocab, bias=False)
         self.output.weight = self.embed.weight  # tied (exported as both token_embd and output)
 
-    def forward(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, prefix: torch.Tensor, tokens: torch.Tensor,
+                watch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """prefix: B x P x e input rows; tokens: B x Q x L ids that follow the prefix (each of the Q
-        continuations sees the prefix, not the others). Returns the final hidden states B x Q x L x e."""
+        continuations sees the prefix, not the others). Returns the final hidden states B x Q x L x e
+        and, when `watch` names a layer, that layer's attention weights of the tokens, B x Q x heads x
+        L x (P + L) (else None)."""
         b, p, _ = prefix.shape
         q_count, length = tokens.shape[1:]
         hp, hq = prefix, self.embed(tokens)
         pos_p, pos_q = torch.arange(p), p + torch.arange(length)
         mask = torch.cat([torch.ones(length, p, dtype=torch.bool), torch.ones(length, length, dtype=torch.bool).tril()], 1)
-        for layer in self.layers:
+        watched = None
+        for i, layer in enumerate(self.layers):
             qp, kp, vp = layer.qkv(hp, pos_p)
             qq, kq, vq = layer.qkv(hq, pos_q)
             keys = torch.cat([kp[:, None].expand(b, q_count, *kp.shape[1:]), kq], dim=-2)
             values = torch.cat([vp[:, None].expand(b, q_count, *vp.shape[1:]), vq], dim=-2)
+            if i == watch:
+                scores = (qq @ keys.transpose(-1, -2)) / math.sqrt(qq.shape[-1])
+                watched = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+                attended = watched @ values
+            else:
+                attended = F.scaled_dot_product_attention(qq, keys, values, attn_mask=mask)
             hp, hq = (layer.finish(hp, F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)),
-                      layer.finish(hq, F.scaled_dot_product_attention(qq, keys, values, attn_mask=mask)))
-        return rms(hq, self.norm)
+                      layer.finish(hq, attended))
+        return rms(hq, self.norm), watched
 
 
 class MiniVLM(nn.Module):
@@ -170,14 +181,26 @@ class MiniVLM(nn.Module):
         self.vision, self.llm = Vision(shape), Llama(shape)
 
     def hidden(self, pixels: torch.Tensor, before: torch.Tensor, tokens: torch.Tensor,
-               features: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
+               features: torch.Tensor | None = None, kept: torch.Tensor | None = None,
+               watch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Final LLM states for `tokens` after the prompt and the image rows (only rows `kept`, B x K
-        ascending indices, when given: what a pruning handler hands the LLM)."""
+        ascending indices, when given: what a pruning handler hands the LLM), and layer `watch`'s
+        attention weights (see `Llama.forward`)."""
         rows = self.vision.project(self.vision.features(pixels) if features is None else features)
         if kept is not None:
             rows = rows.gather(1, kept[..., None].expand(-1, -1, rows.shape[-1]))
         prefix = torch.cat([self.llm.embed(before).expand(rows.shape[0], -1, -1), rows], dim=1)
-        return self.llm(prefix, tokens)
+        return self.llm(prefix, tokens, watch)
+
+
+def grid_positions(grid: int, width: int) -> torch.Tensor:
+    """grid^2 x width fixed 2-D sine-cosine position codes (half the width for the column, half for
+    the line), row-major like the patches, values in [-1, 1]."""
+    frequencies = 1.0 / 100.0 ** (torch.arange(width // 4).float() / (width // 4))
+    at = torch.arange(grid).float()[:, None] * frequencies
+    axis = torch.cat([at.sin(), at.cos()], dim=1)  # grid x width / 2
+    line, column = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([axis[column.flatten()], axis[line.flatten()]], dim=1)
 
 
 def pixels(images: Sequence) -> torch.Tensor:
@@ -276,6 +299,31 @@ def description(shapes: list[scenes.Figure]) -> tuple[str, str]:
     return "Describe the image.", " ".join(f"{s.color} {s.kind}" for s in sorted(shapes, key=lambda s: s.x))
 
 
+def attention_loss(watched: torch.Tensor, mask: torch.Tensor, drawn: list, labels: torch.Tensor,
+                   kept: torch.Tensor | None, offset: int) -> torch.Tensor:
+    """Training only: -log of the attention weight that head 0 of the watched layer gives, at the
+    position that predicts each answer, to the rows showing the shapes its question is about
+    (`scenes.evidence`), averaged over the questions about something drawn. `offset`: prompt ids before
+    the image rows. A training aid like the row readout: llama.cpp runs the plain model."""
+    losses = []
+    for i, (_, _, pairs) in enumerate(drawn):
+        where = evidence_rows(pairs, labels[i].numpy(), None if kept is None else kept[i].numpy())
+        for j, rows in enumerate(where):
+            if len(rows):
+                position = int(mask[i, j].nonzero()[0])
+                losses.append(-torch.log(watched[i, j, 0, position, offset + torch.from_numpy(rows)].sum() + 1e-6))
+    return torch.stack(losses).mean() if losses else watched.sum() * 0
+
+
+def evidence_rows(pairs: list, labels: np.ndarray, kept: np.ndarray | None) -> list[np.ndarray]:
+    """For each (question, answer): the indices, among the rows the LLM sees, of its `scenes.evidence`."""
+    out = []
+    for question, _ in pairs:
+        shown = scenes.evidence(question, labels)
+        out.append(np.flatnonzero(shown if kept is None else shown[kept]))
+    return out
+
+
 def kept_rows(labels: torch.Tensor, rng: np.random.Generator, share: float = 0.6) -> torch.Tensor | None:
     """Training only, for robustness to fewer rows: None (all rows) in 1 - `share` of the steps, else
     B x K row indices, ascending: every row that shows a shape plus background rows drawn at random
@@ -300,7 +348,7 @@ def predict(model: MiniVLM, template: Template, items: list, before: torch.Tenso
     words = {template.answer(w): w for w in scenes.ANSWERS}
     x, tokens, _, mask = batch(template, [(im, [(q, "yes") for q in qs]) for im, qs in items])
     with torch.no_grad():
-        h = model.hidden(x, before, tokens)
+        h, _ = model.hidden(x, before, tokens)
         logits = model.llm.output(h)
     out = []
     for i, (_, qs) in enumerate(items):
@@ -366,29 +414,43 @@ def load_gguf(model: MiniVLM, folder: Path) -> None:
 
 
 def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 12, lr: float = 2e-3, seed: int = 0,
-          aux_weight: float = 0.5, start: Path | None = None, row_share: float = 0.6) -> None:
-    """Trains for `minutes` (from the exported pair in `start`, if given) and exports to `out`."""
+          aux_weight: float = 0.5, start: Path | None = None, row_share: float = 0.6, attend_weight: float = 0.5,
+          position_boost: float = 0.0, attribute_weight: float = 0.5, steps: int | None = None,
+          every: int = 100) -> None:
+    """Trains for `minutes` (from the exported pair in `start`, or a ``minivlm.pt`` checkpoint, if
+    given) and exports to `out`. `position_boost` adds that multiple of `grid_positions` to the
+    encoder's position embeddings first (they are too weak next to the patch embeddings for the
+    rows to learn their side and height). `steps` stops early (the learning rate still follows
+    `minutes`)."""
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = MiniVLM()
-    if start is not None:
+    if start is not None and start.suffix == ".pt":
+        model.load_state_dict(torch.load(start))
+    elif start is not None:
         load_gguf(model, start)
+    if position_boost:
+        with torch.no_grad():
+            model.vision.pos += position_boost * grid_positions(SHAPE.image_size // SHAPE.patch_size, SHAPE.v_embd)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", flush=True)
     initial = export(model, out / "untrained")  # for the template's tokeniser (same vocabulary)
     template = Template(*map(str, initial))
     before = torch.tensor(template.before)
     colour_ids = torch.tensor([template.answer(c) for c in scenes.COLORS])
     kind_ids = torch.tensor([template.answer(k) for k in scenes.KINDS])
+    number_ids = torch.tensor([template.answer(n) if n != "zero" else 0 for n in scenes.NUMBERS])
     grid = SHAPE.image_size // SHAPE.patch_size  # a patch's half of the picture, as a word id
     column, line = torch.arange(grid * grid) % grid, torch.arange(grid * grid) // grid
     side_ids = torch.where(column < grid // 2, template.answer("left"), template.answer("right"))
     height_ids = torch.where(line < grid // 2, template.answer("top"), template.answer("bottom"))
+    side_pair = torch.tensor([template.answer("left"), template.answer("right")])
+    height_pair = torch.tensor([template.answer("top"), template.answer("bottom")])
     rng = np.random.default_rng(seed)
     validation = [(im, qa) for im, _, qa in scenes.split(SEEDS["validation"], 60, SHAPE.image_size, 4)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     began, step, log = time.time(), 0, []
     train_scenes = scenes.split(SEEDS["train"] + seed, 10**9, SHAPE.image_size, questions)  # seed < 1000
-    while (elapsed := time.time() - began) < minutes * 60:
+    while (elapsed := time.time() - began) < minutes * 60 and (steps is None or step < steps):
         fraction = elapsed / (minutes * 60)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, step / 200) * 0.5 * (1 + math.cos(math.pi * fraction))
@@ -398,8 +460,8 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
                                             for _, shapes, _ in drawn]))
         features = model.vision.features(x)
         kept = kept_rows(labels, rng, row_share)
-        logits = model.llm.output(model.hidden(x, before, tokens, features, kept)[mask])
-        answer_loss = F.cross_entropy(logits, targets[mask])
+        hidden, watched = model.hidden(x, before, tokens, features, kept, watch=WATCH if attend_weight else None)
+        answer_loss = F.cross_entropy(model.llm.output(hidden[mask]), targets[mask])
         flat = labels.flatten()
         loss = answer_loss + aux_weight * F.cross_entropy(model.vision.aux(features).flatten(0, 1), flat)
         shown = flat > 0
@@ -407,28 +469,48 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
             row_logits = model.llm.output(rms(model.vision.project(features).flatten(0, 1)[shown], model.llm.norm))
             words, at = torch.zeros_like(row_logits), torch.arange(len(row_logits))
             where = torch.arange(len(flat))[shown] % (grid * grid)
-            for ids in (colour_ids[(flat[shown] - 1) // 3], kind_ids[(flat[shown] - 1) % 3], side_ids[where],
-                        height_ids[where]):
-                words[at, ids] = 0.25
-            loss = loss + aux_weight * F.cross_entropy(row_logits, words)
+            kinds = (flat[shown] - 1) % 3
+            how_many = torch.tensor([[sum(s.kind == k for s in shapes) for k in scenes.KINDS] for _, shapes, _ in drawn])
+            count = how_many[torch.arange(len(flat))[shown] // (grid * grid), kinds]
+            colours = (flat[shown] - 1) // 3
+            for ids in (colour_ids[colours], kind_ids[kinds], side_ids[where], height_ids[where]):
+                words[at, ids] = 1.0
+            countable = count <= 4
+            words[at[countable], number_ids[count[countable]]] = 1.0
+            loss = loss + aux_weight * F.cross_entropy(row_logits, words / words.sum(1, keepdim=True))
+            # and each attribute among its own words, a sharper signal for the ones the encoder
+            # must work out (side and height from its position codes, the count from the picture)
+            for options, truth, rows in ((colour_ids, colours, at), (kind_ids, kinds, at),
+                                         (side_pair, (side_ids[where] == side_pair[1]).long(), at),
+                                         (height_pair, (height_ids[where] == height_pair[1]).long(), at),
+                                         (number_ids[1:], count[countable] - 1, at[countable])):
+                if len(rows) and attribute_weight:
+                    loss = loss + attribute_weight * F.cross_entropy(row_logits[rows][:, options], truth)
+        if attend_weight:
+            attend_loss = attention_loss(watched, mask, drawn, labels, kept, len(before))
+            loss = loss + attend_weight * attend_loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if step % 100 == 0:
+        if step % every == 0:
             model.eval()
             got = predict(model, template, [(im, [q for q, _ in qa]) for im, qa in validation], before)
-            right = [g == a for row, (_, qa) in zip(got, validation) for g, (_, a) in zip(row, qa)]
+            right = [(scenes.question_kind(q), g == a) for row, (_, qa) in zip(got, validation) for g, (q, a) in zip(row, qa)]
             model.train()
-            log.append({"step": step, "minutes": elapsed / 60, "loss": answer_loss.item(), "aux_loss": (loss - answer_loss).item() / aux_weight, "validation": float(np.mean(right))})
+            log.append({"step": step, "minutes": elapsed / 60, "loss": answer_loss.item(),
+                        "attend_loss": attend_loss.item() if attend_weight else None,
+                        "validation": float(np.mean([ok for _, ok in right])),
+                        **{k: float(np.mean([ok for kind, ok in right if kind == k])) for k in scenes.QUESTION_KINDS}})
             print(json.dumps(log[-1]), flush=True)
             torch.save(model.state_dict(), out / "minivlm.pt")
     torch.save(model.state_dict(), out / "minivlm.pt")
     export(model, out)
     (out / "training.json").write_text(json.dumps({"steps": step, "images_per_step": images_per_step,
                                                    "questions_per_image": questions, "lr": lr, "aux_weight": aux_weight,
-                                                   "row_share": row_share, "seed": seed, "start": None if start is None else str(start),
+                                                   "row_share": row_share, "attend_weight": attend_weight, "position_boost": position_boost,
+                                                   "attribute_weight": attribute_weight, "seed": seed, "start": None if start is None else str(start),
                                                    "minutes": minutes, "log": log}, indent=1))
 
 
@@ -467,12 +549,20 @@ def main(argv=None) -> None:
     parser.add_argument("--data", type=Path, default=Path("trimcpp/data/scenes-test"))
     parser.add_argument("--minutes", type=float, default=35.0)
     parser.add_argument("--images", type=int, default=200, help="split: scenes in the test split")
-    parser.add_argument("--start", type=Path, help="train: go on from the pair exported in this folder")
+    parser.add_argument("--start", type=Path, help="train: go on from the pair exported in this folder (or a minivlm.pt)")
     parser.add_argument("--lr", type=float, default=2e-3, help="train: peak learning rate")
     parser.add_argument("--seed", type=int, default=0, help="train: torch seed (and the training scenes' offset)")
+    parser.add_argument("--attend", type=float, default=0.5,
+                        help="train: weight of the loss that teaches one attention head where the evidence is")
+    parser.add_argument("--attributes", type=float, default=0.5,
+                        help="train: weight of the per-attribute row readout (each attribute among its own words)")
+    parser.add_argument("--steps", type=int, help="train: stop after this many steps (else at --minutes)")
+    parser.add_argument("--position-boost", type=float, default=0.0,
+                        help="train: add this multiple of fixed 2-D position codes to the encoder's positions first")
     args = parser.parse_args(argv)
     if args.command == "train":
-        train(args.out, args.minutes, lr=args.lr, seed=args.seed, start=args.start)
+        train(args.out, args.minutes, lr=args.lr, seed=args.seed, start=args.start, attend_weight=args.attend,
+              position_boost=args.position_boost, attribute_weight=args.attributes, steps=args.steps)
     elif args.command == "split":
         scenes.write_split(args.data, SEEDS["test"], args.images, SHAPE.image_size, per_image=2)
     else:

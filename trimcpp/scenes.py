@@ -30,6 +30,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "
 KINDS = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three", "four")
 ANSWERS = (*COLORS, "yes", "no", *NUMBERS[1:], "left", "right", "top", "bottom")
+QUESTION_KINDS = ("colour", "exists", "count", "side", "height")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,14 @@ def questions(rng: np.random.Generator, shapes: list[Figure], size: int = 224, n
     return chosen
 
 
+def question_kind(question: str) -> str:
+    """Which of `QUESTION_KINDS` a question of :func:`questions` is."""
+    for start, name in (("What color", "colour"), ("How many", "count"), ("Is there", "exists")):
+        if question.startswith(start):
+            return name
+    return "side" if question.endswith("left or right?") else "height"
+
+
 def patch_labels(shapes: list[Figure], size: int = 224, patch: int = 14) -> np.ndarray:
     """(size / patch)^2 class ids, row-major: 0 for background, else 1 + 3 * colour + kind of the
     shape with most pixels in that patch (dense labels for pretraining a vision tower)."""
@@ -114,6 +123,22 @@ def patch_labels(shapes: list[Figure], size: int = 224, patch: int = 14) -> np.n
     counts = np.stack([(blocks == c).sum(axis=1) for c in range(1 + 3 * len(colours))], axis=1)
     counts[:, 0] = 0
     return np.where(counts.max(axis=1) > 0, counts.argmax(axis=1), 0)
+
+
+def evidence(question: str, labels: np.ndarray) -> np.ndarray:
+    """Which patches (by `patch_labels` of the picture) show the shapes that `question` is about:
+    the named kind for colour and count questions, the named colour and kind for the others. All
+    False for a question about nothing drawn (or not a question of :func:`questions`)."""
+    words = question.rstrip("?").split()
+    colours, shown = list(COLORS), labels > 0
+    kind_of, colour_of = (labels - 1) % 3, (labels - 1) // 3
+    if question.startswith(("What color is the", "How many")):
+        kind = words[-1] if words[0] == "What" else words[2][:-1]
+        return shown & (kind_of == KINDS.index(kind))
+    if question.startswith(("Is the", "Is there a")):
+        colour, kind = (words[2], words[3]) if words[1] == "the" else (words[3], words[4])
+        return shown & (kind_of == KINDS.index(kind)) & (colour_of == colours.index(colour))
+    return np.zeros(labels.shape, dtype=bool)
 
 
 def split(seed: int, images: int, size: int = 224, per_image: int = 8) -> Iterator[tuple[Image.Image, list[Figure], list[tuple[str, str]]]]:
