@@ -21,7 +21,8 @@ the one-word answer token followed by ``</s>``. In 60% of the steps the LLM sees
 (every row that shows a shape, plus background rows drawn at random: :func:`kept_rows`), so that a
 pruned image's shorter, shifted sequence is not new to it. Several questions share one image: the
 system text and image rows are computed once and each question attends to them (exact, since
-attention is causal).
+attention is causal). The other training aids (the encoder's patch classes, the rows' readout as
+words, the attention supervision of one LLM head: see :class:`MiniVLM`) live only in the loss.
 """
 
 from __future__ import annotations
@@ -171,9 +172,11 @@ class Llama(nn.Module):
 
 class MiniVLM(nn.Module):
     """Vision tower + projector + LLM. Besides the answers, training supervises the encoder with
-    each patch's shape class (`Vision.aux`, not exported), standing in for CLIP's pretraining, and
-    asks each projected row that shows a shape to read, through the LLM's (tied) output head, as
-    that shape's colour and kind words, standing in for LLaVA's caption pretraining."""
+    each patch's shape class (`Vision.aux`, not exported), standing in for CLIP's pretraining; asks
+    each projected row that shows a shape to read, through the LLM's (tied) output head, as that
+    shape's colour, kind, side, height and count words, standing in for LLaVA's caption
+    pretraining; and teaches head 0 of LLM layer `WATCH` to look, from the position that predicts
+    the answer, at the rows of the shapes the question names (`attention_loss`)."""
 
     def __init__(self, shape: Shape = SHAPE):
         super().__init__()
@@ -542,9 +545,42 @@ def agree(out: Path, data: Path) -> dict:
     return {"questions": n, "agreement": same / n, "pytorch_accuracy": torch_right / n, "llama_cpp_accuracy": cpp_right / n}
 
 
+def coverage(out: Path, data: Path, methods: Sequence[str], keeps: Sequence[int]) -> dict:
+    """For each (method, keep): over the test split's questions about something drawn, the mean
+    share of their evidence rows (`scenes.evidence`) that `TrimLlava15ChatHandler` keeps, and the
+    share of questions with at least one evidence row kept. The scenes are regenerated from the
+    split's seed (this model has no class token, so row r shows patch r)."""
+    from llama_cpp import Llama
+
+    from .handlers import TrimLlava15ChatHandler
+
+    _quiet(False)
+    records = json.loads((data / "questions.json").read_text())
+    per_image = sum(r["image"] == records[0]["image"] for r in records)
+    drawn = list(scenes.split(SEEDS["test"], len(records) // per_image, SHAPE.image_size, per_image))
+    handler = TrimLlava15ChatHandler(clip_model_path=str(out / "mmproj.gguf"), verbose=False)
+    llama = Llama(model_path=str(out / "llm.gguf"), chat_handler=handler, n_ctx=1024, verbose=False)
+    shares: dict[tuple[str, int], list[float]] = {(m, k): [] for m in methods for k in keeps}
+    for r in records:
+        _, shapes, pairs = drawn[int(Path(r["image"]).stem)]
+        if r["question"] not in [q for q, _ in pairs]:
+            raise ValueError(f"{data} is not the split of seed {SEEDS['test']}: {r['image']} {r['question']!r}")
+        shown = scenes.evidence(r["question"], scenes.patch_labels(shapes, SHAPE.image_size, SHAPE.patch_size))
+        if not shown.any():
+            continue
+        messages = image_messages((data / r["image"]).read_bytes(), r["question"])
+        for method, keep in shares:
+            handler.method, handler.keep = method, keep
+            llama.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+            [kept] = handler.last_selection[0].indices
+            shares[(method, keep)].append(float(shown[kept].sum() / shown.sum()))
+    return {f"{m} {k}": {"evidence_kept": float(np.mean(v)), "any_evidence_kept": float(np.mean(np.array(v) > 0)),
+                         "questions": len(v)} for (m, k), v in shares.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trimcpp.minivlm")
-    parser.add_argument("command", choices=("train", "agree", "split"))
+    parser.add_argument("command", choices=("train", "agree", "split", "coverage"))
     parser.add_argument("--out", type=Path, default=Path("trimcpp/data/minivlm"))
     parser.add_argument("--data", type=Path, default=Path("trimcpp/data/scenes-test"))
     parser.add_argument("--minutes", type=float, default=35.0)
@@ -565,6 +601,15 @@ def main(argv=None) -> None:
               position_boost=args.position_boost, attribute_weight=args.attributes, steps=args.steps)
     elif args.command == "split":
         scenes.write_split(args.data, SEEDS["test"], args.images, SHAPE.image_size, per_image=2)
+    elif args.command == "coverage":
+        keeps = (192, 128, 64, 32)
+        result = coverage(args.out, args.data, ("random", "uniform", "divprune", "align", "trimtokenator"), keeps)
+        print(f"{'method':<14}" + "".join(f"{'keep ' + str(k):>16}" for k in keeps))
+        for method in dict.fromkeys(name.split()[0] for name in result):
+            cells = [result[f"{method} {k}"] for k in keeps]
+            print(f"{method:<14}" + "".join(f"{100 * c['evidence_kept']:>9.0f} {100 * c['any_evidence_kept']:>5.0f}%" for c in cells))
+        print(f"{next(iter(result.values()))['questions']} questions about a drawn shape; per cell: % of their evidence rows "
+              "kept, then % of questions with at least one kept")
     else:
         print(json.dumps(agree(args.out, args.data), indent=1))
 
