@@ -441,6 +441,7 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
     before = torch.tensor(template.before)
     colour_ids = torch.tensor([template.answer(c) for c in scenes.COLORS])
     kind_ids = torch.tensor([template.answer(k) for k in scenes.KINDS])
+    # a row that shows a shape has at least one of its kind: "zero" (not an answer word) is never a target
     number_ids = torch.tensor([template.answer(n) if n != "zero" else 0 for n in scenes.NUMBERS])
     grid = SHAPE.image_size // SHAPE.patch_size  # a patch's half of the picture, as a word id
     column, line = torch.arange(grid * grid) % grid, torch.arange(grid * grid) // grid
@@ -487,7 +488,7 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
                                          (side_pair, (side_ids[where] == side_pair[1]).long(), at),
                                          (height_pair, (height_ids[where] == height_pair[1]).long(), at),
                                          (number_ids[1:], count[countable] - 1, at[countable])):
-                if len(rows) and attribute_weight:
+                if attribute_weight and len(rows):
                     loss = loss + attribute_weight * F.cross_entropy(row_logits[rows][:, options], truth)
         if attend_weight:
             attend_loss = attention_loss(watched, mask, drawn, labels, kept, len(before))
