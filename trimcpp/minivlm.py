@@ -310,21 +310,13 @@ def attention_loss(watched: torch.Tensor, mask: torch.Tensor, drawn: list, label
     the image rows. A training aid like the row readout: llama.cpp runs the plain model."""
     losses = []
     for i, (_, _, pairs) in enumerate(drawn):
-        where = evidence_rows(pairs, labels[i].numpy(), None if kept is None else kept[i].numpy())
-        for j, rows in enumerate(where):
+        for j, (question, _) in enumerate(pairs):
+            shown = scenes.evidence(question, labels[i].numpy())
+            rows = np.flatnonzero(shown if kept is None else shown[kept[i].numpy()])  # among the rows seen
             if len(rows):
                 position = int(mask[i, j].nonzero()[0])
                 losses.append(-torch.log(watched[i, j, 0, position, offset + torch.from_numpy(rows)].sum() + 1e-6))
     return torch.stack(losses).mean() if losses else watched.sum() * 0
-
-
-def evidence_rows(pairs: list, labels: np.ndarray, kept: np.ndarray | None) -> list[np.ndarray]:
-    """For each (question, answer): the indices, among the rows the LLM sees, of its `scenes.evidence`."""
-    out = []
-    for question, _ in pairs:
-        shown = scenes.evidence(question, labels)
-        out.append(np.flatnonzero(shown if kept is None else shown[kept]))
-    return out
 
 
 def kept_rows(labels: torch.Tensor, rng: np.random.Generator, share: float = 0.6) -> torch.Tensor | None:
@@ -472,10 +464,11 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
         if shown.any():
             row_logits = model.llm.output(rms(model.vision.project(features).flatten(0, 1)[shown], model.llm.norm))
             words, at = torch.zeros_like(row_logits), torch.arange(len(row_logits))
-            where = torch.arange(len(flat))[shown] % (grid * grid)
+            flat_rows = torch.arange(len(flat))[shown]
+            where = flat_rows % (grid * grid)
             kinds = (flat[shown] - 1) % 3
             how_many = torch.tensor([[sum(s.kind == k for s in shapes) for k in scenes.KINDS] for _, shapes, _ in drawn])
-            count = how_many[torch.arange(len(flat))[shown] // (grid * grid), kinds]
+            count = how_many[flat_rows // (grid * grid), kinds]
             colours = (flat[shown] - 1) // 3
             for ids in (colour_ids[colours], kind_ids[kinds], side_ids[where], height_ids[where]):
                 words[at, ids] = 1.0
@@ -518,20 +511,26 @@ def train(out: Path, minutes: float, images_per_step: int = 8, questions: int = 
                                                    "minutes": minutes, "log": log}, indent=1))
 
 
-def agree(out: Path, data: Path) -> dict:
-    """PyTorch's answers vs llama.cpp's (TrimLlava15ChatHandler, keep=None, greedy) on a split."""
+def trimmed_llama(out: Path):
+    """The exported pair in `out` in llama.cpp, through a `TrimLlava15ChatHandler` keeping every row
+    (set its method and keep per request). Returns (handler, llama)."""
     from llama_cpp import Llama
 
     from .handlers import TrimLlava15ChatHandler
 
+    handler = TrimLlava15ChatHandler(clip_model_path=str(out / "mmproj.gguf"), keep=None, verbose=False)
+    return handler, Llama(model_path=str(out / "llm.gguf"), chat_handler=handler, n_ctx=1024, verbose=False)
+
+
+def agree(out: Path, data: Path) -> dict:
+    """PyTorch's answers vs llama.cpp's (TrimLlava15ChatHandler, keep=None, greedy) on a split."""
     model = MiniVLM()
     model.load_state_dict(torch.load(out / "minivlm.pt"))
     model.eval()
     template = Template(str(out / "llm.gguf"), str(out / "mmproj.gguf"))
     before = torch.tensor(template.before)
     records = json.loads((data / "questions.json").read_text())
-    handler = TrimLlava15ChatHandler(clip_model_path=str(out / "mmproj.gguf"), keep=None, verbose=False)
-    llama = Llama(model_path=str(out / "llm.gguf"), chat_handler=handler, n_ctx=1024, verbose=False)
+    _, llama = trimmed_llama(out)
     same = torch_right = cpp_right = 0
     for r in records:
         image = Image.open(data / r["image"])
@@ -551,16 +550,11 @@ def coverage(out: Path, data: Path, methods: Sequence[str], keeps: Sequence[int]
     share of their evidence rows (`scenes.evidence`) that `TrimLlava15ChatHandler` keeps, and the
     share of questions with at least one evidence row kept. The scenes are regenerated from the
     split's seed (this model has no class token, so row r shows patch r)."""
-    from llama_cpp import Llama
-
-    from .handlers import TrimLlava15ChatHandler
-
     _quiet(False)
     records = json.loads((data / "questions.json").read_text())
     per_image = sum(r["image"] == records[0]["image"] for r in records)
     drawn = list(scenes.split(SEEDS["test"], len(records) // per_image, SHAPE.image_size, per_image))
-    handler = TrimLlava15ChatHandler(clip_model_path=str(out / "mmproj.gguf"), verbose=False)
-    llama = Llama(model_path=str(out / "llm.gguf"), chat_handler=handler, n_ctx=1024, verbose=False)
+    handler, llama = trimmed_llama(out)
     shares: dict[tuple[str, int], list[float]] = {(m, k): [] for m in methods for k in keeps}
     for r in records:
         _, shapes, pairs = drawn[int(Path(r["image"]).stem)]

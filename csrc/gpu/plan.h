@@ -24,16 +24,18 @@
 
 namespace trim::gpu {
 
+// The text centroid as the kernels read it (float32), and C of the stage-1 scores into *offset.
+inline std::vector<float> float_centroid(const Problem& p, double* offset) {
+  const std::vector<double> mean = text_centroid(p, offset);
+  return {mean.begin(), mean.end()};
+}
+
 // Scored selection (trimtokenator, align, divprune) of k < n rows on `dev`; pick order into out[k].
 template <class Device>
 void select_scored(Device& dev, const Problem& p, Method method, int64_t k, double stage1_ratio, int64_t* out) {
   const bool stage1 = p.m > 0 && method != Method::divprune;
-  std::vector<float> center;
-  if (stage1) {
-    double offset = 0;
-    const std::vector<double> mean = text_centroid(p, &offset);
-    center.assign(mean.begin(), mean.end());
-  }
+  double offset = 0;
+  const std::vector<float> center = stage1 ? float_centroid(p, &offset) : std::vector<float>{};
   dev.upload(p, stage1 ? center.data() : nullptr);
   dev.row_stats(stage1);
   bool bad = false;
@@ -78,8 +80,7 @@ void select_scored(Device& dev, const Problem& p, Method method, int64_t k, doub
 template <class Device>
 void alignment_scores(Device& dev, const Problem& p, float* out) {
   double offset = 0;
-  const std::vector<double> mean = text_centroid(p, &offset);
-  const std::vector<float> center(mean.begin(), mean.end());
+  const std::vector<float> center = float_centroid(p, &offset);
   dev.upload(p, center.data());
   dev.row_stats(true);
   std::vector<float> dist(static_cast<size_t>(p.n));
