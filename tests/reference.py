@@ -1,4 +1,4 @@
-"""A float64 NumPy reference of ../shared/docs/ALGORITHM.md, written from the text, not from the C++.
+"""A float64 NumPy reference of ALGORITHM.md (the repository root), written from the text, not from the C++.
 
 Each greedy method is a *checker*: it replays the method step by step in float64 and compares
 each pick of a backend (given in pick order) with the reference's pick. The two must agree until

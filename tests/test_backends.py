@@ -10,7 +10,8 @@ import pytest
 
 import trimcpp
 from trimcpp import _core, selection
-from test_selection import check, embeddings
+
+from helpers import check, embeddings
 
 GPUS = ("cuda", "metal")
 

@@ -16,33 +16,20 @@ import subprocess
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler
+from PIL import Image
 
-import trimcpp.handlers
-from trimcpp import TrimLlava15ChatHandler, TrimLlava16ChatHandler, bench
-from trimcpp.cli import image_messages, main
-from trimcpp.testing import SHAPES, write_mmproj, write_pair
+import trimcpp.handlers.mechanism
+from trimcpp import TrimLlava15ChatHandler, TrimLlava16ChatHandler
+from trimcpp.bench import ttft
+from trimcpp.cli import main
+from trimcpp.images import image_messages
+from trimcpp.testing import SHAPES, write_mmproj
 
-ROWS = 36
+from helpers import ROWS, png
+
 COLUMNS = ["image rows", "encode s", "select ms", "prefill s", "first token s", "speedup"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    llm, mm15 = write_pair(root, "tiny", version="1.5")
-    _, mm16 = write_pair(root, "tiny", version="1.6")
-    return {"llm": str(llm), "1.5": str(mm15), "1.6": str(mm16)}
-
-
-def png(tmp_path, width=168, height=84, seed=0, name="image.png") -> str:
-    pixels = np.random.default_rng(seed).integers(100, 256, (height, width, 3), dtype=np.uint8)
-    path = tmp_path / name
-    Image.fromarray(pixels).save(path)
-    return str(path)
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -136,8 +123,8 @@ def test_timed_stock_handler_gives_the_stock_logits(models, tmp_path):
         return response["choices"][0]["message"]["content"], np.array(llama.scores[n - 1: n - 1 + generated])
 
     expected, expected_logits = answer()
-    timed = bench.timed_stock("1.5", models["1.5"], verbose=False)
-    sample = bench.request(llama, timed, messages)  # also makes `timed` the Llama's handler
+    timed = ttft.timed_stock("1.5", models["1.5"], verbose=False)
+    sample = ttft.request(llama, timed, messages)  # also makes `timed` the Llama's handler
     assert (sample.rows, sample.kept, sample.select_s) == (ROWS, ROWS, 0.0) and sample.encode_s > 0
     got, logits = answer()
     assert got == expected and logits.shape == (4, llama.n_vocab())
@@ -260,8 +247,9 @@ def encoded_rows(monkeypatch):
     """encoded_rows(llama, pixels): the image rows, per chunk, that a trimmed handler hands to
     trimcpp.prune for one request with that picture (prune runs as usual)."""
     seen = []
-    real = trimcpp.handlers.prune
-    monkeypatch.setattr(trimcpp.handlers, "prune", lambda rows, *a, **k: seen.append(np.array(rows)) or real(rows, *a, **k))
+    real = trimcpp.handlers.mechanism.prune
+    monkeypatch.setattr(trimcpp.handlers.mechanism, "prune",
+                        lambda rows, *a, **k: seen.append(np.array(rows)) or real(rows, *a, **k))
 
     def encode(llama: Llama, pixels: np.ndarray) -> list[np.ndarray]:
         seen.clear()
@@ -332,3 +320,11 @@ def test_console_script_is_installed():
     assert script is not None
     done = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and all(c in done.stdout for c in ("bench", "chat", "show"))
+
+
+def test_eval_has_one_option_per_meaning(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "--methods" in out and "--method " not in out

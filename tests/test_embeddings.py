@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import gguf
 import numpy as np
 import pytest
 
-import gguf
 from trimcpp.embeddings import TokenEmbeddings
 from trimcpp.testing import SHAPES, WEIGHT_TYPES, write_llm
 

@@ -12,19 +12,13 @@ import os
 
 import numpy as np
 import pytest
-
 from llama_cpp import Llama
 
-from trimcpp import TrimLlava15ChatHandler, scenes
-from trimcpp.cli import image_messages, main
-from trimcpp.evaluate import BUNDLED, load, normalise
-from trimcpp.testing import write_pair
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    llm, mmproj = write_pair(tmp_path_factory.mktemp("models"), "tiny", version="1.5")
-    return str(llm), str(mmproj)
+from trimcpp import TrimLlava15ChatHandler
+from trimcpp.cli import main
+from trimcpp.images import image_messages
+from trimcpp.quality import scenes
+from trimcpp.quality.evaluate import BUNDLED, load, normalise
 
 
 def test_scenes_are_reproducible_and_seeds_differ():
@@ -123,7 +117,8 @@ def test_write_split_and_load(tmp_path):
     records = json.loads((folder / "questions.json").read_text())
     assert len(records) == 8 and sorted(p.name for p in folder.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
     questions = load(folder)
-    assert [(q.image.name, q.question, q.answer) for q in questions] == [(r["image"], r["question"], r["answer"]) for r in records]
+    assert [(q.image.name, q.question, q.answer) for q in questions] == [
+        (r["image"], r["question"], r["answer"]) for r in records]
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -143,7 +138,7 @@ def test_normalise():
 
 
 def test_eval_scores_against_the_answer_key(capsys, models, tmp_path):
-    llm, mmproj = models
+    llm, mmproj = models["llm"], models["1.5"]
     folder = scenes.write_split(tmp_path / "data", seed=4, images=4, size=84, per_image=2)
     records = json.loads((folder / "questions.json").read_text())
     handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=None, verbose=False)
@@ -164,7 +159,8 @@ def test_eval_scores_against_the_answer_key(capsys, models, tmp_path):
     for r, answer in zip(records, key):
         r["answer"] = answer
     (folder / "questions.json").write_text(json.dumps(records))
-    expected = {(m, k): np.mean([a == b for a, b in zip(replies(m, k), key)]) for m in ("uniform", "trimtokenator") for k in (36, 4)}
+    expected = {(m, k): np.mean([a == b for a, b in zip(replies(m, k), key)])
+                for m in ("uniform", "trimtokenator") for k in (36, 4)}
 
     code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(folder), "--methods", "none,uniform,trimtokenator",
                  "--keep", "36,4", "--json"])
@@ -195,7 +191,7 @@ def test_eval_bad_arguments(capsys, args):
 
 
 def test_eval_bad_dataset(capsys, models, tmp_path):
-    llm, mmproj = models
+    llm, mmproj = models["llm"], models["1.5"]
     code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(tmp_path)])
     assert code == 2 and "no questions.json" in capsys.readouterr().err
 
@@ -223,3 +219,19 @@ def test_bundled_mini_vlm_reads_the_picture():
         by_kind.setdefault(kind(q.question), []).append(q.answer)
     blind = sum(max(answers.count(a) for a in set(answers)) for answers in by_kind.values())
     assert right > blind
+
+
+def test_coverage_counts_the_evidence_rows_kept(tmp_path):
+    """`python -m trimcpp.quality.minivlm coverage` on the first scenes of the test split: keeping
+    every row keeps all of each question's evidence; 4 random rows of 256 do not."""
+    from trimcpp.quality.minivlm.coverage import coverage
+    from trimcpp.quality.minivlm.stages import MINI, SEEDS
+
+    folder = scenes.write_split(tmp_path / "split", SEEDS["test"], 3, MINI.image_size, per_image=2)
+    result = coverage(BUNDLED["model"].parent, folder, ("random", "trimtokenator"), (256, 4))
+    about_a_figure = sum(scenes.evidence(q, scenes.patch_labels(figures)).any()
+                         for _, figures, pairs in scenes.split(SEEDS["test"], 3, per_image=2) for q, _ in pairs)
+    assert about_a_figure >= 3
+    for method in ("random", "trimtokenator"):
+        assert result[f"{method} 256"] == {"evidence_kept": 1.0, "any_evidence_kept": 1.0, "questions": about_a_figure}
+    assert result["random 4"]["evidence_kept"] < 0.5

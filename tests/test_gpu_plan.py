@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import reference as ref
 import trimcpp
-from test_selection import SCORED, check, check_duplicate_ties, embeddings
+
+import reference as ref
+from helpers import SCORED, check, check_duplicate_ties, embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["tests/gpu_emulator.cpp", "csrc/select.cpp", "csrc/cpu/select.cpp", "csrc/cpu/kernels.cpp",

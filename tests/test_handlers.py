@@ -9,37 +9,20 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler
 
 import trimcpp
 from trimcpp import TrimLlava15ChatHandler, TrimLlava16ChatHandler
-from trimcpp.testing import SHAPES, write_mmproj, write_pair
+from trimcpp.testing import SHAPES, write_mmproj
 
-ROWS = SHAPES["tiny"].patches  # 36
+from helpers import ROWS, image_url
+
 STOCK = {"1.5": Llava15ChatHandler, "1.6": Llava16ChatHandler}
 TRIM = {"1.5": TrimLlava15ChatHandler, "1.6": TrimLlava16ChatHandler}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    llm, mm15 = write_pair(root, "tiny", version="1.5")
-    _, mm16 = write_pair(root, "tiny", version="1.6")
-    return {"llm": str(llm), "1.5": str(mm15), "1.6": str(mm16), "root": root}
-
-
-def image_url(seed: int = 0, size: tuple[int, int] = (150, 100), fmt: str = "PNG") -> str:
-    pixels = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def ask(question: str = "What is in the image?", images: int = 1, seed: int = 0) -> list[dict]:

@@ -2,47 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import numpy as np
 import pytest
 
-import reference as ref
 import trimcpp
 from trimcpp.selection import pick_order
 
-SCORED = ("trimtokenator", "align", "divprune")
-
-
-@pytest.fixture(params=trimcpp.available_backends())
-def backend(request):
-    return request.param
-
-
-@functools.lru_cache(maxsize=None)
-def embeddings(n: int, d: int, m: int, seed: int = 0):
-    """Rows with a shared offset (as real projector outputs have), so cosines are not all ~0."""
-    rng = np.random.default_rng([n, d, m, seed])
-    offset = rng.standard_normal(d)
-    v = (rng.standard_normal((n, d)) + 0.7 * offset).astype(np.float32)
-    t = (rng.standard_normal((m, d)) + 0.3 * offset).astype(np.float32) if m else None
-    return v, t
-
-
-def check(method, picks, v, t, keep, stage1_ratio=0.8, seed=0):
-    if method == "trimtokenator":
-        ref.check_trimtokenator(picks, v, t, keep, stage1_ratio)
-    elif method == "align":
-        ref.check_align(picks, v, t, keep)
-    elif method == "divprune":
-        ref.check_divprune(picks, v, keep)
-    elif method == "uniform":
-        assert list(picks) == ref.uniform(v.shape[0], ref.resolve_keep(keep, v.shape[0]))
-    elif method == "random":
-        assert list(picks) == ref.random_draws(v.shape[0], ref.resolve_keep(keep, v.shape[0]), seed)
-    else:
-        assert list(picks) == list(range(v.shape[0]))
+import reference as ref
+from helpers import SCORED, check, check_duplicate_ties, embeddings
 
 
 @pytest.mark.parametrize("n", [1, 2, 31, 577, 2880])
@@ -94,24 +63,6 @@ def test_tiny_stage1_ratio_is_pure_alignment(backend):
     a = trimcpp.prune(v, t, 64, stage1_ratio=1e-6, backend=backend)
     b = trimcpp.prune(v, t, 64, method="align", backend=backend)
     assert list(a) == list(b)
-
-
-def check_duplicate_ties(method, pick) -> None:
-    """Distinct rows are far apart, so every tie is an exact tie between copies: pick(v, t, keep)
-    (indices in pick order) must break it as the reference does (the lower index), step for step."""
-    rng = np.random.default_rng(7)
-    base = rng.standard_normal((12, 64)).astype(np.float32)
-    v = base[rng.integers(0, 12, size=90)]
-    t = rng.standard_normal((5, 64)).astype(np.float32)
-    for keep in (1, 5, 12, 20, 60):
-        picks = pick(v, t, keep)
-        if method == "trimtokenator":
-            ref.check_trimtokenator(picks, v, t, keep, exact=True)
-        elif method == "align":
-            ref.check_align(picks, v, t, keep, exact=True)
-        else:
-            # Past the 12 distinct rows every candidate is ~0 from S: rounding, not ties, decides.
-            ref.check_divprune(picks, v, keep, exact=keep <= 12)
 
 
 @pytest.mark.parametrize("method", SCORED)
@@ -186,10 +137,10 @@ def test_alignment_scores_match_reference():
 
 def test_split_budget_matches_reference():
     rng = np.random.default_rng(3)
-    for case in range(30):
+    for _ in range(30):
         count = int(rng.integers(1, 7))
         images = []
-        for k in range(count):
+        for _ in range(count):
             m, d = int(rng.integers(1, 200)), int(rng.integers(1, 40))
             spread = float(rng.choice([0.0, 0.2, 1.0, 5.0]))
             images.append((rng.standard_normal(d) + spread * rng.standard_normal((m, d))).astype(np.float32))

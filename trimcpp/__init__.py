@@ -1,6 +1,6 @@
 """trimcpp: keep the image rows a local LLaVA needs (TrimTokenator), so the first token comes sooner."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .selection import alignment_scores, available_backends, prune, split_budget
 
@@ -14,6 +14,9 @@ __all__ = [
     "split_budget",
 ]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .handlers import ImageSelection, TrimLlava15ChatHandler, TrimLlava16ChatHandler
 
 _HANDLERS = ("ImageSelection", "TrimLlava15ChatHandler", "TrimLlava16ChatHandler")
 

@@ -11,8 +11,6 @@ Exit status: 0 on success, 2 for bad arguments or unreadable files, 1 when the m
 from __future__ import annotations
 
 import argparse
-import base64
-import ctypes
 import io
 import json
 import os
@@ -20,8 +18,10 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from . import images
+from .images import image_messages
 from .selection import METHODS, Keep
 
 SHAPE_NOTES = {"tiny": "a few seconds", "small": "about 10 s", "7b": "about 5 minutes, 4.4 GB written once"}
@@ -32,35 +32,11 @@ class UsageError(Exception):
 
 
 def read_image(source: str) -> bytes:
-    """The image bytes from a path, `-` (standard input) or a `data:` URI; checked with pillow."""
-    if source.startswith("data:"):
-        try:
-            data = base64.b64decode(source.split(",", 1)[1], validate=True)
-        except (IndexError, ValueError):
-            raise UsageError("the image data URI is not base64 (expected data:image/...;base64,...)") from None
-    elif "://" in source:
-        raise UsageError(f"images are not downloaded ({source!r}); save it and pass the file's path")
-    elif source == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        try:
-            with open(source, "rb") as f:
-                data = f.read()
-        except OSError as error:
-            raise UsageError(f"cannot read image {source!r}: {error.strerror or error}") from None
+    """trimcpp.images.read_image, its errors as usage errors."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UsageError(f"cannot read image {source!r}: not an image pillow can decode ({error})") from None
-    return data
-
-
-def image_messages(image: bytes, question: str) -> list[dict[str, Any]]:
-    """One user turn with the image (as a data URI) and the question, as the chat handlers take it."""
-    url = "data:image/png;base64," + base64.b64encode(image).decode()
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": question}]}]
+        return images.read_image(source)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def parse_keep(text: str) -> Optional[Keep]:
@@ -92,15 +68,6 @@ def _existing(path: str, what: str) -> str:
     return path
 
 
-def _quiet(verbose: bool) -> None:
-    """libmtmd logs to stderr on its own; send it through llama-cpp-python's logger (silent unless verbose)."""
-    import llama_cpp._logger as logger
-    import llama_cpp.mtmd_cpp as mtmd_cpp
-
-    logger.set_verbose(verbose)
-    mtmd_cpp.mtmd_helper_log_set(logger.llama_log_callback, ctypes.c_void_p(0))
-
-
 def _version(args: argparse.Namespace) -> str:
     from .layout import read_vision
 
@@ -113,7 +80,8 @@ def _version(args: argparse.Namespace) -> str:
 
 def _session(args: argparse.Namespace):
     """The trimmed handler and a Llama for chat / show, after checking every argument."""
-    from .bench import HANDLERS, load_llama
+    from .handlers import HANDLERS
+    from .llamacpp import load_llama, load_mmproj, quiet_logs
 
     image = read_image(args.image)
     _existing(args.model, "model")
@@ -125,12 +93,12 @@ def _session(args: argparse.Namespace):
                                        stage1_ratio=args.stage1_ratio, verbose=args.verbose, **options)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
-    _quiet(args.verbose)
+    quiet_logs(args.verbose)
     try:
         llama = load_llama(args.model, handler, n_ctx=args.n_ctx, threads=args.threads, verbose=args.verbose)
     except ValueError as error:
         raise UsageError(f"cannot load model {args.model!r}: {error}") from None
-    handler._init_mtmd_context(llama)  # load the mmproj now: the time to first token is the request's
+    load_mmproj(handler, llama)  # load the mmproj now: the time to first token is the request's
     return llama, handler, image, version
 
 
@@ -183,8 +151,7 @@ def _default_pair(shape: str, version: str) -> tuple[str, str]:
     """The synthetic pair of `shape` in the user cache, written on first use with a progress bar."""
     from tqdm import tqdm
 
-    from .bench import cache_dir
-    from .testing import write_pair
+    from .testing import cache_dir, write_pair
 
     folder = cache_dir() / "models"
     bar: Optional[tqdm] = None
@@ -206,7 +173,8 @@ def _default_pair(shape: str, version: str) -> tuple[str, str]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import bench
+    from .bench import ttft
+    from .llamacpp import quiet_logs
     from .testing import demo_image
 
     if bool(args.model) != bool(args.mmproj):
@@ -223,14 +191,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         buffer = io.BytesIO()
         demo_image().save(buffer, "PNG")
         image = buffer.getvalue()
-    _quiet(args.verbose)
+    quiet_logs(args.verbose)
     total = 1 + args.repeat * (1 + len(args.keep))
     with tqdm(total=total, desc="requests", unit="req", leave=False) as bar:
         def step(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update()
 
-        result = bench.run(model, mmproj, image_messages(image, args.prompt), args.keep, repeat=args.repeat,
+        result = ttft.run(model, mmproj, image_messages(image, args.prompt), args.keep, repeat=args.repeat,
                            version=version, method=args.method, n_ctx=args.n_ctx, threads=args.threads, on_step=step)
     width, height = Image.open(io.BytesIO(image)).size
     result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height},
@@ -242,14 +210,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"model   {model}\nmmproj  {mmproj}  (LLaVA-{version})\nimage   {result['image']['source']} "
           f"{width}x{height}, prompt {args.prompt!r}\nmachine {m['cpu']}, {m['cores']} cores, {result['threads']} "
           f"threads; medians of {args.repeat} interleaved rounds\n")
-    print(bench.table(result))
+    print(ttft.table(result))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import evaluate
+    from .llamacpp import quiet_logs
+    from .quality import evaluate
 
     paths = {name: getattr(args, name) or str(evaluate.BUNDLED[name]) for name in ("model", "mmproj", "data")}
     _existing(paths["model"], "model")
@@ -261,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.mmproj = paths["mmproj"]
     version = _version(args)
     methods = list(dict.fromkeys(args.methods))
-    _quiet(args.verbose)
+    quiet_logs(args.verbose)
     steps = len(questions) * sum(1 if m == "none" else len(args.keep) for m in methods)
     with tqdm(total=steps, desc="questions x (method, keep)", unit="req", leave=False) as bar:
         result = evaluate.run(paths["model"], paths["mmproj"], questions, methods, args.keep, version=version,
@@ -287,9 +256,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trimcpp", description="Prune a local LLaVA's image rows (TrimTokenator).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,chat,show,eval}")
 
-    def common(sub: argparse.ArgumentParser) -> None:
+    def common(sub: argparse.ArgumentParser, method: bool = True) -> None:
         sub.add_argument("--llava", choices=("1.5", "1.6"), help="chat format and slicing (default: from the mmproj)")
-        sub.add_argument("--method", choices=METHODS, default="trimtokenator", help="selection method")
+        if method:  # eval takes several, as --methods
+            sub.add_argument("--method", choices=METHODS, default="trimtokenator", help="selection method")
         sub.add_argument("--n-ctx", type=int, default=4096, help="context size (default 4096)")
         sub.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
         sub.add_argument("--verbose", action="store_true", help="llama.cpp's and libmtmd's logs")
@@ -297,7 +267,8 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time to first token, stock vs trimmed",
                                 description="Time to first token of the stock LLaVA handler against the trimmed one.")
     bench.add_argument("--shape", choices=("tiny", "small", "7b"), default="7b",
-                       help="synthetic model when --model is not given: " + "; ".join(f"{k}: {v}" for k, v in SHAPE_NOTES.items()))
+                       help="synthetic model when --model is not given: "
+                       + "; ".join(f"{k}: {v}" for k, v in SHAPE_NOTES.items()))
     bench.add_argument("--model", help="your LLM GGUF")
     bench.add_argument("--mmproj", help="your mmproj GGUF")
     bench.add_argument("--image", help="image path, '-' or data: URI (default: a synthetic 640x480 picture)")
@@ -341,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="comma-separated (default: none,random,uniform,divprune,align,trimtokenator)")
     evaluate.add_argument("--limit", type=int, help="only the first N questions")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON (with every answer)")
-    common(evaluate)
+    common(evaluate, method=False)
     evaluate.set_defaults(run=cmd_eval)
     return parser
 

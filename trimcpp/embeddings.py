@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import numpy as np
-
 import gguf
+import numpy as np
 
 TABLE = "token_embd.weight"
 

@@ -27,9 +27,8 @@ import dataclasses
 import math
 import os
 
-import numpy as np
-
 import gguf
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,16 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if _AVAILABLE[name]()]
 
 
+def cpu_kernels() -> str:
+    """Which build of the CPU inner loops runs here (e.g. "avx2+fma", "portable")."""
+    return _core.cpu_isa()
+
+
+def gpu_devices() -> dict[str, str]:
+    """Each GPU backend's device name, or why there is none (e.g. "not built (TRIMCPP_CUDA=OFF)")."""
+    return {"cuda": _core.cuda_device(), "metal": _core.metal_device()}
+
+
 def backend_for(rows: int) -> str:
     """The backend ``backend=None`` picks for `rows` image rows: a usable GPU from GPU_MIN_ROWS up,
     else the CPU."""
@@ -51,7 +61,7 @@ def _run_on(func: str, backend: Optional[str], rows: int, call):
         return call("cpu")
 
 
-def _backend(func: str, backend: Optional[str]) -> None:
+def check_backend(func: str, backend: Optional[str]) -> None:
     """Raises unless `backend` is None (chosen per call) or a known backend usable here."""
     if backend is None:
         return
@@ -94,17 +104,18 @@ def _visual_text(func: str, visual: ArrayLike, text: Optional[ArrayLike]) -> tup
     return v, (t if t.shape[0] > 0 else None)
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
+    """An int or NumPy integer, not a bool."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _is_real(x: object) -> bool:
-    return _is_int(x) or isinstance(x, (float, np.floating))
+    return is_int(x) or isinstance(x, (float, np.floating))
 
 
 def resolve_keep(func: str, keep: Keep, n: int) -> int:
     """K for n rows: an int >= 1 as is, a float r in (0, 1] as max(1, round(r * n)) (half up)."""
-    if _is_int(keep):
+    if is_int(keep):
         if keep < 1:
             raise ValueError(f"{func}: keep must be >= 1, got {keep}")
         return int(keep)
@@ -113,6 +124,22 @@ def resolve_keep(func: str, keep: Keep, n: int) -> int:
             raise ValueError(f"{func}: a float keep is a share of the rows and must be in (0, 1], got {keep}")
         return max(1, math.floor(float(keep) * n + 0.5))
     raise TypeError(f"{func}: keep must be an int or a float, got {type(keep).__name__}")
+
+
+def check_keep(func: str, keep: object) -> Optional[Keep]:
+    """`keep` as a handler stores it: None (every row), an int count, or a float share, after
+    resolve_keep's checks."""
+    if keep is None:
+        return None
+    resolve_keep(func, keep, 1)  # type: ignore[arg-type]
+    return int(keep) if is_int(keep) else float(keep)  # type: ignore[arg-type]
+
+
+def diversity_weight(rows: int, sum_sqnorm: float) -> float:
+    """An image's weight in split_budget: `rows` times its mean pairwise cosine distance, from the
+    squared norm of the sum of its normalised rows (ALGORITHM.md, several images)."""
+    diversity = 1.0 - (sum_sqnorm - rows) / (rows * (rows - 1)) if rows > 1 else 1.0
+    return rows * max(diversity, 0.0)
 
 
 def check_method(func: str, method: str, stage1_ratio: float) -> None:
@@ -152,9 +179,9 @@ def pick_order(
     """
     func = _func
     check_method(func, method, stage1_ratio)
-    if not _is_int(seed):
+    if not is_int(seed):
         raise TypeError(f"{func}: seed must be an int, got {type(seed).__name__}")
-    _backend(func, backend)
+    check_backend(func, backend)
     v, t = _visual_text(func, visual, text)
     k = resolve_keep(func, keep, v.shape[0])
     args = (v, t, k, getattr(_core.Method, method), float(stage1_ratio), int(seed) % 2**64)
@@ -204,12 +231,18 @@ def alignment_scores(visual: ArrayLike, text: ArrayLike, *, backend: Optional[st
     func = "alignment_scores"
     if text is None:
         raise ValueError(f"{func}: text is required")
-    _backend(func, backend)
+    check_backend(func, backend)
     v, t = _visual_text(func, visual, text)
     if t is None:
         raise ValueError(f"{func}: text has no rows (M = 0); the scores need at least one")
     return _run_on(func, backend, v.shape[0],
                    lambda name: _core_call(func, _core.alignment_scores, v, t, getattr(_core.Backend, name)))
+
+
+def apportion(sizes: Sequence[int], weights: Sequence[float], total: int) -> list[int]:
+    """split_budget's integer step: budgets in [1, sizes[k]] proportional to `weights`, summing to
+    min(total, sum(sizes)), by largest remainder (ALGORITHM.md)."""
+    return _core_call("apportion", _core.split_budget, list(sizes), list(weights), int(total))
 
 
 def split_budget(images: Sequence[ArrayLike], total: int) -> list[int]:
@@ -219,7 +252,7 @@ def split_budget(images: Sequence[ArrayLike], total: int) -> list[int]:
     pairwise cosine distance, by largest remainder; the budgets sum to min(total, sum N_k).
     """
     func = "split_budget"
-    if not _is_int(total):
+    if not is_int(total):
         raise TypeError(f"{func}: total must be an int, got {type(total).__name__}")
     if isinstance(images, np.ndarray) or not isinstance(images, Sequence) or len(images) == 0:
         raise ValueError(f"{func}: images must be a non-empty list of N_k x D arrays")
@@ -235,7 +268,6 @@ def split_budget(images: Sequence[ArrayLike], total: int) -> list[int]:
             sq = _core.normalized_sum_sqnorm(x)
         except ValueError as error:
             raise ValueError(f"{func}: images[{k}] {error}") from None
-        diversity = 1.0 - (sq - m) / (m * (m - 1)) if m > 1 else 1.0
         sizes.append(m)
-        weights.append(m * max(diversity, 0.0))
+        weights.append(diversity_weight(m, sq))
     return _core_call(func, _core.split_budget, sizes, weights, int(total))

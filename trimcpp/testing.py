@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-import numpy as np
-
 import gguf
+import numpy as np
 
 Q = gguf.GGMLQuantizationType
 
 # Types the token-embedding table (and the LLM's other weights) may be written in.
 WEIGHT_TYPES = {"f32": Q.F32, "f16": Q.F16, "q4_0": Q.Q4_0, "q4_k": Q.Q4_K, "q6_k": Q.Q6_K, "q8_0": Q.Q8_0}
+
+# CLIP's pixel normalisation (OpenAI CLIP, which every LLaVA mmproj uses), per RGB channel.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # LLaVA-1.6's grid pinpoints for a 336-pixel encoder (llava-v1.6 config), scaled for other sizes.
 _PINPOINTS_336 = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
@@ -260,8 +264,8 @@ def write_mmproj(path: os.PathLike | str, shape: Shape, *, version: str = "1.5",
     w.add_vision_head_count(shape.v_head)
     w.add_vision_attention_layernorm_eps(1e-5)
     w.add_vision_block_count(shape.v_layer)
-    w.add_vision_image_mean([0.48145466, 0.4578275, 0.40821073])
-    w.add_vision_image_std([0.26862954, 0.26130258, 0.27577711])
+    w.add_vision_image_mean(list(CLIP_MEAN))
+    w.add_vision_image_std(list(CLIP_STD))
     w.add_vision_use_gelu(False)  # quick GELU, as CLIP
     if version == "1.6":
         w.add_array("clip.vision.image_grid_pinpoints", pinpoints(shape.image_size))
@@ -324,6 +328,17 @@ def write_pair(directory: os.PathLike | str, shape: str | Shape = "tiny", *, ver
             write(partial)
             partial.replace(target)
     return llm, mmproj
+
+
+def cache_dir() -> Path:
+    """Where generated models are kept: $TRIMCPP_CACHE, else the platform's user cache folder."""
+    if os.environ.get("TRIMCPP_CACHE"):
+        return Path(os.environ["TRIMCPP_CACHE"])
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "trimcpp"
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "trimcpp" / "Cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trimcpp"
 
 
 def demo_image(width: int = 640, height: int = 480, seed: int = 0):

@@ -18,55 +18,30 @@ encode can be timed; the test suite checks that its logits stay bit-identical to
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd_cpp
 from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler
 
-from .handlers import TrimLlava15ChatHandler, TrimLlava16ChatHandler
+from ..handlers import HANDLERS
+from ..llamacpp import MtmdView, is_image, load_llama, load_mmproj, set_view
+from . import machine
 
-HANDLERS = {"1.5": (Llava15ChatHandler, TrimLlava15ChatHandler), "1.6": (Llava16ChatHandler, TrimLlava16ChatHandler)}
 Step = Callable[[str], None]  # called once per finished request, with what ran
 
 
-def load_llama(model: str, handler: Any, *, n_ctx: int, threads: Optional[int] = None, verbose: bool = False,
-               **kwargs: Any) -> llama_cpp.Llama:
-    """A Llama with `handler` on `threads` threads (default: every core) for prompt and generation alike."""
-    threads = threads or os.cpu_count() or 1
-    return llama_cpp.Llama(model_path=model, chat_handler=handler, n_ctx=n_ctx, n_threads=threads,
-                           n_threads_batch=threads, verbose=verbose, **kwargs)
-
-
-def cache_dir() -> Path:
-    """Where generated models are kept: $TRIMCPP_CACHE, else the platform's user cache folder."""
-    if os.environ.get("TRIMCPP_CACHE"):
-        return Path(os.environ["TRIMCPP_CACHE"])
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "trimcpp"
-    if os.name == "nt":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "trimcpp" / "Cache"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trimcpp"
-
-
-class _TimedStock:
+class EncodeTimer(MtmdView):
     """``llama_cpp.mtmd_cpp`` for the stock handler, with the image step split to time the encode."""
 
     def __init__(self) -> None:
         self.encode_seconds = 0.0
         self.rows = 0
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(mtmd_cpp, name)
-
     def mtmd_helper_eval_chunk_single(self, ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past):
-        if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+        if not is_image(chunk):
             return mtmd_cpp.mtmd_helper_eval_chunk_single(ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past)
         began = time.perf_counter()
         status = mtmd_cpp.mtmd_encode_chunk(ctx, chunk)
@@ -80,13 +55,26 @@ class _TimedStock:
         )
 
 
-def timed_stock(version: str, clip_model_path: str, **kwargs: Any):
+class TimedStock:
+    """Mixed in before a stock handler: its libmtmd calls go through an :class:`EncodeTimer`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.timer = EncodeTimer()
+        set_view(self, self.timer)
+
+
+class TimedLlava15(TimedStock, Llava15ChatHandler):
+    """The stock LLaVA-1.5 handler with its encode timed."""
+
+
+class TimedLlava16(TimedStock, Llava16ChatHandler):
+    """The stock LLaVA-1.6 handler with its encode timed."""
+
+
+def timed_stock(version: str, clip_model_path: str, **kwargs: Any) -> TimedStock:
     """The stock handler of `version` ("1.5" or "1.6") with its encode timed (see the module doc)."""
-    handler = HANDLERS[version][0](clip_model_path=clip_model_path, **kwargs)
-    handler._mtmd_cpp = _TimedStock()
-    return handler
-
-
+    return {"1.5": TimedLlava15, "1.6": TimedLlava16}[version](clip_model_path=clip_model_path, **kwargs)
 @dataclasses.dataclass
 class Sample:
     """One request."""
@@ -105,30 +93,18 @@ class Sample:
 def request(llama: llama_cpp.Llama, handler: Any, messages: list[dict]) -> Sample:
     """Runs `messages` through `handler` up to the first answer token and times it."""
     llama.chat_handler = handler
-    stock = isinstance(getattr(handler, "_mtmd_cpp", None), _TimedStock)
+    stock = isinstance(handler, TimedStock)
     if stock:
-        handler._mtmd_cpp.encode_seconds, handler._mtmd_cpp.rows = 0.0, 0
+        handler.timer.encode_seconds, handler.timer.rows = 0.0, 0
     began = time.perf_counter()
     llama.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
     ttft = time.perf_counter() - began
     if stock:
-        timer = handler._mtmd_cpp
+        timer = handler.timer
         return Sample(timer.rows, timer.rows, timer.encode_seconds, 0.0, ttft)
     images = handler.last_selection
     return Sample(sum(i.rows for i in images), sum(i.kept for i in images), sum(i.encode_seconds for i in images),
                   sum(i.select_seconds for i in images), ttft)
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "python": platform.python_version(),
-            "llama_cpp_python": llama_cpp.__version__}
 
 
 def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, repeat: int = 3, version: str = "1.5",
@@ -144,7 +120,7 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
     trimmed = HANDLERS[version][1](clip_model_path=mmproj, keep=min(keeps), method=method, verbose=False)
     llama = load_llama(model, stock, n_ctx=n_ctx, threads=threads)
     for handler in (stock, trimmed):
-        handler._init_mtmd_context(llama)
+        load_mmproj(handler, llama)
     request(llama, trimmed, messages)
     if on_step:
         on_step("warm-up")

@@ -1,6 +1,6 @@
 """Synthetic scenes and one-word questions whose evidence sits in a few patches.
 
-A scene is a square picture with 3-8 coloured shapes (circle, square, triangle) of several sizes,
+A scene is a square picture with 3-8 coloured figures (circle, square, triangle) of several sizes,
 some small, at random places that do not overlap. Questions, each answered by one word:
 
 - colour:  "What color is the triangle?"            (a kind that occurs once)   -> red
@@ -43,21 +43,21 @@ class Figure:
 
 
 def scene(rng: np.random.Generator, size: int = 224) -> tuple[Image.Image, list[Figure]]:
-    """A picture and the shapes drawn on it."""
+    """A picture and the figures drawn on it."""
     background = tuple(int(c) for c in rng.integers(90, 170, 3))  # flat: the test split's PNGs stay small
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
-    shapes: list[Figure] = []
+    figures: list[Figure] = []
     for _ in range(int(rng.integers(3, 9))):
         for _attempt in range(50):
             r = float(rng.choice([rng.uniform(6, 11), rng.uniform(11, 26)]))
             x, y = rng.uniform(r + 2, size - r - 2, 2)
-            if all((x - s.x) ** 2 + (y - s.y) ** 2 > (r + s.r + 4) ** 2 for s in shapes):
-                shapes.append(Figure(str(rng.choice(KINDS)), str(rng.choice(list(COLORS))), float(x), float(y), r))
+            if all((x - s.x) ** 2 + (y - s.y) ** 2 > (r + s.r + 4) ** 2 for s in figures):
+                figures.append(Figure(str(rng.choice(KINDS)), str(rng.choice(list(COLORS))), float(x), float(y), r))
                 break
-    for s in shapes:
+    for s in figures:
         _draw(draw, s, COLORS[s.color])
-    return image, shapes
+    return image, figures
 
 
 def _draw(draw: ImageDraw.ImageDraw, s: Figure, fill) -> None:
@@ -70,16 +70,16 @@ def _draw(draw: ImageDraw.ImageDraw, s: Figure, fill) -> None:
         draw.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=fill)
 
 
-def questions(rng: np.random.Generator, shapes: list[Figure], size: int = 224, n: int = 8) -> list[tuple[str, str]]:
-    """Up to `n` distinct (question, answer) pairs about `shapes`, taking the five kinds in turn
+def questions(rng: np.random.Generator, figures: list[Figure], size: int = 224, n: int = 8) -> list[tuple[str, str]]:
+    """Up to `n` distinct (question, answer) pairs about `figures`, taking the five kinds in turn
     (in a random order) so that each kind is about equally frequent."""
-    kinds = [s.kind for s in shapes]
-    pairs = [(s.color, s.kind) for s in shapes]
-    unique = [s for s in shapes if pairs.count((s.color, s.kind)) == 1]
+    kinds = [s.kind for s in figures]
+    pairs = [(s.color, s.kind) for s in figures]
+    unique = [s for s in figures if pairs.count((s.color, s.kind)) == 1]
     present = sorted(set(pairs))
     absent = sorted({(c, k) for c in COLORS for k in KINDS} - set(pairs))
     by_kind = {
-        "colour": [(f"What color is the {s.kind}?", s.color) for s in shapes if kinds.count(s.kind) == 1],
+        "colour": [(f"What color is the {s.kind}?", s.color) for s in figures if kinds.count(s.kind) == 1],
         "count": [(f"How many {k}s are there?", NUMBERS[kinds.count(k)]) for k in KINDS if 1 <= kinds.count(k) <= 4],
         "side": [(f"Is the {s.color} {s.kind} on the left or right?", "left" if s.x < size / 2 else "right")
                  for s in unique if abs(s.x - size / 2) > s.r + 6],
@@ -110,13 +110,13 @@ def question_kind(question: str) -> str:
     return "side" if question.endswith("left or right?") else "height"
 
 
-def patch_labels(shapes: list[Figure], size: int = 224, patch: int = 14) -> np.ndarray:
+def patch_labels(figures: list[Figure], size: int = 224, patch: int = 14) -> np.ndarray:
     """(size / patch)^2 class ids, row-major: 0 for background, else 1 + 3 * colour + kind of the
-    shape with most pixels in that patch (dense labels for pretraining a vision tower)."""
+    figure with most pixels in that patch (dense labels for pretraining a vision tower)."""
     ids = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(ids)
     colours = list(COLORS)
-    for s in shapes:
+    for s in figures:
         _draw(draw, s, 1 + 3 * colours.index(s.color) + KINDS.index(s.kind))
     g = size // patch
     blocks = np.asarray(ids)[: g * patch, : g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
@@ -126,7 +126,7 @@ def patch_labels(shapes: list[Figure], size: int = 224, patch: int = 14) -> np.n
 
 
 def evidence(question: str, labels: np.ndarray) -> np.ndarray:
-    """Which patches (by `patch_labels` of the picture) show the shapes that `question` is about:
+    """Which patches (by `patch_labels` of the picture) show the figures that `question` is about:
     the named kind for colour and count questions, the named colour and kind for the others. All
     False for a question about nothing drawn (or not a question of :func:`questions`)."""
     words = question.rstrip("?").split()
@@ -141,12 +141,15 @@ def evidence(question: str, labels: np.ndarray) -> np.ndarray:
     return np.zeros(labels.shape, dtype=bool)
 
 
-def split(seed: int, images: int, size: int = 224, per_image: int = 8) -> Iterator[tuple[Image.Image, list[Figure], list[tuple[str, str]]]]:
-    """`images` scenes (picture, shapes, questions); scene i comes from seed (seed, i)."""
+Scene = tuple[Image.Image, list[Figure], list[tuple[str, str]]]  # picture, figures, (question, answer) pairs
+
+
+def split(seed: int, images: int, size: int = 224, per_image: int = 8) -> Iterator[Scene]:
+    """`images` scenes (picture, figures, questions); scene i comes from seed (seed, i)."""
     for i in range(images):
         rng = np.random.default_rng([seed, i])
-        image, shapes = scene(rng, size)
-        yield image, shapes, questions(rng, shapes, size, per_image)
+        image, figures = scene(rng, size)
+        yield image, figures, questions(rng, figures, size, per_image)
 
 
 def write_split(folder: os.PathLike | str, seed: int, images: int, size: int = 224, per_image: int = 3) -> Path:

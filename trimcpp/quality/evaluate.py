@@ -2,7 +2,7 @@
 
 A dataset is a folder of pictures and a ``questions.json``: a list of
 ``{"image": "00000.png", "question": "What color is the triangle?", "answer": "red"}`` (the
-format :func:`trimcpp.scenes.write_split` writes). Each question is asked through the trimmed
+format :func:`trimcpp.quality.scenes.write_split` writes). Each question is asked through the trimmed
 handler with greedy decoding; the reply counts as right when its first word, lower-cased and
 without punctuation, is the answer.
 """
@@ -16,7 +16,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .bench import HANDLERS, load_llama, machine
+from ..bench import machine
+from ..handlers import HANDLERS
+from ..images import image_messages
+from ..llamacpp import load_llama
 
 DATA = Path(__file__).parent / "data"
 BUNDLED = {"model": DATA / "minivlm" / "llm.gguf", "mmproj": DATA / "minivlm" / "mmproj.gguf",
@@ -63,8 +66,6 @@ def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequenc
         version: str = "1.5", n_ctx: int = 2048, threads: Optional[int] = None, max_tokens: int = 4,
         on_step: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     """Asks every question under every (method, keep); `none` runs once (it keeps every row)."""
-    from .cli import image_messages
-
     handler = HANDLERS[version][1](clip_model_path=mmproj, verbose=False)
     llama = load_llama(model, handler, n_ctx=n_ctx, threads=threads, seed=0)
     configs = [(m, None) if m == "none" else (m, k) for m in methods for k in ([None] if m == "none" else keeps)]

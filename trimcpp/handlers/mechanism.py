@@ -1,15 +1,16 @@
-"""Chat handlers for llama-cpp-python that hand the LLM fewer image rows.
+"""The shared mechanism of the trimmed handlers: encode, select, decode the kept rows.
 
-``TrimLlava15ChatHandler`` and ``TrimLlava16ChatHandler`` subclass the stock handlers (same
-template, image loading, sampling, tools, streaming). The stock ``__call__`` tokenises the prompt
-with libmtmd and evaluates each image chunk with ``mtmd_helper_eval_chunk_single``; for the length
-of one call, the trimmed handlers give it a view of ``llama_cpp.mtmd_cpp`` in which image chunks
-take another way to the LLM:
+A trimmed handler is a stock llama-cpp-python handler with :class:`Trimming` mixed in before it
+(same template, image loading, sampling, tools, streaming). The stock ``__call__`` tokenises the
+prompt with libmtmd and evaluates each image chunk with ``mtmd_helper_eval_chunk_single``; for the
+length of one call, :class:`Trimming` gives it a :class:`TrimmedMtmd` view of ``llama_cpp.mtmd_cpp``
+(see :mod:`trimcpp.llamacpp`) in which image chunks take another way to the LLM:
 
 1. ``mtmd_encode_chunk``, and a copy of ``mtmd_get_output_embd`` (N x ``n_embd_inp`` floats);
 2. :func:`trimcpp.prune` with the question's token embeddings (read from the LLM's GGUF);
 3. the kept rows, in their original order, decoded as embeddings at consecutive positions in
-   batches of at most ``n_batch`` rows (the way libmtmd's helper decodes all of them).
+   batches of at most ``n_batch`` rows (:mod:`trimcpp.handlers.decode`, the way libmtmd's helper
+   decodes all of them).
 
 Everything else is the stock code path. The view also reports the kept count as the chunk's
 token count, so the stock ``n_ctx`` check counts what the LLM will really see.
@@ -17,23 +18,20 @@ token count, so the stock ``n_ctx`` check counts what the LLM will really see.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import hashlib
 import os
 import time
 from typing import Any, Optional
 
 import gguf
-import numpy as np
-
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd_cpp
-from llama_cpp._utils import suppress_stdout_stderr
-from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler
+import numpy as np
 
-from .embeddings import TokenEmbeddings
-from .selection import Keep, _backend, _is_int, check_method, prune, resolve_keep, split_budget
+from ..embeddings import TokenEmbeddings
+from ..llamacpp import MtmdView, StockHooks, input_chunks, is_image, load_mmproj, set_out_position, silenced, use_view
+from ..selection import Keep, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
+from .decode import decode_rows, row_ids
 
 KeepArg = Optional[Keep]
 _DEFAULT: Any = object()  # keep not given: the handler's default (None means keep every row)
@@ -53,15 +51,7 @@ class ImageSelection:
     decode_seconds: float = 0.0
 
 
-def _check_keep(owner: str, keep: Any) -> KeepArg:
-    """keep as given (int, float share, or None for every row), after resolve_keep's checks."""
-    if keep is None:
-        return None
-    resolve_keep(owner, keep, 1)
-    return int(keep) if _is_int(keep) else float(keep)
-
-
-def _user_texts(messages: list[Any]) -> list[str]:
+def user_texts(messages: list[Any]) -> list[str]:
     """The text parts of the user messages (ALGORITHM.md: no template boilerplate)."""
     texts = []
     for message in messages:
@@ -75,8 +65,8 @@ def _user_texts(messages: list[Any]) -> list[str]:
     return [t for t in texts if t]
 
 
-class _Trimming:
-    """The handler's behaviour, shared by the 1.5 and 1.6 handlers (mixed in before the stock class)."""
+class Trimming(StockHooks):
+    """The trimmed handlers' behaviour, mixed in before a stock handler class."""
 
     DEFAULT_KEEP: KeepArg = 64
 
@@ -95,7 +85,7 @@ class _Trimming:
         owner = type(self).__name__
         self.keep = self.DEFAULT_KEEP if keep is _DEFAULT else keep
         check_method(owner, method, stage1_ratio)
-        _backend(owner, backend)
+        check_backend(owner, backend)
         self.method = method
         self.stage1_ratio = float(stage1_ratio)
         self.backend = backend
@@ -111,79 +101,60 @@ class _Trimming:
 
     @keep.setter
     def keep(self, value: KeepArg) -> None:
-        self._keep = _check_keep(type(self).__name__, value)
+        self._keep = check_keep(type(self).__name__, value)
 
-    def _init_mtmd_context(self, llama_model: llama_cpp.Llama) -> None:
+    def explain_mmproj_failure(self, llama: llama_cpp.Llama) -> str:
+        """Why libmtmd refused the mmproj, in words (it only logs the reason)."""
+        path = self.clip_model_path  # type: ignore[attr-defined]
+        want = llama_cpp.llama_model_n_embd_inp(llama.model)
         try:
-            super()._init_mtmd_context(llama_model)  # type: ignore[misc]
-        except ValueError:
-            raise ValueError(_explain_mtmd_failure(self.clip_model_path, llama_model)) from None  # type: ignore[attr-defined]
+            reader = gguf.GGUFReader(path, "r")
+            proj = next((t for t in reader.tensors if t.name == "mm.2.weight"), None)
+            if proj is not None and int(proj.shape[1]) != want:
+                return (
+                    f"mmproj {path!r} projects image rows to {int(proj.shape[1])} values, but the LLM's "
+                    f"embeddings have {want}: this mmproj belongs to another LLM"
+                )
+        except Exception:  # noqa: BLE001 - the file may not even be GGUF; fall through to the generic message
+            pass
+        return f"libmtmd could not load the mmproj {path!r} for this LLM (n_embd {want}); see its log"
 
-    def _create_bitmap_from_bytes(self, image_bytes: bytes):
-        try:
-            bitmap = super()._create_bitmap_from_bytes(image_bytes)  # type: ignore[misc]
-        except ValueError:
-            raise ValueError(
-                f"could not decode an image ({len(image_bytes)} bytes): not a PNG, JPEG, BMP, GIF or other format "
-                "libmtmd reads, or a corrupt file"
-            ) from None
+    def image_loaded(self, bitmap: Any) -> None:
         # A distinct id per image: libmtmd gives it to every chunk (slice) of that image.
         self._images_seen += 1
         mtmd_cpp.mtmd_bitmap_set_id(bitmap, f"trimcpp-{self._images_seen}".encode())
-        return bitmap
 
-    def _text_rows(self, llama: llama_cpp.Llama, messages: list[Any]) -> np.ndarray:
+    def text_rows(self, llama: llama_cpp.Llama, messages: list[Any]) -> np.ndarray:
+        """Stage 1's text: the user messages' token embeddings, from the LLM's GGUF (opened once)."""
         path = os.fspath(llama.model_path)
         table = self._tables.get(path)
         if table is None:
             table = self._tables[path] = TokenEmbeddings(path)
         ids: list[int] = []
-        for text in _user_texts(messages):
+        for text in user_texts(messages):
             ids += llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         return table.rows(ids)
 
     def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
-        self._init_mtmd_context(llama)
-        text = self._text_rows(llama, messages)
-        view = _TrimmedMtmd(self, llama, text)
+        load_mmproj(self, llama)
+        text = self.text_rows(llama, messages)
+        view = TrimmedMtmd(self, llama, text)
         self.last_selection = view.selections
         self.last_text_rows = text.shape[0]
-        self._mtmd_cpp = view
-        try:
+        with use_view(self, view):
             return super().__call__(llama=llama, messages=messages, **kwargs)  # type: ignore[misc]
-        finally:
-            self._mtmd_cpp = mtmd_cpp
 
 
-def _explain_mtmd_failure(clip_model_path: str, llama: llama_cpp.Llama) -> str:
-    """Why libmtmd refused the mmproj, in words (it only logs the reason)."""
-    want = llama_cpp.llama_model_n_embd_inp(llama.model)
-    try:
-        reader = gguf.GGUFReader(clip_model_path, "r")
-        proj = next((t for t in reader.tensors if t.name == "mm.2.weight"), None)
-        if proj is not None and int(proj.shape[1]) != want:
-            return (
-                f"mmproj {clip_model_path!r} projects image rows to {int(proj.shape[1])} values, but the LLM's "
-                f"embeddings have {want}: this mmproj belongs to another LLM"
-            )
-    except Exception:  # noqa: BLE001 - the file may not even be GGUF; fall through to the generic message
-        pass
-    return f"libmtmd could not load the mmproj {clip_model_path!r} for this LLM (n_embd {want}); see its log"
-
-
-class _TrimmedMtmd:
+class TrimmedMtmd(MtmdView):
     """``llama_cpp.mtmd_cpp`` as the stock handler sees it during one trimmed call."""
 
-    def __init__(self, handler: _Trimming, llama: llama_cpp.Llama, text: np.ndarray):
+    def __init__(self, handler: Trimming, llama: llama_cpp.Llama, text: np.ndarray):
         self._handler = handler
         self._llama = llama
         self._text = text if text.shape[0] > 0 else None
         self._chunks: Any = None
         self._plans: dict[int, tuple[ImageSelection, np.ndarray]] = {}  # chunk -> (its image, kept rows)
         self.selections: list[ImageSelection] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(mtmd_cpp, name)
 
     def mtmd_tokenize(self, ctx, chunks, text, bitmaps, n_bitmaps):
         self._chunks = chunks
@@ -203,10 +174,9 @@ class _TrimmedMtmd:
         """Refuses, before encoding anything, a prompt longer than the context even after pruning
         (the Llama's token buffer has exactly n_ctx slots)."""
         text, images = 0, {}  # image id -> (rows, chunks)
-        for i in range(mtmd_cpp.mtmd_input_chunks_size(self._chunks)):
-            chunk = mtmd_cpp.mtmd_input_chunks_get(self._chunks, i)
+        for i, chunk in enumerate(input_chunks(self._chunks)):
             n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
-            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            if is_image(chunk):
                 key = mtmd_cpp.mtmd_input_chunk_get_id(chunk) or i
                 rows, count = images.get(key, (0, 0))
                 images[key] = (rows + n, count + 1)
@@ -220,24 +190,24 @@ class _TrimmedMtmd:
             )
 
     def mtmd_input_chunk_get_n_tokens(self, chunk) -> int:
-        if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+        if not is_image(chunk):
             return mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
         return len(self._plan(chunk)[1])
 
     def mtmd_helper_eval_chunk_single(self, ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past):
-        if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+        if not is_image(chunk):
             return mtmd_cpp.mtmd_helper_eval_chunk_single(
                 ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past
             )
         selection, rows = self._plan(chunk)
         start = int(getattr(n_past, "value", n_past))
         began = time.perf_counter()
-        _decode_rows(lctx, rows, start, int(getattr(seq_id, "value", seq_id)), int(n_batch))
+        decode_rows(lctx, rows, start, int(getattr(seq_id, "value", seq_id)), int(n_batch))
         selection.decode_seconds += time.perf_counter() - began
         # Token ids for the image positions: a digest of the rows the LLM saw, so that prefix
         # matching (Llama.generate) or a LlamaCache only ever reuses KV state of identical rows.
-        self._llama.input_ids[start : start + len(rows)] = _row_ids(rows, self._llama.n_vocab())
-        new_n_past._obj.value = start + len(rows)
+        self._llama.input_ids[start : start + len(rows)] = row_ids(rows, self._llama.n_vocab())
+        set_out_position(new_n_past, start + len(rows))
         return 0
 
     def _plan(self, chunk) -> tuple[ImageSelection, np.ndarray]:
@@ -257,7 +227,7 @@ class _TrimmedMtmd:
         began = time.perf_counter()
         for c in group:
             n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(c)
-            with suppress_stdout_stderr(disable=handler.verbose):  # type: ignore[attr-defined]
+            with silenced(handler.verbose):  # type: ignore[attr-defined]
                 status = mtmd_cpp.mtmd_encode_chunk(ctx, c)
             if status != 0:
                 raise RuntimeError(f"libmtmd failed to encode image {selection.image}")
@@ -290,68 +260,4 @@ class _TrimmedMtmd:
         return self._plans[key]
 
     def _image_chunks(self) -> list[Any]:
-        if self._chunks is None:
-            return []
-        chunks = (mtmd_cpp.mtmd_input_chunks_get(self._chunks, i) for i in range(mtmd_cpp.mtmd_input_chunks_size(self._chunks)))
-        return [c for c in chunks if c and mtmd_cpp.mtmd_input_chunk_get_type(c) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE]
-
-
-def _decode_rows(lctx, rows: np.ndarray, n_past: int, seq_id: int, n_batch: int) -> None:
-    """Decodes `rows` as embeddings at positions n_past.. in batches of at most n_batch rows, like
-    libmtmd's mtmd_helper_decode_image_chunk (same batches, so keeping all rows gives the same logits)."""
-    if n_batch < 1:
-        raise ValueError(f"n_batch must be >= 1, got {n_batch}")
-    n, n_embd = rows.shape  # C-contiguous float32 (fancy indexing of the copied output)
-    base = rows.ctypes.data
-    batch = llama_cpp.llama_batch_ext_init(lctx)
-    if not batch:
-        raise RuntimeError("llama_batch_ext_init failed")
-    try:
-        for first in range(0, n, n_batch):
-            llama_cpp.llama_batch_ext_clear(batch)
-            for i in range(first, min(n, first + n_batch)):
-                pointer = ctypes.cast(base + i * n_embd * 4, ctypes.POINTER(ctypes.c_float))
-                index = llama_cpp.llama_batch_ext_add_embd(batch, seq_id, llama_cpp.llama_embd(pointer, 1, n_embd))
-                if index < 0:
-                    raise RuntimeError(f"llama_batch_ext_add_embd failed ({index}) at row {i}")
-                position = llama_cpp.llama_pos(n_past + i)
-                llama_cpp.llama_batch_ext_set_pos(batch, index, ctypes.byref(position))
-            status = llama_cpp.llama_process(lctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
-            if status != 0:
-                raise RuntimeError(f"llama.cpp failed to decode image rows (status {status})")
-    finally:
-        llama_cpp.llama_batch_ext_free(batch)
-
-
-def _row_ids(rows: np.ndarray, n_vocab: int) -> np.ndarray:
-    """Token ids derived from the rows' bytes: equal rows give equal ids, other rows other ids."""
-    digest = hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).digest()
-    rng = np.random.default_rng(np.frombuffer(digest, dtype=np.uint64))
-    return rng.integers(0, n_vocab, size=rows.shape[0], dtype=np.int64)
-
-
-class TrimLlava15ChatHandler(_Trimming, Llava15ChatHandler):
-    """LLaVA-1.5 with pruned image rows: ``keep`` rows per image (default 64 of 576).
-
-    Args:
-        clip_model_path: the mmproj GGUF.
-        keep: rows kept per image: an int, a float share of the image's rows in (0, 1], or None
-            to keep every row.
-        method: a selection method of :func:`trimcpp.prune` ("trimtokenator" by default).
-        stage1_ratio: share of the rows that survive TrimTokenator's alignment stage.
-        backend: selection backend ("cpu", "cuda", "metal"), None to choose by size (see prune).
-        verbose: as the stock handler (libmtmd's log and the rendered prompt).
-        **kwargs: passed to the stock handler.
-
-    After each call, ``last_selection`` holds one :class:`ImageSelection` per image.
-    """
-
-    DEFAULT_KEEP = 64
-
-
-class TrimLlava16ChatHandler(_Trimming, Llava16ChatHandler):
-    """LLaVA-1.6 (NeXT) with pruned image rows: ``keep`` rows per image (default 320), split over the
-    image's overview and slices with :func:`trimcpp.split_budget`. Arguments as
-    :class:`TrimLlava15ChatHandler`."""
-
-    DEFAULT_KEEP = 320
+        return [] if self._chunks is None else [c for c in input_chunks(self._chunks) if is_image(c)]

@@ -1,0 +1,127 @@
+"""Where trimcpp meets llama-cpp-python: the one module that uses its private names.
+
+llama-cpp-python's chat handlers have no public hook for what trimcpp changes, so everything that
+reaches into them lives here, and only here:
+
+- a stock handler calls libmtmd through its attribute ``_mtmd_cpp`` (normally the module
+  ``llama_cpp.mtmd_cpp``): :func:`use_view` puts an :class:`MtmdView` there for one call;
+- it loads the mmproj in ``_init_mtmd_context`` (:func:`load_mmproj`) and decodes image bytes in
+  ``_create_bitmap_from_bytes``: :class:`StockHooks` wraps both and offers hooks of ours;
+- ``mtmd_helper_eval_chunk_single`` hands the new position back through a ctypes ``byref``
+  (:func:`set_out_position`);
+- libmtmd logs through ``llama_cpp._logger`` (:func:`quiet_logs`) and prints through
+  ``llama_cpp._utils`` (:func:`silenced`).
+
+It also holds the few pieces every user of llama-cpp-python in trimcpp shares: the walk over
+libmtmd's input chunks and the construction of a ``Llama``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from typing import Any, Iterator, Optional
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd_cpp
+from llama_cpp import _logger as llama_logger
+from llama_cpp._utils import suppress_stdout_stderr
+
+
+class MtmdView:
+    """``llama_cpp.mtmd_cpp`` as a stock handler sees it through :func:`use_view`: every name is the
+    module's own unless a subclass defines it."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(mtmd_cpp, name)
+
+
+@contextlib.contextmanager
+def use_view(handler: Any, view: Any) -> Iterator[None]:
+    """Within the block, the stock `handler` calls libmtmd through `view`."""
+    handler._mtmd_cpp = view
+    try:
+        yield
+    finally:
+        handler._mtmd_cpp = mtmd_cpp
+
+
+def set_view(handler: Any, view: Any) -> None:
+    """From now on the stock `handler` calls libmtmd through `view` (for a handler owned by one caller)."""
+    handler._mtmd_cpp = view
+
+
+def load_mmproj(handler: Any, llama: llama_cpp.Llama) -> None:
+    """Loads the handler's mmproj for `llama` now (the stock handler does it on its first call)."""
+    handler._init_mtmd_context(llama)
+
+
+class StockHooks:
+    """Mixed in before a stock multimodal handler: clear errors where the stock code only logs, and
+    a hook per image. A subclass defines :meth:`explain_mmproj_failure` and may define
+    :meth:`image_loaded`."""
+
+    def _init_mtmd_context(self, llama_model: llama_cpp.Llama) -> None:
+        try:
+            super()._init_mtmd_context(llama_model)  # type: ignore[misc]
+        except ValueError:
+            raise ValueError(self.explain_mmproj_failure(llama_model)) from None
+
+    def _create_bitmap_from_bytes(self, image_bytes: bytes):
+        try:
+            bitmap = super()._create_bitmap_from_bytes(image_bytes)  # type: ignore[misc]
+        except ValueError:
+            raise ValueError(
+                f"could not decode an image ({len(image_bytes)} bytes): not a PNG, JPEG, BMP, GIF or other format "
+                "libmtmd reads, or a corrupt file"
+            ) from None
+        self.image_loaded(bitmap)
+        return bitmap
+
+    def explain_mmproj_failure(self, llama: llama_cpp.Llama) -> str:
+        """Why libmtmd refused this handler's mmproj for `llama`, in words."""
+        raise NotImplementedError
+
+    def image_loaded(self, bitmap: Any) -> None:
+        """Called with each image's libmtmd bitmap, in prompt order."""
+
+
+def set_out_position(new_n_past: Any, value: int) -> None:
+    """Writes `value` through the ``byref`` out-parameter that libmtmd's eval helpers take."""
+    new_n_past._obj.value = value
+
+
+def input_chunks(chunks: Any) -> list[Any]:
+    """The chunks of a libmtmd ``mtmd_input_chunks``, in prompt order."""
+    return [mtmd_cpp.mtmd_input_chunks_get(chunks, i) for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))]
+
+
+def is_image(chunk: Any) -> bool:
+    return bool(chunk) and mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE
+
+
+def text_tokens(chunk: Any) -> list[int]:
+    """The token ids of a text chunk."""
+    n = ctypes.c_size_t()
+    ids = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+    return [ids[j] for j in range(n.value)]
+
+
+def quiet_logs(verbose: bool) -> None:
+    """libmtmd logs to stderr on its own; send it through llama-cpp-python's logger (silent unless verbose)."""
+    llama_logger.set_verbose(verbose)
+    mtmd_cpp.mtmd_helper_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def silenced(verbose: bool) -> contextlib.AbstractContextManager:
+    """A block whose C-level stdout and stderr are dropped unless `verbose`."""
+    return suppress_stdout_stderr(disable=verbose)
+
+
+def load_llama(model: str, handler: Any, *, n_ctx: int, threads: Optional[int] = None, verbose: bool = False,
+               **kwargs: Any) -> llama_cpp.Llama:
+    """A Llama with `handler` on `threads` threads (default: every core) for prompt and generation alike."""
+    threads = threads or os.cpu_count() or 1
+    return llama_cpp.Llama(model_path=model, chat_handler=handler, n_ctx=n_ctx, n_threads=threads,
+                           n_threads_batch=threads, verbose=verbose, **kwargs)
