@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ import reference as ref
 from helpers import check, check_duplicate_ties, embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["tests/cpu_driver.cpp", "csrc/select.cpp", "csrc/cpu/select.cpp", "csrc/cpu/kernels.cpp",
+SOURCES = ["tests/cpu_driver.cpp", "csrc/select.cpp", "csrc/cpu/select.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/peers.cpp",
            "csrc/cuda/no_cuda.cpp", "csrc/metal/no_metal.cpp"]
 AVX2 = ["csrc/cpu/kernels_avx2.cpp"]  # on x86-64, as CMakeLists.txt builds the module
 MODE = {"select": 0, "scores": 1, "sum": 2}
@@ -100,16 +101,21 @@ def quick_build(request, tmp_path_factory):
     return request.param, compile_driver(request.param, tmp_path_factory.mktemp(request.param))
 
 
-def run(build, v, t=None, keep=64, method="trimtokenator", ratio=0.8, seed=0, mode="select", threads=None):
-    """The driver's output for one case; ValueError with its message when the core rejects the input."""
+def run(build, v, t=None, keep=64, method="trimtokenator", ratio=0.8, seed=0, mode="select", threads=None, busy=None,
+        cpus=None):
+    """The driver's output for one case; ValueError with its message when the core rejects the input.
+    `busy`: milliseconds another thread of the driver spins while it selects (see cpu_driver.cpp)."""
     _, command = build
+    if busy is not None:
+        command = [*command, "--busy", str(busy)]
     n, d = v.shape
     t = np.zeros((0, d), np.float32) if t is None else t
     k = resolve_keep("run", keep, n)
     head = np.array([n, d, t.shape[0], k, getattr(_core.Method, method).value, MODE[mode], seed % 2**63], np.int64)
     data = head.tobytes() + np.float64(ratio).tobytes() + v.astype(np.float32).tobytes() + t.astype(np.float32).tobytes()
     env = dict(os.environ, TRIMCPP_NUM_THREADS=str(threads)) if threads else None
-    done = subprocess.run(command, input=data, capture_output=True, env=env)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    done = subprocess.run(command, input=data, capture_output=True, env=env, preexec_fn=pin)
     if done.returncode == 3:
         raise ValueError(done.stderr.decode().strip())
     assert done.returncode == 0 and not done.stderr, f"exit {done.returncode}:\n{done.stderr.decode()[-3000:]}"
@@ -155,6 +161,37 @@ def test_several_threads(build, method):
         check(method, picks, v, t, keep)
         if build[0] in ARM:
             assert np.array_equal(picks, pick_order(v, t, keep, method=method, backend="cpu"))
+
+
+@pytest.mark.parametrize("method", ["trimtokenator", "align", "divprune"])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the busy-core detection reads Linux's /proc")
+def test_busy_cores_change_nothing_in_the_picks(build, method):
+    """A thread of the process spinning on one of two CPUs (as llama.cpp's after the encoder): the
+    selection starts on the caller alone, calls in its threads when the spinner stops (after 1 or
+    5 ms) or never (the spinner outlasts it); the picks are exactly those of a free machine."""
+    v, t = embeddings(211, 4096, 40)
+    free = run(build, v, t, 64, method, threads=3)
+    for ms in (1, 5, 10_000):
+        assert np.array_equal(run(build, v, t, 64, method, threads=3, busy=ms), free), ms
+    np.testing.assert_array_equal(run(build, v, t, mode="scores", busy=10_000), run(build, v, t, mode="scores"))
+
+
+@pytest.mark.parametrize("method", ["trimtokenator", "divprune"])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pins processes to CPUs with sched_setaffinity")
+def test_a_team_that_waits_too_long_leaves_the_caller_alone(build, method):
+    """Three threads on two CPUs shared with another process spinning (which the driver cannot see
+    in its own /proc): the team starts, its waits exceed its work, the helpers leave and the caller
+    finishes alone. The picks are exactly those of a free machine."""
+    two = set(sorted(os.sched_getaffinity(0))[:2])
+    v, t = embeddings(211, 4096, 40)
+    free = run(build, v, t, 64, method, threads=3)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.sched_setaffinity(0, two))
+    try:
+        for _ in range(3):
+            assert np.array_equal(run(build, v, t, 64, method, threads=3, cpus=two), free)
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 @pytest.mark.parametrize("method", ["trimtokenator", "align", "divprune"])

@@ -19,7 +19,7 @@ import reference as ref
 from helpers import SCORED, check, check_duplicate_ties, embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["tests/gpu_emulator.cpp", "csrc/select.cpp", "csrc/cpu/select.cpp", "csrc/cpu/kernels.cpp",
+SOURCES = ["tests/gpu_emulator.cpp", "csrc/select.cpp", "csrc/cpu/select.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/peers.cpp",
            "csrc/cuda/no_cuda.cpp", "csrc/metal/no_metal.cpp"]
 METHOD = {"trimtokenator": 0, "align": 1, "divprune": 2}
 

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
@@ -20,7 +21,10 @@ inline void cpu_relax() {
 #endif
 }
 
-// A reusable barrier for a fixed number of threads; spins briefly, then yields the core.
+// A reusable barrier for a fixed number of threads. A thread that arrives early spins for about
+// a greedy step, then sleeps: a sleeping thread frees its core, so the scheduler can move a late
+// thread there (one that spun or yielded would keep the core while the late thread waits behind
+// another process's or library's thread on the other one).
 class Barrier {
  public:
   explicit Barrier(int count) : count_(count) {}
@@ -30,25 +34,45 @@ class Barrier {
     const unsigned generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == count_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
+      generation_.fetch_add(1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+        std::lock_guard<std::mutex> hold(lock_);
+        woken_.notify_all();
+      }
       return;
     }
-    for (int spin = 0; generation_.load(std::memory_order_acquire) == generation; ++spin) {
-      if (spin < 1000) cpu_relax();
-      else std::this_thread::yield();
+    for (int spin = 0; spin < kSpins; ++spin) {
+      if (generation_.load(std::memory_order_acquire) != generation) return;
+      cpu_relax();
     }
+    std::unique_lock<std::mutex> hold(lock_);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    woken_.wait(hold, [&] { return generation_.load(std::memory_order_seq_cst) != generation; });
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
   }
 
  private:
+  static constexpr int kSpins = 2000;
   const int count_;
   std::atomic<int> arrived_{0};
   std::atomic<unsigned> generation_{0};
+  std::atomic<int> sleepers_{0};
+  std::mutex lock_;
+  std::condition_variable woken_;
 };
 
-// Threads for a job touching `floats` values per pass: one per 64 Ki floats, at most the cores
-// (or TRIMCPP_NUM_THREADS when set).
+// The CPUs this process may run on (its affinity mask where the system has one).
+int usable_cpus();
+// Other threads of this process running at this moment (ids; empty where the system cannot tell).
+std::vector<int> running_peers();
+// Whether any of `peers` is still running.
+bool any_running(const std::vector<int>& peers);
+
+// Threads for a job touching `floats` values per pass: one per 64 Ki floats, at most the usable
+// CPUs (or TRIMCPP_NUM_THREADS when set). The job is cut into that many shares whatever else runs,
+// so the picks never depend on the load (cpu/select.cpp's greedy steps may still run on fewer).
 inline int thread_count(int64_t floats) {
-  int cores = static_cast<int>(std::thread::hardware_concurrency());
+  int cores = usable_cpus();
   if (const char* env = std::getenv("TRIMCPP_NUM_THREADS")) cores = std::atoi(env);
   const int64_t useful = std::max<int64_t>(1, floats / 65536);
   return static_cast<int>(std::clamp<int64_t>(useful, 1, std::clamp(cores, 1, 64)));

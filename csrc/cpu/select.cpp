@@ -1,8 +1,12 @@
 // cpu/select.cpp — the CPU backend: stage-1 alignment, the greedy stages, divprune.
-// Each selection is one SPMD region: threads own contiguous row ranges and meet at a barrier once
-// per greedy step, where every thread reduces the per-thread argmins to the same global pick.
+// Each selection is one SPMD region: threads own contiguous row ranges ("shares") and meet at a
+// barrier once per greedy step, where every thread reduces the per-share argmins to the same global
+// pick. When the team waits longer than it works (other threads hold the cores), the caller goes on
+// alone, working through every share itself with the same arithmetic, so the picks are the same,
+// and calls the others back once those threads stop (greedy, greedy_alone).
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -51,8 +55,31 @@ struct Region {
   Pick slots[2][kMaxThreads];
   const Kernels& k = kernels();
   std::atomic<bool> bad_input{false};
+  std::vector<int> peers;  // threads of the process running when the caller went alone (greedy)
+  std::chrono::steady_clock::time_point next_look{};
+  bool blind_retry = true;  // with no such thread to watch, one call back after 1 ms
+  // Leaving the team: from step leave_at on the caller goes on alone; `left` counts the helpers gone.
+  std::atomic<int64_t> leave_at{std::numeric_limits<int64_t>::max()};
+  std::atomic<int> left{0};
 
   Region(const Problem& problem, int count) : p(problem), threads(count), barrier(count) {}
+
+  // Whether the threads that kept us alone have stopped running (looked at every 50 us at most). If
+  // none was seen (they had stopped, or belong to another process), once, 1 ms after going alone.
+  bool cores_freed() {
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_look) return false;
+    next_look = now + std::chrono::microseconds(50);
+    if (!peers.empty()) return !any_running(peers);
+    if (!blind_retry) return false;
+    blind_retry = false;
+    return true;
+  }
+  // Going alone: which threads to watch, and when to look first.
+  void go_alone() {
+    peers = running_peers();
+    next_look = std::chrono::steady_clock::now() + std::chrono::microseconds(peers.empty() ? 1000 : 50);
+  }
 
   const float* row(int64_t i) const { return p.v + i * p.d; }
   double* dir(int tid) { return direction.data() + tid * p.d; }
@@ -154,47 +181,130 @@ Pick reduce_slots(const Region& r, int64_t step) {
   return best;
 }
 
-// Greedy steps on thread `tid`; values are u^_j . w (trimtokenator) or the running max of it
-// (divprune). On entry each thread's w holds the first step's direction.
+// Share `tid`'s best candidate of a step; values are u^_j . w (trimtokenator) or the running max of
+// it (divprune).
 template <bool kRunningMax>
-void greedy(Region& r, int tid, int64_t steps, int64_t* out) {
+Pick scan(Region& r, int tid, int64_t step, const float* w) {
   const int64_t d = r.p.d;
   const auto [lo, hi] = share(static_cast<int64_t>(r.candidates.size()), tid, r.threads);
   const int64_t* slice = r.alive.data() + lo;
+  const int64_t count = r.alive_count[tid];
   float dots[4];
-  for (int64_t step = 0; step < steps; ++step) {
-    const float* w = r.dir32(tid);
-    const int64_t count = r.alive_count[tid];
-    Pick best;
-    auto consider = [&](int64_t position, float dot) {
-      const int64_t index = r.candidates[position];
-      float value = dot * r.inv[index];
-      if constexpr (kRunningMax) value = r.value[position] = std::max(r.value[position], value);
-      if (better(value, index, best)) best = {value, index, position};
-    };
-    // Groups of four rows, then the rest one by one; every other step walks the groups backwards,
-    // so the rows read last (still in this core's L2) are read first again.
-    const int64_t groups = count / 4;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t a = 4 * (step & 1 ? groups - 1 - g : g);
-      r.k.dot4(r.row(r.candidates[slice[a]]), r.row(r.candidates[slice[a + 1]]),
-               r.row(r.candidates[slice[a + 2]]), r.row(r.candidates[slice[a + 3]]), w, d, dots);
-      for (int k = 0; k < 4; ++k) consider(slice[a + k], dots[k]);
-    }
-    for (int64_t a = 4 * groups; a < count; ++a) consider(slice[a], r.k.dot(r.row(r.candidates[slice[a]]), w, d));
-    r.slots[step & 1][tid] = best;
+  Pick best;
+  auto consider = [&](int64_t position, float dot) {
+    const int64_t index = r.candidates[position];
+    float value = dot * r.inv[index];
+    if constexpr (kRunningMax) value = r.value[position] = std::max(r.value[position], value);
+    if (better(value, index, best)) best = {value, index, position};
+  };
+  // Groups of four rows, then the rest one by one; every other step walks the groups backwards,
+  // so the rows read last (still in this core's L2) are read first again.
+  const int64_t groups = count / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t a = 4 * (step & 1 ? groups - 1 - g : g);
+    r.k.dot4(r.row(r.candidates[slice[a]]), r.row(r.candidates[slice[a + 1]]),
+             r.row(r.candidates[slice[a + 2]]), r.row(r.candidates[slice[a + 3]]), w, d, dots);
+    for (int k = 0; k < 4; ++k) consider(slice[a + k], dots[k]);
+  }
+  for (int64_t a = 4 * groups; a < count; ++a) consider(slice[a], r.k.dot(r.row(r.candidates[slice[a]]), w, d));
+  return best;
+}
+
+// Thread `tid`'s next direction after `pick`: the pick itself (divprune) or the running sum of picks
+// (trimtokenator).
+template <bool kRunningMax>
+void next_direction(Region& r, int tid, int64_t step, const Pick& pick) {
+  const int64_t d = r.p.d;
+  double* wd = r.dir(tid);
+  float* w32 = r.dir32(tid);
+  if (kRunningMax || step == 0) std::fill(wd, wd + d, 0.0);
+  r.k.add_scaled(wd, r.row(pick.index), r.inv[pick.index], d);
+  for (int64_t i = 0; i < d; ++i) w32[i] = static_cast<float>(wd[i]);
+}
+
+template <bool kRunningMax>
+void greedy_alone(Region& r, int64_t first, int64_t steps, int64_t* out);
+
+using Clock = std::chrono::steady_clock;
+
+// Greedy steps [first, steps) on thread `tid`, which owns share `tid`. On entry each thread's w
+// holds step `first`'s direction. Thread 0 writes the picks, and times its own scans and its waits
+// at the barrier: when, after four steps, it has waited longer than it worked, the other threads
+// are not getting a core often enough (another library's threads hold it), and the caller goes on
+// alone (two steps later, a step every thread knows of by then).
+template <bool kRunningMax>
+void greedy(Region& r, int tid, int64_t first, int64_t steps, int64_t* out) {
+  Clock::duration worked{}, waited{};
+  for (int64_t step = first; step < steps; ++step) {
+    const auto began = Clock::now();
+    r.slots[step & 1][tid] = scan<kRunningMax>(r, tid, step, r.dir32(tid));
+    const auto scanned = Clock::now();
     r.barrier.wait();
     const Pick pick = reduce_slots(r, step);
     if (tid == 0) out[step] = pick.index;
     retire(r, tid, pick.position);
-    // Next direction: the pick itself (divprune) or the running sum of picks (trimtokenator).
-    double* wd = r.dir(tid);
-    float* w32 = r.dir32(tid);
-    const float* v = r.row(pick.index);
-    const double scale = r.inv[pick.index];
-    if (kRunningMax || step == 0) std::fill(wd, wd + d, 0.0);
-    r.k.add_scaled(wd, v, scale, d);
-    for (int64_t i = 0; i < d; ++i) w32[i] = static_cast<float>(wd[i]);
+    next_direction<kRunningMax>(r, tid, step, pick);
+    if (step + 1 >= r.leave_at.load(std::memory_order_acquire)) {
+      if (tid != 0) {
+        r.left.fetch_add(1, std::memory_order_release);
+        return;
+      }
+      while (r.left.load(std::memory_order_acquire) != r.threads - 1) std::this_thread::yield();
+      r.go_alone();
+      greedy_alone<kRunningMax>(r, step + 1, steps, out);
+      return;
+    }
+    if (tid == 0) {
+      worked += scanned - began;
+      waited += Clock::now() - scanned;
+      if (step - first >= 3 && waited > worked && step + 2 < steps)
+        r.leave_at.store(step + 2, std::memory_order_release);
+    }
+  }
+}
+
+// Greedy steps on the caller alone, share by share, until the threads that hold the cores stop:
+// then the other threads start (with the caller's direction) and every thread goes on with its own
+// share from that step.
+template <bool kRunningMax>
+void greedy_alone(Region& r, int64_t first, int64_t steps, int64_t* out) {
+  for (int64_t step = first; step < steps; ++step) {
+    if (step > first && r.threads > 1 && r.cores_freed()) {
+      for (int tid = 1; tid < r.threads; ++tid) {
+        std::copy(r.dir(0), r.dir(0) + r.p.d, r.dir(tid));
+        std::copy(r.dir32(0), r.dir32(0) + r.p.d, r.dir32(tid));
+      }
+      // Every helper waits for `go` (1: all started, -1: one could not be, so the caller goes on alone).
+      std::atomic<int> go{0};
+      std::vector<std::thread> helpers;
+      try {
+        for (int tid = 1; tid < r.threads; ++tid)
+          helpers.emplace_back([&r, &go, tid, step, steps] {
+            int state;
+            while ((state = go.load(std::memory_order_acquire)) == 0) std::this_thread::yield();
+            if (state > 0) greedy<kRunningMax>(r, tid, step, steps, nullptr);
+          });
+      } catch (...) {
+        go.store(-1, std::memory_order_release);
+        for (auto& helper : helpers) helper.join();
+        helpers.clear();
+        r.peers.clear();  // no second try
+        r.blind_retry = false;
+      }
+      if (!helpers.empty()) {
+        r.leave_at.store(std::numeric_limits<int64_t>::max(), std::memory_order_relaxed);
+        r.left.store(0, std::memory_order_relaxed);
+        go.store(1, std::memory_order_release);
+        greedy<kRunningMax>(r, 0, step, steps, out);
+        for (auto& helper : helpers) helper.join();  // before `go` goes out of scope
+        return;
+      }
+    }
+    for (int tid = 0; tid < r.threads; ++tid) r.slots[step & 1][tid] = scan<kRunningMax>(r, tid, step, r.dir32(0));
+    const Pick pick = reduce_slots(r, step);
+    out[step] = pick.index;
+    for (int tid = 0; tid < r.threads; ++tid) retire(r, tid, pick.position);
+    next_direction<kRunningMax>(r, 0, step, pick);
   }
 }
 
@@ -215,32 +325,37 @@ void select_trimtokenator(Region& r, Method method, int64_t k, double stage1_rat
     r.direction.assign(static_cast<size_t>(r.threads * p.d), 0.0);
     r.direction32.assign(static_cast<size_t>(r.threads * p.d), 0.0f);
   }
+  // Stage 1: the k1 rows closest to the text centroid, in ascending index (the caller, between barriers).
+  auto survivors = [&] {
+    if (r.bad_input) return;
+    if (stage1) {
+      r.candidates = stage1_order(r, k1);
+      if (method == Method::align) std::copy(r.candidates.begin(), r.candidates.end(), out);
+      std::sort(r.candidates.begin(), r.candidates.end());
+    } else {
+      r.candidates.resize(static_cast<size_t>(p.n));
+      std::iota(r.candidates.begin(), r.candidates.end(), int64_t{0});
+    }
+    if (stage2) start_candidates(r);
+  };
+  // The survivors' sum for share `tid` (one more read of K1 rows).
+  auto survivors_sum = [&](int tid) {
+    const auto [lo, hi] = share(k1, tid, r.threads);
+    sum_normalized(r, r.sums.data() + tid * p.d, r.candidates.data() + lo, hi - lo);
+  };
+  // Without stage 1 every row is a candidate, so the first pass also sums them.
   run_parallel(r.threads, [&](int tid) {
-    // Without stage 1 every row is a candidate, so the first pass also sums them.
     row_pass(r, tid, stage1, stage2 && !stage1);
     r.barrier.wait();
-    if (tid == 0 && !r.bad_input) {
-      // Stage 1: the k1 rows closest to the text centroid, in ascending index.
-      if (stage1) {
-        r.candidates = stage1_order(r, k1);
-        if (method == Method::align) std::copy(r.candidates.begin(), r.candidates.end(), out);
-        std::sort(r.candidates.begin(), r.candidates.end());
-      } else {
-        r.candidates.resize(static_cast<size_t>(p.n));
-        std::iota(r.candidates.begin(), r.candidates.end(), int64_t{0});
-      }
-      if (stage2) start_candidates(r);
-    }
+    if (tid == 0) survivors();
     r.barrier.wait();
     if (r.bad_input || !stage2) return;
     if (stage1) {
-      // The survivors' sum: each thread adds its share of them (one more read of K1 rows).
-      const auto [lo, hi] = share(k1, tid, r.threads);
-      sum_normalized(r, r.sums.data() + tid * p.d, r.candidates.data() + lo, hi - lo);
+      survivors_sum(tid);
       r.barrier.wait();
     }
     start_direction(r, tid);
-    greedy<false>(r, tid, k, out);
+    greedy<false>(r, tid, 0, k, out);
   });
   if (r.bad_input) throw_bad_rows(p);
   // Without a greedy stage: align with text wrote its ranking; otherwise the survivors are the answer.
@@ -278,21 +393,26 @@ void select_divprune(Region& r, int64_t k, int64_t* out) {
   r.direction.assign(static_cast<size_t>(r.threads * p.d), 0.0);
   r.direction32.assign(static_cast<size_t>(r.threads * p.d), 0.0f);
   start_candidates(r);
+  // First pick: the row whose nearest other row is farthest (lowest max cosine), lowest index on ties;
+  // it becomes thread `tid`'s direction.
+  auto first_pick = [&](int tid) {
+    Pick first;
+    for (int64_t i = 0; i < p.n; ++i)
+      if (better(r.nearest[i], i, first)) first = {r.nearest[i], i, i};
+    float* w = r.dir32(tid);
+    for (int64_t i = 0; i < p.d; ++i) w[i] = r.row(first.index)[i] * r.inv[first.index];
+    return first;
+  };
   run_parallel(r.threads, [&](int tid) {
     row_pass(r, tid, false, false);
     r.barrier.wait();
     if (r.bad_input) return;
     nearest_pass(r, tid);
     r.barrier.wait();
-    // First pick: the row whose nearest other row is farthest (lowest max cosine), lowest index on ties.
-    Pick first;
-    for (int64_t i = 0; i < p.n; ++i)
-      if (better(r.nearest[i], i, first)) first = {r.nearest[i], i, i};
+    const Pick first = first_pick(tid);
     if (tid == 0) out[0] = first.index;
     retire(r, tid, first.position);
-    float* w = r.dir32(tid);
-    for (int64_t i = 0; i < p.d; ++i) w[i] = r.row(first.index)[i] * r.inv[first.index];
-    greedy<true>(r, tid, k - 1, out + 1);
+    greedy<true>(r, tid, 0, k - 1, out + 1);
   });
   if (r.bad_input) throw_bad_rows(p);
 }
