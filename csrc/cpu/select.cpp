@@ -229,9 +229,10 @@ using Clock = std::chrono::steady_clock;
 
 // Greedy steps [first, steps) on thread `tid`, which owns share `tid`. On entry each thread's w
 // holds step `first`'s direction. Thread 0 writes the picks, and times its own scans and its waits
-// at the barrier: when, after four steps, it has waited longer than it worked, the other threads
-// are not getting a core often enough (another library's threads hold it), and the caller goes on
-// alone (two steps later, a step every thread knows of by then).
+// at the barrier: when, after eight steps, it has waited more than twice as long as it worked, the
+// other threads are not getting a core often enough (another library's threads hold it; a thread
+// that is only a little late costs far less), and the caller goes on alone, two steps later (a step
+// every thread knows of by then).
 template <bool kRunningMax>
 void greedy(Region& r, int tid, int64_t first, int64_t steps, int64_t* out) {
   Clock::duration worked{}, waited{};
@@ -257,7 +258,7 @@ void greedy(Region& r, int tid, int64_t first, int64_t steps, int64_t* out) {
     if (tid == 0) {
       worked += scanned - began;
       waited += Clock::now() - scanned;
-      if (step - first >= 3 && waited > worked && step + 2 < steps)
+      if (step - first >= 7 && waited > 2 * worked && step + 2 < steps)
         r.leave_at.store(step + 2, std::memory_order_release);
     }
   }
