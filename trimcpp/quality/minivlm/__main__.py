@@ -5,6 +5,7 @@ pair, check an exported pair, write the test split. Training and ``agree`` need 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train_.add_argument("--stage", choices=list(STAGES), required=True)
     train_.add_argument("--start", type=Path, help="the folder of the stage it goes on from (that stage's --out)")
     train_.add_argument("--out", type=Path, required=True, help="where the pair, minivlm.pt and training.json go")
+    train_.add_argument("--steps", type=int, help="stop after this many steps (a smoke test; else the stage's own)")
     rebuild_ = commands.add_parser("rebuild", help="every stage in order (about 4 hours on 2 cores)")
     rebuild_.add_argument("--out", type=Path, required=True, help="one folder per stage is made here")
     for name, text in (("agree", "PyTorch's answers vs llama.cpp's on a split"),
@@ -73,6 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _needs_torch("train")
         from .train import train as run_stage
 
+        if args.steps is not None:
+            stage = dataclasses.replace(stage, steps=args.steps)
         run_stage(stage, args.out, start=args.start)
     elif args.command == "rebuild":
         rebuild(args.out)

@@ -10,7 +10,7 @@ from PIL import Image
 from ...images import image_messages
 from ..evaluate import load, normalise
 from .coverage import trimmed_llama
-from .model import MiniVLM
+from .model import MiniVLM, load_gguf
 from .template import Template
 from .train import predict
 
@@ -19,7 +19,10 @@ def agree(out: Path, data: Path) -> dict:
     """PyTorch's answers vs llama.cpp's (TrimLlava15ChatHandler, keep=None, greedy) on a split, both
     scored with :func:`trimcpp.quality.evaluate.normalise`, as ``trimcpp eval`` scores."""
     model = MiniVLM()
-    model.load_state_dict(torch.load(out / "minivlm.pt"))
+    if (out / "minivlm.pt").exists():
+        model.load_state_dict(torch.load(out / "minivlm.pt"))
+    else:  # the bundled pair ships without its checkpoint: the GGUF weights are all inference needs
+        load_gguf(model, out)
     model.eval()
     template = Template(str(out / "llm.gguf"), str(out / "mmproj.gguf"))
     before = torch.tensor(template.before)
