@@ -61,7 +61,7 @@ def missing(tools: list[str]) -> list[str]:
 _BUILT: dict[str, list[str]] = {}
 
 
-def compile_driver(name: str, folder: Path) -> list[str]:
+def compile_driver(name: str, tmp_path_factory) -> list[str]:
     """The command that runs the driver built as `name` (compiled once per test session)."""
     if name in _BUILT:
         return _BUILT[name]
@@ -72,6 +72,7 @@ def compile_driver(name: str, folder: Path) -> list[str]:
         if os.environ.get("TRIMCPP_REQUIRE_BUILDS") == "1":
             pytest.fail(message)
         pytest.skip(message)
+    folder = tmp_path_factory.mktemp(name)
     exe = folder / "cpu_driver"
     native_x86 = X86 and name not in ARM
     objects = []
@@ -92,13 +93,13 @@ def compile_driver(name: str, folder: Path) -> list[str]:
 @pytest.fixture(params=list(BUILDS))
 def build(request, tmp_path_factory):
     """(name, command) of every build."""
-    return request.param, compile_driver(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, compile_driver(request.param, tmp_path_factory)
 
 
 @pytest.fixture(params=[name for name in BUILDS if name != "valgrind"])
 def quick_build(request, tmp_path_factory):
     """(name, command) of every build but valgrind's (each of its runs costs about a second)."""
-    return request.param, compile_driver(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, compile_driver(request.param, tmp_path_factory)
 
 
 def run(build, v, t=None, keep=64, method="trimtokenator", ratio=0.8, seed=0, mode="select", threads=None, busy=None,
@@ -230,7 +231,7 @@ def test_bad_input_is_an_error_not_a_crash(build):
 @pytest.mark.parametrize("name", ARM)
 def test_arm_kernels_are_neon_vector_code(name, tmp_path_factory):
     """The 8-lane vector type compiles to NEON (128-bit .4s operations) on aarch64."""
-    command = compile_driver(name, tmp_path_factory.mktemp(name))
+    command = compile_driver(name, tmp_path_factory)
     assert subprocess.run([*command, "--isa"], capture_output=True, text=True, check=True).stdout.strip() == "generic"
     objdump = shutil.which("aarch64-linux-gnu-objdump")
     assert objdump, "binutils-aarch64-linux-gnu comes with g++-aarch64-linux-gnu"

@@ -24,19 +24,10 @@ set(CMAKE_OBJCXX_STANDARD_REQUIRED ON)
 set(trimcpp_metal_dir ${CMAKE_CURRENT_LIST_DIR})
 set(trimcpp_csrc_dir ${CMAKE_CURRENT_LIST_DIR}/..)
 
-# Compiles select.metal into `air` with the flags of the real build; sets `ok` and `log`.
-function(trimcpp_compile_kernels air ok log)
-  execute_process(
-    COMMAND xcrun -sdk macosx metal -std=metal3.0 -fno-fast-math -I ${trimcpp_csrc_dir}
-            -c ${trimcpp_metal_dir}/select.metal -o ${air}
-    RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err)
-  if(status EQUAL 0)
-    set(${ok} TRUE PARENT_SCOPE)
-  else()
-    set(${ok} FALSE PARENT_SCOPE)
-  endif()
-  set(${log} "${out}${err}" PARENT_SCOPE)
-endfunction()
+# How select.metal is compiled, by the probe and by the build (no fast math: exact IEEE rounding, as
+# the CPU backend and the emulator in tests/ compute).
+set(trimcpp_metal_compile xcrun -sdk macosx metal -std=metal3.0 -fno-fast-math -I ${trimcpp_csrc_dir}
+    -c ${trimcpp_metal_dir}/select.metal)
 
 # Sets trimcpp_metal_probe_error to why this toolchain cannot build the Metal backend ("" if it can).
 function(trimcpp_probe_metal)
@@ -48,15 +39,16 @@ function(trimcpp_probe_metal)
   if(NOT error)
     set(air ${CMAKE_BINARY_DIR}/metal-probe/select.air)
     file(MAKE_DIRECTORY ${CMAKE_BINARY_DIR}/metal-probe)
-    trimcpp_compile_kernels(${air} ok log)
-    if(ok)
+    execute_process(COMMAND ${trimcpp_metal_compile} -o ${air}
+                    RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err)
+    if(status EQUAL 0)
       execute_process(COMMAND xcrun -sdk macosx metallib ${air} -o ${CMAKE_BINARY_DIR}/metal-probe/probe.metallib
                       RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err)
       if(NOT status EQUAL 0)
         set(error "metallib failed: ${out}${err}")
       endif()
     else()
-      set(error "the kernels (select.metal) do not compile: ${log}")
+      set(error "the kernels (select.metal) do not compile: ${out}${err}")
     endif()
   endif()
   if(NOT error)
@@ -110,13 +102,11 @@ if(trimcpp_build_metal)
   target_sources(_core PRIVATE ${trimcpp_metal_dir}/select.mm)
   set_source_files_properties(${trimcpp_metal_dir}/select.mm PROPERTIES COMPILE_OPTIONS "-fobjc-arc")
   target_link_libraries(_core PRIVATE "-framework Metal" "-framework Foundation")
-  # The kernels, compiled offline into trimcpp.metallib next to _core (no fast math: exact IEEE
-  # rounding, as the CPU backend and the emulator in tests/ compute).
+  # The kernels, compiled offline into trimcpp.metallib next to _core.
   set(metallib ${CMAKE_CURRENT_BINARY_DIR}/trimcpp.metallib)
   add_custom_command(
     OUTPUT ${metallib}
-    COMMAND xcrun -sdk macosx metal -std=metal3.0 -fno-fast-math -I ${trimcpp_csrc_dir}
-            -c ${trimcpp_metal_dir}/select.metal -o ${CMAKE_CURRENT_BINARY_DIR}/select.air
+    COMMAND ${trimcpp_metal_compile} -o ${CMAKE_CURRENT_BINARY_DIR}/select.air
     COMMAND xcrun -sdk macosx metallib ${CMAKE_CURRENT_BINARY_DIR}/select.air -o ${metallib}
     DEPENDS ${trimcpp_metal_dir}/select.metal ${trimcpp_csrc_dir}/gpu/arith.h)
   add_custom_target(trimcpp_metallib ALL DEPENDS ${metallib})
