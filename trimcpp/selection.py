@@ -31,7 +31,7 @@ def available_backends() -> list[str]:
 
 
 def cpu_kernels() -> str:
-    """Which build of the CPU inner loops runs here (e.g. "avx2+fma", "portable")."""
+    """Which build of the CPU inner loops runs here ("avx2" or "generic")."""
     return _core.cpu_isa()
 
 
@@ -104,18 +104,18 @@ def _visual_text(func: str, visual: ArrayLike, text: Optional[ArrayLike]) -> tup
     return v, (t if t.shape[0] > 0 else None)
 
 
-def is_int(x: object) -> bool:
+def _is_int(x: object) -> bool:
     """An int or NumPy integer, not a bool."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _is_real(x: object) -> bool:
-    return is_int(x) or isinstance(x, (float, np.floating))
+    return _is_int(x) or isinstance(x, (float, np.floating))
 
 
 def resolve_keep(func: str, keep: Keep, n: int) -> int:
     """K for n rows: an int >= 1 as is, a float r in (0, 1] as max(1, round(r * n)) (half up)."""
-    if is_int(keep):
+    if _is_int(keep):
         if keep < 1:
             raise ValueError(f"{func}: keep must be >= 1, got {keep}")
         return int(keep)
@@ -132,7 +132,7 @@ def check_keep(func: str, keep: object) -> Optional[Keep]:
     if keep is None:
         return None
     resolve_keep(func, keep, 1)  # type: ignore[arg-type]
-    return int(keep) if is_int(keep) else float(keep)  # type: ignore[arg-type]
+    return int(keep) if _is_int(keep) else float(keep)  # type: ignore[arg-type]
 
 
 def diversity_weight(rows: int, sum_sqnorm: float) -> float:
@@ -179,7 +179,7 @@ def pick_order(
     """
     func = _func
     check_method(func, method, stage1_ratio)
-    if not is_int(seed):
+    if not _is_int(seed):
         raise TypeError(f"{func}: seed must be an int, got {type(seed).__name__}")
     check_backend(func, backend)
     v, t = _visual_text(func, visual, text)
@@ -252,7 +252,7 @@ def split_budget(images: Sequence[ArrayLike], total: int) -> list[int]:
     pairwise cosine distance, by largest remainder; the budgets sum to min(total, sum N_k).
     """
     func = "split_budget"
-    if not is_int(total):
+    if not _is_int(total):
         raise TypeError(f"{func}: total must be an int, got {type(total).__name__}")
     if isinstance(images, np.ndarray) or not isinstance(images, Sequence) or len(images) == 0:
         raise ValueError(f"{func}: images must be a non-empty list of N_k x D arrays")
