@@ -62,6 +62,28 @@ std::vector<int64_t> split_budget(const std::vector<int64_t>& sizes, const std::
   return out;
 }
 
+std::vector<Indices> select_image(const std::vector<Floats>& chunks, const std::optional<Floats>& text,
+                                  int64_t keep_count, double keep_share, trim::Method method, double stage1_ratio,
+                                  uint64_t seed) {
+  std::vector<const float*> data;
+  std::vector<int64_t> rows;
+  for (const Floats& c : chunks) {
+    data.push_back(c.data());
+    rows.push_back(c.shape(0));
+  }
+  const int64_t d = chunks.empty() ? 0 : chunks[0].shape(1);
+  const bool has_text = text && text->shape(0) > 0;
+  std::vector<std::vector<int64_t>> kept;
+  {
+    py::gil_scoped_release release;
+    kept = trim::select_image(data, rows, d, has_text ? text->data() : nullptr, has_text ? text->shape(0) : 0,
+                              trim::Keep{keep_count, keep_share}, method, stage1_ratio, seed);
+  }
+  std::vector<Indices> out;
+  for (const auto& k : kept) out.emplace_back(static_cast<py::ssize_t>(k.size()), k.data());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -85,6 +107,11 @@ PYBIND11_MODULE(_core, m) {
         "||sum of the L2-normalised rows||^2, in double.");
   m.def("split_budget", &split_budget, py::arg("sizes"), py::arg("weights"), py::arg("total"),
         "Largest-remainder budgets in [1, size] proportional to the weights.");
+  m.def("diversity_weight", &trim::diversity_weight, py::arg("rows"), py::arg("sum_sqnorm"),
+        "An image's weight in split_budget.");
+  m.def("select_image", &select_image, py::arg("chunks"), py::arg("text"), py::arg("keep_count"),
+        py::arg("keep_share"), py::arg("method"), py::arg("stage1_ratio"), py::arg("seed"),
+        "One image's kept rows per chunk, as the patched llama.cpp tools select them (CPU).");
   m.def("cpu_available", &trim::cpu::available, "Whether the CPU backend runs here.");
   m.def("cuda_available", &trim::cuda::available, "Whether this build has CUDA and a usable device.");
   m.def("cuda_device", &trim::cuda::device_name, "The CUDA device's name, or why there is none.");

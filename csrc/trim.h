@@ -57,6 +57,31 @@ int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, 
 // The stage-1 scores a_i (m >= 1) on `backend`, into out[n].
 void alignment_scores(const Problem& p, Backend backend, float* out);
 
+// One image as the trimmed handlers and patched llama.cpp's tools prune it (csrc/image.cpp).
+
+// Rows kept per image: a count >= 1, or a share in (0, 1] of the image's rows; neither (both 0): all.
+struct Keep {
+  int64_t count = 0;
+  double share = 0.0;
+};
+// K for an image of n rows: the count, or max(1, round(share * n)); n for "all". Throws InputError
+// for a negative count or a share outside (0, 1].
+int64_t keep_rows(const Keep& keep, int64_t n);
+// Rows the LLM sees of an image of `rows` rows in `chunks` chunks (at least one per chunk, at most all).
+int64_t image_target(const Keep& keep, Method method, int64_t rows, int64_t chunks);
+// An image's weight in split_budget: rows x its mean pairwise cosine distance (ALGORITHM.md).
+double diversity_weight(int64_t rows, double sum_sqnorm);
+// The kept rows of one image given as chunks (LLaVA-1.6: slices, then the overview) of rows[c] x d
+// floats each, conditioned on the text rows t (m x d, m may be 0): the image's target split over the
+// chunks with split_budget and diversity weights, each chunk pruned with its budget. Indices per
+// chunk, ascending, on the CPU backend.
+std::vector<std::vector<int64_t>> select_image(const std::vector<const float*>& chunks,
+                                               const std::vector<int64_t>& rows, int64_t d, const float* t,
+                                               int64_t m, const Keep& keep, Method method, double stage1_ratio,
+                                               uint64_t seed);
+// The Method named `name` ("trimtokenator", ...); throws InputError naming the known ones.
+Method method_named(const std::string& name);
+
 namespace cpu {
 // True when this backend can run here (always, for the CPU).
 bool available();

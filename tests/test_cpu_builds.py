@@ -31,8 +31,8 @@ import reference as ref
 from helpers import check, check_duplicate_ties, embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["tests/cpu_driver.cpp", "csrc/select.cpp", "csrc/cpu/select.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/peers.cpp",
-           "csrc/cuda/no_cuda.cpp", "csrc/metal/no_metal.cpp"]
+SOURCES = ["tests/cpu_driver.cpp", "csrc/select.cpp", "csrc/image.cpp", "csrc/cpu/select.cpp", "csrc/cpu/kernels.cpp",
+           "csrc/cpu/peers.cpp", "csrc/cuda/no_cuda.cpp", "csrc/metal/no_metal.cpp"]
 AVX2 = ["csrc/cpu/kernels_avx2.cpp"]  # on x86-64, as CMakeLists.txt builds the module
 MODE = {"select": 0, "scores": 1, "sum": 2}
 SYSROOT = "/usr/aarch64-linux-gnu"

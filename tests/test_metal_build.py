@@ -1,6 +1,6 @@
 """csrc/metal/metal.cmake: Metal never breaks the install. Its probe's every branch is configured
 here (no Xcode: a stand-in `xcrun` on PATH plays the part of a broken toolchain), in a small CMake
-project that includes metal.cmake next to a dummy `_core` target. What runs on a Mac itself (the
+project that includes metal.cmake next to a dummy `trimcpp_core` target. What runs on a Mac itself (the
 real probe passing, the backend building) cannot be checked on this machine."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def configure(tmp_path):
     project.mkdir()
     (project / "CMakeLists.txt").write_text(
         "cmake_minimum_required(VERSION 3.18)\nproject(probe LANGUAGES CXX)\n"
-        f'add_library(_core STATIC "{ROOT}/csrc/select.cpp")\ninclude("{ROOT}/csrc/metal/metal.cmake")\n')
+        f'add_library(trimcpp_core STATIC "{ROOT}/csrc/select.cpp")\ninclude("{ROOT}/csrc/metal/metal.cmake")\n')
 
     def run(*args: str, xcrun: str | None = None):
         bin_dir = tmp_path / "bin"

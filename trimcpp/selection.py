@@ -138,8 +138,7 @@ def check_keep(func: str, keep: object) -> Optional[Keep]:
 def diversity_weight(rows: int, sum_sqnorm: float) -> float:
     """An image's weight in split_budget: `rows` times its mean pairwise cosine distance, from the
     squared norm of the sum of its normalised rows (ALGORITHM.md, several images)."""
-    diversity = 1.0 - (sum_sqnorm - rows) / (rows * (rows - 1)) if rows > 1 else 1.0
-    return rows * max(diversity, 0.0)
+    return float(_core.diversity_weight(int(rows), float(sum_sqnorm)))
 
 
 def check_method(func: str, method: str, stage1_ratio: float) -> None:

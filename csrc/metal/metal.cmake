@@ -1,4 +1,4 @@
-# metal.cmake — whether and how _core gets the Metal backend (included by CMakeLists.txt).
+# metal.cmake — whether and how trimcpp_core gets the Metal backend (included by csrc/CMakeLists.txt).
 #
 # TRIMCPP_METAL: AUTO (default) builds Metal on Apple machines when a probe compiles this folder's
 # host code and kernels with the toolchain at hand, and otherwise builds the stub with a warning, so
@@ -99,9 +99,9 @@ endif()
 
 if(trimcpp_build_metal)
   enable_language(OBJCXX)
-  target_sources(_core PRIVATE ${trimcpp_metal_dir}/select.mm)
+  target_sources(trimcpp_core PRIVATE ${trimcpp_metal_dir}/select.mm)
   set_source_files_properties(${trimcpp_metal_dir}/select.mm PROPERTIES COMPILE_OPTIONS "-fobjc-arc")
-  target_link_libraries(_core PRIVATE "-framework Metal" "-framework Foundation")
+  target_link_libraries(trimcpp_core PRIVATE "-framework Metal" "-framework Foundation")
   # The kernels, compiled offline into trimcpp.metallib next to _core.
   set(metallib ${CMAKE_CURRENT_BINARY_DIR}/trimcpp.metallib)
   add_custom_command(
@@ -110,7 +110,7 @@ if(trimcpp_build_metal)
     COMMAND xcrun -sdk macosx metallib ${CMAKE_CURRENT_BINARY_DIR}/select.air -o ${metallib}
     DEPENDS ${trimcpp_metal_dir}/select.metal ${trimcpp_csrc_dir}/gpu/arith.h)
   add_custom_target(trimcpp_metallib ALL DEPENDS ${metallib})
-  add_dependencies(_core trimcpp_metallib)
+  add_dependencies(trimcpp_core trimcpp_metallib)
   install(FILES ${metallib} DESTINATION trimcpp)
   message(STATUS "trimcpp: Metal backend ON")
 else()
@@ -118,7 +118,7 @@ else()
   string(REPLACE "\\" "\\\\" reason "${trimcpp_metal_off_reason}")
   string(REPLACE "\"" "\\\"" reason "${reason}")
   file(WRITE ${CMAKE_CURRENT_BINARY_DIR}/trimcpp_metal_off.h "#define TRIMCPP_METAL_OFF_REASON \"${reason}\"\n")
-  target_sources(_core PRIVATE ${trimcpp_metal_dir}/no_metal.cpp)
-  target_include_directories(_core PRIVATE ${CMAKE_CURRENT_BINARY_DIR})
+  target_sources(trimcpp_core PRIVATE ${trimcpp_metal_dir}/no_metal.cpp)
+  target_include_directories(trimcpp_core PRIVATE ${CMAKE_CURRENT_BINARY_DIR})
   message(STATUS "trimcpp: Metal backend OFF (${trimcpp_metal_off_reason})")
 endif()

@@ -65,6 +65,31 @@ def user_texts(messages: list[Any]) -> list[str]:
     return [t for t in texts if t]
 
 
+def image_target(keep: KeepArg, method: str, rows: int, chunks: int) -> int:
+    """Rows the LLM sees of an image of `rows` rows in `chunks` chunks (at least one per chunk)."""
+    if keep is None or method == "none":
+        return rows
+    return min(rows, max(resolve_keep("keep", keep, rows), chunks))
+
+
+def select_image(chunks: list[np.ndarray], text: Optional[np.ndarray], keep: KeepArg, *, method: str,
+                 stage1_ratio: float, backend: Optional[str] = None) -> list[np.ndarray]:
+    """Kept rows (ascending) per chunk of one image whose chunks' rows are `chunks` (LLaVA-1.6: the
+    slices, then the overview): the image's target split over the chunks with split_budget, each chunk
+    pruned with its budget. The patched llama.cpp tools do the same in C++ (csrc/image.cpp)."""
+    sizes = [c.shape[0] for c in chunks]
+    target = image_target(keep, method, sum(sizes), len(chunks))
+    if target >= sum(sizes):
+        budgets = sizes
+    elif len(chunks) == 1:
+        budgets = [target]
+    else:
+        budgets = split_budget(chunks, target)
+    return [np.arange(rows.shape[0], dtype=np.int64) if budget >= rows.shape[0] else
+            prune(rows, text, budget, method=method, stage1_ratio=stage1_ratio, backend=backend)
+            for rows, budget in zip(chunks, budgets)]
+
+
 class Trimming(StockHooks):
     """The trimmed handlers' behaviour, mixed in before a stock handler class."""
 
@@ -163,13 +188,6 @@ class TrimmedMtmd(MtmdView):
             self._check_length()
         return status
 
-    def _target(self, rows: int, chunks: int) -> int:
-        """Rows kept of an image of `rows` rows in `chunks` chunks (at least one row per chunk)."""
-        keep, method = self._handler.keep, self._handler.method
-        if keep is None or method == "none":
-            return rows
-        return min(rows, max(resolve_keep("keep", keep, rows), chunks))
-
     def _check_length(self) -> None:
         """Refuses, before encoding anything, a prompt longer than the context even after pruning
         (the Llama's token buffer has exactly n_ctx slots)."""
@@ -182,7 +200,8 @@ class TrimmedMtmd(MtmdView):
                 images[key] = (rows + n, count + 1)
             else:
                 text += n
-        total = text + sum(self._target(rows, count) for rows, count in images.values())
+        handler = self._handler
+        total = text + sum(image_target(handler.keep, handler.method, rows, count) for rows, count in images.values())
         limit = len(self._llama.input_ids)
         if total > limit:
             raise ValueError(
@@ -239,20 +258,9 @@ class TrimmedMtmd(MtmdView):
         selection.rows = sum(selection.chunk_rows)
 
         began = time.perf_counter()
-        target = self._target(selection.rows, len(group))
-        if target >= selection.rows:
-            budgets = selection.chunk_rows
-        elif len(group) == 1:
-            budgets = [target]
-        else:
-            budgets = split_budget(embeddings, target)
-        for c, rows, budget in zip(group, embeddings, budgets):
-            if budget >= rows.shape[0]:
-                kept = np.arange(rows.shape[0], dtype=np.int64)
-            else:
-                kept = prune(rows, self._text, budget, method=handler.method,
-                             stage1_ratio=handler.stage1_ratio, backend=handler.backend)
-            selection.indices.append(kept)
+        selection.indices = select_image(embeddings, self._text, handler.keep, method=handler.method,
+                                         stage1_ratio=handler.stage1_ratio, backend=handler.backend)
+        for c, rows, kept in zip(group, embeddings, selection.indices):
             self._plans[int(c)] = (selection, rows[kept])
         selection.kept = sum(len(k) for k in selection.indices)
         selection.select_seconds = time.perf_counter() - began
