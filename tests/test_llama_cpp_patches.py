@@ -274,6 +274,29 @@ def test_server_image_keep_sets_the_prompt_length(server, tmp_path):
         assert pruned["usage"]["prompt_tokens"] == stock["usage"]["prompt_tokens"] - ROWS + kept
 
 
+def test_server_llava16_counts_kept_rows_over_its_chunks(server, tmp_path):
+    image = picture(tmp_path, 336, 168)  # two slices and the overview: 3 x 36 rows
+    s = server(mmproj="1.6")
+    _, every = s.chat(chat_body(image, QUESTION, image_keep=0))
+    _, pruned = s.chat(chat_body(image, QUESTION, image_keep=20))
+    assert every["usage"]["prompt_tokens"] - pruned["usage"]["prompt_tokens"] == 3 * ROWS - 20
+
+
+def test_server_completion_endpoint_takes_image_keep(server, tmp_path):
+    image = picture(tmp_path)
+    s = server()
+    marker = json.loads(s.get("/props")[1])["media_marker"]
+    prompt = {"prompt_string": marker + QUESTION, "multimodal_data": [base64.b64encode(image.read_bytes()).decode()]}
+    counts = {}
+    for keep in (0, 5):
+        code, body = s.post("/completion", {"prompt": prompt, "n_predict": 2, "temperature": 0, "image_keep": keep})
+        assert code == 200, body
+        counts[keep] = body["tokens_evaluated"]
+    assert counts[0] - counts[5] == ROWS - 5
+    code, body = s.post("/completion", {"prompt": prompt, "n_predict": 2, "image_keep": "half"})
+    assert code == 400 and "image_keep" in json.dumps(body)
+
+
 def test_server_default_keep_and_request_override(server, tmp_path):
     image = picture(tmp_path)
     s = server("--image-keep", "6")
