@@ -238,3 +238,51 @@ def test_arm_kernels_are_neon_vector_code(name, tmp_path_factory):
     code = subprocess.run([objdump, "-d", command[-1]], capture_output=True, text=True, check=True).stdout
     assert "fmla\tv" in code or "fmul\tv" in code
     assert ".4s" in code
+
+
+LIBRARY_USER = r"""
+#include <cstdio>
+#include <vector>
+#include "trim.h"
+// Reads n, d, n x d floats, m, m x d floats from stdin; prints the 8 rows trimtokenator keeps.
+int main() {
+  long n, d, m;
+  if (std::scanf("%ld %ld", &n, &d) != 2) return 2;
+  std::vector<float> v(n * d);
+  for (auto& x : v) std::scanf("%f", &x);
+  std::scanf("%ld", &m);
+  std::vector<float> t(m * d);
+  for (auto& x : t) std::scanf("%f", &x);
+  auto kept = trim::select_image({v.data()}, {n}, d, t.data(), m, trim::Keep{8, 0.0}, trim::Method::trimtokenator,
+                                 0.8, 0);
+  for (long i : kept[0]) std::printf("%ld ", i);
+  std::printf("\n");
+}
+"""
+
+
+def test_csrc_builds_alone_as_the_library_llama_cpp_links(tmp_path):
+    """csrc/CMakeLists.txt on its own (as patched llama.cpp adds it): trimcpp_core builds, and a program
+    linking it selects the rows the Python module selects."""
+    if missing(["cmake", "c++"]):
+        if os.environ.get("TRIMCPP_REQUIRE_BUILDS") == "1":
+            pytest.fail("cmake or c++ not installed (Debian: see .ci/run)")
+        pytest.skip("cmake or c++ not installed")
+    build = tmp_path / "build"
+    for step in (["cmake", "-S", str(ROOT / "csrc"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
+                 ["cmake", "--build", str(build), "--target", "trimcpp_core", "-j2"]):
+        done = subprocess.run(step, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    library = build / "libtrimcpp_core.a"
+    assert library.exists()
+    (tmp_path / "user.cpp").write_text(LIBRARY_USER)
+    exe = tmp_path / "user"
+    done = subprocess.run(["c++", "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), str(tmp_path / "user.cpp"),
+                           str(library), "-pthread", "-o", str(exe)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rng = np.random.default_rng(4)
+    v = (rng.normal(size=(40, 12)) + 0.5).astype(np.float32)
+    t = rng.normal(size=(3, 12)).astype(np.float32)
+    text = f"40 12 {' '.join(map(repr, v.ravel().tolist()))} 3 {' '.join(map(repr, t.ravel().tolist()))}"
+    out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True).stdout.split()
+    assert [int(i) for i in out] == list(trimcpp.prune(v, t, 8))

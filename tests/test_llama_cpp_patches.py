@@ -18,6 +18,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -199,16 +200,19 @@ def free_port() -> int:
 class Server:
     """llama-server on 127.0.0.1, started by the test and stopped after it."""
 
-    def __init__(self, tools: Path, template: str, llm: str, mmproj: str, *flags: str):
+    def __init__(self, tools: Path, template: str, llm: str, mmproj: str, *flags: str, env: dict | None = None):
         self.port = free_port()
+        self.log = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill up and stall the server
         self.process = subprocess.Popen(
             [str(tools / "llama-server"), "-m", llm, "--mmproj", mmproj, "--host", "127.0.0.1", "--port",
              str(self.port), "--jinja", "--chat-template-file", template, "-c", "1024", "-np", "1", "-t", "2",
-             "-fa", "off", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             "-fa", "off", *flags], stdout=self.log, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, **(env or {})))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"llama-server exited ({self.process.returncode}): {self.process.stdout.read()[-3000:]}")
+                self.log.seek(0)
+                raise AssertionError(f"llama-server exited ({self.process.returncode}): {self.log.read()[-3000:]}")
             try:
                 if self.get("/health")[0] == 200:
                     return
@@ -241,6 +245,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.log.close()
 
 
 def chat_body(image: Path, question: str, **extra) -> dict:
@@ -254,8 +259,8 @@ def chat_body(image: Path, question: str, **extra) -> dict:
 def server(tools, template, models):
     started = []
 
-    def start(*flags: str, mmproj: str = "1.5") -> Server:
-        started.append(Server(tools, template, models["llm"], models[mmproj], *flags))
+    def start(*flags: str, mmproj: str = "1.5", env: dict | None = None) -> Server:
+        started.append(Server(tools, template, models["llm"], models[mmproj], *flags, env=env))
         return started[-1]
 
     yield start
@@ -297,9 +302,10 @@ def test_server_completion_endpoint_takes_image_keep(server, tmp_path):
     assert code == 400 and "image_keep" in json.dumps(body)
 
 
-def test_server_default_keep_and_request_override(server, tmp_path):
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_server_default_keep_and_request_override(server, tmp_path, how):
     image = picture(tmp_path)
-    s = server("--image-keep", "6")
+    s = server("--image-keep", "6") if how == "flag" else server(env={"LLAMA_ARG_IMAGE_KEEP": "6"})
     _, default = s.chat(chat_body(image, QUESTION))
     _, every = s.chat(chat_body(image, QUESTION, image_keep=0))
     assert every["usage"]["prompt_tokens"] - default["usage"]["prompt_tokens"] == ROWS - 6
