@@ -155,6 +155,13 @@ def test_cli_prompt_counts_text_plus_kept_rows(tools, models, tmp_path):
     assert [len(k) for k in pruned.kept] == [5]
 
 
+def test_cli_same_picture_twice_is_two_images(tools, models, tmp_path):
+    """Two copies of one picture (one id) in a prompt are two images, each with its own budget."""
+    image = picture(tmp_path)
+    run = run_cli(tools, models["llm"], models["1.5"], image, "--image", str(image), "--image-keep", "5")
+    assert len(run.kept) == 2 and run.kept[0] == run.kept[1] and len(run.kept[0]) == 5
+
+
 @pytest.mark.parametrize("version, size", [("1.5", (84, 84)), ("1.6", (336, 168))])
 def test_cli_without_the_flag_is_the_stock_tool(tools, models, tmp_path, version, size):
     """No --image-keep: every row, no selection log, and the stock Python handler's prompt and answer."""
