@@ -128,7 +128,9 @@ def patched_python(tools: Path, **request) -> dict:
     libs = (tools / "llama-mtmd-cli").resolve().parent
     request = {"question": QUESTION, "max_tokens": N_PREDICT, **request}
     done = subprocess.run([sys.executable, "-c", HANDLER_PROBE, json.dumps(request)], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, LLAMA_CPP_LIB_PATH=str(libs), MTMD_CPP_LIB=str(libs)))
+                          timeout=300, env=dict(os.environ, LLAMA_CPP_LIB_PATH=str(libs), MTMD_CPP_LIB=str(libs)),
+                          cwd=libs)  # not the clone's root, whose trimcpp/ has no _core
+
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
