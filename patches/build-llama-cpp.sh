@@ -12,7 +12,8 @@
 #       builds and installs llama-cpp-python 0.3.36 into the current Python from the same sdist with
 #       the class-token fix (0001) applied (pip's own build: 10-15 minutes on 2 cores)
 #
-# The build is CPU-portable by default (no -march=native, no web UI download, no network at all).
+# The build is CPU-portable by default (no -march=native, no web UI download, no network but pip's).
+# The sdist is kept in $TRIMCPP_DOWNLOADS (default: ~/.cache/trimcpp/downloads, or $TRIMCPP_CACHE/downloads).
 set -euo pipefail
 
 VERSION=0.3.36
@@ -45,11 +46,13 @@ for tool in git cmake "$PY"; do
   command -v "$tool" >/dev/null || die "'$tool' is not installed"
 done
 
-# 1. The sdist, from the package registry, checked against its known sha256.
-SDIST=$OUT/download/llama_cpp_python-$VERSION.tar.gz
+# 1. The sdist, from the package registry (once), checked against its known sha256.
+DOWNLOADS=${TRIMCPP_DOWNLOADS:-${TRIMCPP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/trimcpp}/downloads}
+SDIST=$DOWNLOADS/llama_cpp_python-$VERSION.tar.gz
 if [ ! -f "$SDIST" ]; then
   echo "== fetching the llama-cpp-python $VERSION sdist with pip"
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: --dest "$OUT/download" "llama-cpp-python==$VERSION" \
+  mkdir -p "$DOWNLOADS"
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: --dest "$DOWNLOADS" "llama-cpp-python==$VERSION" \
     || die "pip could not download the llama-cpp-python $VERSION sdist"
 fi
 GOT=$("$PY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$SDIST")

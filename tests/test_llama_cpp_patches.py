@@ -29,6 +29,8 @@ import pytest
 from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler
 from PIL import Image
 
+from trimcpp.testing import cache_dir
+
 from helpers import ROWS
 
 # The prompts llama-cpp-python's handlers render for one user turn (image first), as templates that
@@ -415,18 +417,23 @@ def test_class_token_fix_gives_patches_in_raster_order(tools, models, tmp_path):
     assert result["changed"] == {"0,0": [0], "0,1": [1], "2,3": [15], "5,5": [35]}
 
 
-# patches/build-llama-cpp.sh: its failures say what went wrong. It runs from a copy of patches/ next
-# to a copy of the sdist that the CI build downloaded, so nothing is fetched and nothing is built.
+# patches/build-llama-cpp.sh: its failures say what went wrong. It runs from a copy of patches/ with
+# the sdist the CI build downloaded, so nothing is fetched and nothing is built.
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def script_copy(tools, tmp_path):
-    """(copy of build-llama-cpp.sh in a copied patches/, an --out folder holding the downloaded sdist)."""
-    sdist = next((tools.resolve().parent / "download").glob("llama_cpp_python-*.tar.gz"), None)
+    """(copy of build-llama-cpp.sh in a copied patches/, an --out folder, environment with a downloads
+    folder that holds the sdist)."""
+    downloads = Path(os.environ.get("TRIMCPP_DOWNLOADS") or cache_dir() / "downloads")
+    sdist = next(downloads.glob("llama_cpp_python-*.tar.gz"), None)
     if sdist is None:
-        pytest.skip(f"no downloaded sdist next to {tools} (built by another script?)")
+        message = f"no llama-cpp-python sdist in {downloads}, where patches/build-llama-cpp.sh keeps it"
+        if os.environ.get("TRIMCPP_REQUIRE_BUILDS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
     (tmp_path / "patches").mkdir()
     for path in (ROOT / "patches").rglob("*"):
         target = tmp_path / "patches" / path.relative_to(ROOT / "patches")
@@ -435,31 +442,33 @@ def script_copy(tools, tmp_path):
         else:
             target.write_bytes(path.read_bytes())
             target.chmod(path.stat().st_mode)
-    out = tmp_path / "out"
-    (out / "download").mkdir(parents=True)
-    (out / "download" / sdist.name).symlink_to(sdist)
-    return tmp_path / "patches" / "build-llama-cpp.sh", out
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / sdist.name).symlink_to(sdist)
+    env = dict(os.environ, TRIMCPP_DOWNLOADS=str(tmp_path / "downloads"))
+    return tmp_path / "patches" / "build-llama-cpp.sh", tmp_path / "out", env
 
 
 def test_build_script_names_a_patch_that_does_not_apply(script_copy):
-    script, out = script_copy
+    script, out, env = script_copy
     broken = next(script.parent.glob("llama.cpp/0002-*.patch"))
     lines = broken.read_text().split("\n")
     hunk = next(i for i, line in enumerate(lines) if line.startswith("@@"))
     context = next(i for i in range(hunk + 1, len(lines)) if lines[i].startswith(" ") and lines[i].strip())
     lines[context] = " // a line llama.cpp does not have"  # the hunk's context no longer matches
     broken.write_text("\n".join(lines))
-    done = subprocess.run(["bash", str(script), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["bash", str(script), "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=env)
     assert done.returncode != 0
     assert f"{broken.name} does not apply" in done.stderr
     assert "applied 0001-" in done.stdout  # the patch before it did apply
 
 
 def test_build_script_checks_the_sdist(script_copy):
-    script, out = script_copy
-    sdist = next((out / "download").iterdir())
+    script, out, env = script_copy
+    sdist = next(Path(env["TRIMCPP_DOWNLOADS"]).iterdir())
     sdist.unlink()
     sdist.write_bytes(b"not the sdist")
-    done = subprocess.run(["bash", str(script), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["bash", str(script), "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=env)
     assert done.returncode != 0
     assert "expected 832db069" in done.stderr and "delete it to download again" in done.stderr
