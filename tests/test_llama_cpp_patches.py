@@ -11,6 +11,7 @@ TRIMCPP_REQUIRE_BUILDS=1 (CI), which fails them.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -345,6 +346,22 @@ def test_server_never_reuses_rows_chosen_for_another_question(server, tools, tmp
     _, expected = server().chat(chat_body(image, second, image_keep=6))
     assert reused["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
     assert reused["usage"]["prompt_tokens"] == expected["usage"]["prompt_tokens"]
+
+
+def test_server_concurrent_requests_prune_while_others_decode(server, tmp_path):
+    """Two slots, eight requests at once (pruned and not, two pictures): the server encodes pruned images
+    on its HTTP threads while its loop encodes and decodes others; every answer is the one the same
+    request gets alone."""
+    images = [picture(tmp_path, seed=s) for s in (1, 2)]
+    bodies = [chat_body(images[i % 2], QUESTION, image_keep=[0, 5, 9, "0.5"][i % 4]) for i in range(8)]
+    s = server("-np", "2", "-c", "2048")
+    alone = [s.chat(dict(body, cache_prompt=False)) for body in bodies]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda body: s.chat(dict(body, cache_prompt=False)), bodies))
+    for (code_a, a), (code_b, b) in zip(alone, together):
+        assert code_a == code_b == 200
+        assert a["usage"] == b["usage"]
+        assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
 
 
 @pytest.mark.parametrize("keep", [-1, 1.5, "lots", True, [8], 0.0])
