@@ -315,6 +315,14 @@ def test_rows_carry_the_patches_layout_says(models, tmp_path, encoded_rows, clas
         assert layout[0, 0] == -1 and layout[0, 14] == 0  # patch 0 is in no row
 
 
+def test_class_token_last_says_what_this_libmtmd_does():
+    """llama-cpp-python's own libmtmd (no class-token fix): the row of patch p is p - 1, as the test above
+    finds; tests/test_llama_cpp_patches.py checks the answer for a libmtmd with the fix."""
+    from trimcpp.layout import class_token_last
+
+    assert class_token_last() is True
+
+
 def test_console_script_is_installed():
     script = shutil.which("trimcpp")
     assert script is not None

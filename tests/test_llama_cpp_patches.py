@@ -417,13 +417,15 @@ for py, px in ((0, 0), (0, 1), (2, 3), (5, 5)):
     pixels = grey.copy()
     pixels[14 * py: 14 * py + 14, 14 * px: 14 * px + 14] = 250
     changed[f"{py},{px}"] = np.flatnonzero(np.abs(rows(pixels) - base).max(axis=1) > 1e-4).tolist()
-print(json.dumps({"rows": int(base.shape[0]), "changed": changed}))
+from trimcpp.layout import class_token_last
+print(json.dumps({"rows": int(base.shape[0]), "changed": changed, "class_token_last": class_token_last()}))
 """
 
 
 def test_class_token_fix_gives_patches_in_raster_order(tools, models, tmp_path):
     """With 0001, a one-layer mmproj's row r carries patch r (raster order) and no row is the class
-    token; unpatched libmtmd gives patch r + 1 in row r (tests/test_cli.py checks that)."""
+    token; unpatched libmtmd gives patch r + 1 in row r (tests/test_cli.py checks that), and
+    trimcpp.layout.class_token_last tells the two apart."""
     libs = (tools / "llama-mtmd-cli").resolve().parent
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(libs), MTMD_CPP_LIB=str(libs))
     done = subprocess.run([sys.executable, "-c", CLASS_TOKEN_PROBE, models["llm"], str(tmp_path)], env=env,
@@ -432,6 +434,7 @@ def test_class_token_fix_gives_patches_in_raster_order(tools, models, tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rows"] == ROWS
     assert result["changed"] == {"0,0": [0], "0,1": [1], "2,3": [15], "5,5": [35]}
+    assert result["class_token_last"] is False  # so `trimcpp show` maps row r to patch r here
 
 
 # patches/build-llama-cpp.sh: its failures say what went wrong. It runs from a copy of patches/ with

@@ -11,6 +11,7 @@ Exit status: 0 on success, 2 for bad arguments or unreadable files, 1 when the m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -126,7 +127,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .layout import chunks, read_vision
+    from .layout import chunks, class_token_last, read_vision
     from .show import render
 
     llama, handler, image_bytes, version = _session(args)
@@ -134,6 +135,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     [selection] = handler.last_selection
     image = Image.open(io.BytesIO(image_bytes))
     vision = read_vision(args.mmproj)
+    if vision.class_token:  # row r is patch r + 1 only in a libmtmd without the class-token fix
+        vision = dataclasses.replace(vision, class_token=class_token_last())
     parts = chunks(vision, *image.size)
     if selection.chunk_rows != [vision.grid**2] * len(parts):
         raise RuntimeError(f"libmtmd cut the image into chunks of {selection.chunk_rows} rows; the layout expected "

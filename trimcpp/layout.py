@@ -18,14 +18,17 @@ Rows and patches: with an mmproj that has CLIP's class embedding (every real LLa
 libmtmd of llama-cpp-python 0.3.36 puts the class token after the patches but still takes rows
 1..n of the encoder's output (llama.cpp issue #25814, fix in PR #25844, not merged): row r carries
 patch r + 1, patch 0 reaches the LLM in no row, and the last row is the class token. The mapping
-below follows what libmtmd does (``Vision.class_token``), checked against it in the tests.
+below follows what libmtmd does (``Vision.class_token``), checked against it in the tests. A libmtmd
+with the fix (patches/llama.cpp 0001) gives patch r in row r: :func:`class_token_last` tells which.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import tempfile
 
 import gguf
 import numpy as np
@@ -38,7 +41,7 @@ class Vision:
     image_size: int  # S: side of the encoder's square input
     patch_size: int
     pinpoints: tuple[tuple[int, int], ...] = ()  # (width, height) candidates; LLaVA-1.6 only
-    class_token: bool = False  # the mmproj has v.class_embd: row r is patch r + 1 (see above)
+    class_token: bool = False  # the mmproj has v.class_embd (and libmtmd puts it last): row r is patch r + 1
 
     @property
     def grid(self) -> int:
@@ -72,6 +75,33 @@ def read_vision(mmproj_path: os.PathLike | str) -> Vision:
     flat = value("clip.vision.image_grid_pinpoints") or []
     return Vision(int(size), int(patch), tuple((int(w), int(h)) for w, h in zip(flat[0::2], flat[1::2])),
                   class_token=any(t.name == "v.class_embd" for t in reader.tensors))
+
+
+@functools.lru_cache(maxsize=None)
+def class_token_last() -> bool:
+    """Whether the libmtmd in use puts CLIP's class token last (llama.cpp #25814, stock llama-cpp-python
+    0.3.36): row r then carries patch r + 1. False for a libmtmd with the fix. Found out once per process
+    with a tiny one-layer mmproj, whose rows each depend on one patch only: brightening patch 1 changes
+    row 0 in stock libmtmd and row 1 with the fix (about a second)."""
+    from .llamacpp import encode_image, load_llama, silenced
+    from .testing import SHAPES, write_llm, write_mmproj
+
+    shape = dataclasses.replace(SHAPES["tiny"], n_layer=1, v_layer=1)
+    grid = shape.image_size // shape.patch_size
+    with tempfile.TemporaryDirectory() as folder:
+        llm = write_llm(os.path.join(folder, "llm.gguf"), shape)
+        mmproj = str(write_mmproj(os.path.join(folder, "mmproj.gguf"), shape, class_token=True))
+        with silenced(False):
+            llama = load_llama(str(llm), None, n_ctx=64, threads=1)
+            grey = np.full((shape.image_size, shape.image_size, 3), 128, np.uint8)
+            bright = grey.copy()
+            bright[: shape.patch_size, shape.patch_size: 2 * shape.patch_size] = 250  # patch 1
+            [base], [changed] = encode_image(llama, mmproj, grey), encode_image(llama, mmproj, bright)
+            del llama
+    rows = np.flatnonzero(np.abs(changed - base).max(axis=1) > 1e-4).tolist()
+    if rows not in ([0], [1]) or base.shape[0] != grid * grid:
+        raise RuntimeError(f"libmtmd's LLaVA rows follow neither known layout (patch 1 changed rows {rows})")
+    return rows == [0]
 
 
 @dataclasses.dataclass(frozen=True)

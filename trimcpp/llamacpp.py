@@ -13,7 +13,8 @@ reaches into them lives here, and only here:
   ``llama_cpp._utils`` (:func:`silenced`).
 
 It also holds the few pieces every user of llama-cpp-python in trimcpp shares: the walk over
-libmtmd's input chunks and the construction of a ``Llama``.
+libmtmd's input chunks, encoding one picture on its own (:func:`encode_image`) and the
+construction of a ``Llama``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Iterator, Optional
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd_cpp
+import numpy as np
 from llama_cpp import _logger as llama_logger
 from llama_cpp._utils import suppress_stdout_stderr
 
@@ -106,6 +108,38 @@ def text_tokens(chunk: Any) -> list[int]:
     n = ctypes.c_size_t()
     ids = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
     return [ids[j] for j in range(n.value)]
+
+
+def encode_image(llama: llama_cpp.Llama, mmproj: str, pixels: np.ndarray) -> list[np.ndarray]:
+    """The image rows libmtmd makes of `pixels` (H x W x 3 uint8) with `mmproj` for `llama`'s LLM, per
+    chunk: a context of its own (one thread, CPU), freed before returning."""
+    params = mtmd_cpp.mtmd_context_params_default()
+    params.use_gpu, params.print_timings, params.n_threads, params.warmup = False, False, 1, False
+    ctx = mtmd_cpp.mtmd_init_from_file(os.fsencode(mmproj), llama.model, params)
+    if not ctx:
+        raise ValueError(f"libmtmd could not load the mmproj {mmproj!r}")
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    bitmap = mtmd_cpp.mtmd_bitmap_init(pixels.shape[1], pixels.shape[0],
+                                       pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+    chunks = mtmd_cpp.mtmd_input_chunks_init()
+    try:
+        marker = mtmd_cpp.mtmd_default_marker()
+        text = mtmd_cpp.mtmd_input_text(marker, len(marker), False, True)
+        if mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (ctypes.c_void_p * 1)(bitmap), 1) != 0:
+            raise RuntimeError("libmtmd could not tokenise the image")
+        n_embd = llama_cpp.llama_model_n_embd_inp(llama.model)
+        rows = []
+        for chunk in filter(is_image, input_chunks(chunks)):
+            if mtmd_cpp.mtmd_encode_chunk(ctx, chunk) != 0:
+                raise RuntimeError("libmtmd could not encode the image")
+            n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+            out = np.ctypeslib.as_array(mtmd_cpp.mtmd_get_output_embd(ctx), shape=(n * n_embd,))
+            rows.append(out.reshape(n, n_embd).copy())
+        return rows
+    finally:
+        mtmd_cpp.mtmd_input_chunks_free(chunks)
+        mtmd_cpp.mtmd_bitmap_free(bitmap)
+        mtmd_cpp.mtmd_free(ctx)
 
 
 def quiet_logs(verbose: bool) -> None:
