@@ -314,6 +314,20 @@ def test_server_completion_endpoint_takes_image_keep(server, tmp_path):
     assert code == 400 and "image_keep" in json.dumps(body)
 
 
+@pytest.mark.parametrize("version, size", [("1.5", (84, 84)), ("1.6", (336, 168))])
+def test_server_token_count_endpoint_counts_kept_rows(server, tmp_path, version, size):
+    """/v1/chat/completions/input_tokens (no encoding) says what a chat request's usage.prompt_tokens says."""
+    image = picture(tmp_path, *size)
+    s = server("--image-keep", "7", mmproj=version)
+    for extra in ({}, {"image_keep": 0}, {"image_keep": 20}, {"image_keep": 0.5}):
+        body = chat_body(image, QUESTION, **extra)
+        code, counted = s.post("/v1/chat/completions/input_tokens", body)
+        assert code == 200, counted
+        assert counted["input_tokens"] == s.chat(body)[1]["usage"]["prompt_tokens"]
+    code, error = s.post("/v1/chat/completions/input_tokens", chat_body(image, QUESTION, image_keep=-2))
+    assert code == 400 and "image_keep" in json.dumps(error)
+
+
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_server_default_keep_and_request_override(server, tmp_path, how):
     image = picture(tmp_path)
