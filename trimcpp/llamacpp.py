@@ -110,6 +110,15 @@ def text_tokens(chunk: Any) -> list[int]:
     return [ids[j] for j in range(n.value)]
 
 
+def encoded_rows(ctx: Any, chunk: Any, n_embd: int) -> Optional[np.ndarray]:
+    """The rows libmtmd encodes of one image chunk (n x n_embd, copied: the next encode overwrites
+    libmtmd's buffer), or None when encoding fails."""
+    if mtmd_cpp.mtmd_encode_chunk(ctx, chunk) != 0:
+        return None
+    n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+    return np.ctypeslib.as_array(mtmd_cpp.mtmd_get_output_embd(ctx), shape=(n * n_embd,)).reshape(n, n_embd).copy()
+
+
 def encode_image(llama: llama_cpp.Llama, mmproj: str, pixels: np.ndarray) -> list[np.ndarray]:
     """The image rows libmtmd makes of `pixels` (H x W x 3 uint8) with `mmproj` for `llama`'s LLM, per
     chunk: a context of its own (one thread, CPU), freed before returning."""
@@ -130,11 +139,10 @@ def encode_image(llama: llama_cpp.Llama, mmproj: str, pixels: np.ndarray) -> lis
         n_embd = llama_cpp.llama_model_n_embd_inp(llama.model)
         rows = []
         for chunk in filter(is_image, input_chunks(chunks)):
-            if mtmd_cpp.mtmd_encode_chunk(ctx, chunk) != 0:
+            encoded = encoded_rows(ctx, chunk, n_embd)
+            if encoded is None:
                 raise RuntimeError("libmtmd could not encode the image")
-            n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
-            out = np.ctypeslib.as_array(mtmd_cpp.mtmd_get_output_embd(ctx), shape=(n * n_embd,))
-            rows.append(out.reshape(n, n_embd).copy())
+            rows.append(encoded)
         return rows
     finally:
         mtmd_cpp.mtmd_input_chunks_free(chunks)

@@ -29,7 +29,17 @@ import llama_cpp.mtmd_cpp as mtmd_cpp
 import numpy as np
 
 from ..embeddings import TokenEmbeddings
-from ..llamacpp import MtmdView, StockHooks, input_chunks, is_image, load_mmproj, set_out_position, silenced, use_view
+from ..llamacpp import (
+    MtmdView,
+    StockHooks,
+    encoded_rows,
+    input_chunks,
+    is_image,
+    load_mmproj,
+    set_out_position,
+    silenced,
+    use_view,
+)
 from ..selection import Keep, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
 from .decode import decode_rows, row_ids
 
@@ -245,15 +255,12 @@ class TrimmedMtmd(MtmdView):
         embeddings = []
         began = time.perf_counter()
         for c in group:
-            n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(c)
             with silenced(handler.verbose):  # type: ignore[attr-defined]
-                status = mtmd_cpp.mtmd_encode_chunk(ctx, c)
-            if status != 0:
+                rows = encoded_rows(ctx, c, n_embd)
+            if rows is None:
                 raise RuntimeError(f"libmtmd failed to encode image {selection.image}")
-            # The output buffer is overwritten by the next encode: copy it now.
-            embd = np.ctypeslib.as_array(mtmd_cpp.mtmd_get_output_embd(ctx), shape=(n * n_embd,))
-            embeddings.append(embd.reshape(n, n_embd).copy())
-            selection.chunk_rows.append(n)
+            embeddings.append(rows)
+            selection.chunk_rows.append(rows.shape[0])
         selection.encode_seconds = time.perf_counter() - began
         selection.rows = sum(selection.chunk_rows)
 
