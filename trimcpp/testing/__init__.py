@@ -57,6 +57,10 @@ class Shape:
     v_ff: int
     v_type: str = "f16"  # vision matrices: "f16" or "f32"
     n_ctx_train: int = 4096
+    n_head_kv: int = 0  # 0: n_head (no grouped-query attention)
+    head_dim: int = 0  # 0: n_embd / n_head (Gemma 3 sets it)
+    v_merge: int = 1  # patches merged per side into one row (Qwen: 2; Gemma 3: pooling 4)
+    v_window_pattern: int = 0  # Qwen2.5-VL: every n-th vision layer attends globally
 
     @property
     def patches(self) -> int:
@@ -308,21 +312,68 @@ def write_mmproj(path: os.PathLike | str, shape: Shape, *, version: str = "1.5",
     return path
 
 
+# The other families' shapes: tiny ones for tests, and real sizes for benchmarks.
+FAMILY_SHAPES = {
+    "qwen2.5-vl": {
+        # Rows follow the picture (one per 28 x 28 pixels); a 224 x 168 picture gives 8 x 6 = 48.
+        "tiny": Shape(n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=512, n_vocab=4096, weight_type="f16",
+                      image_size=224, patch_size=14, v_embd=64, v_layer=2, v_head=4, v_ff=160, v_merge=2,
+                      v_window_pattern=2),
+        # Qwen2.5-VL-3B-Instruct: the LLM in Q4_0 and its 32-layer vision tower in F16.
+        "3b": Shape(n_embd=2048, n_layer=36, n_head=16, n_head_kv=2, n_ff=11008, n_vocab=151936, weight_type="q4_0",
+                    image_size=560, patch_size=14, v_embd=1280, v_layer=32, v_head=16, v_ff=3420, v_merge=2,
+                    v_window_pattern=8, n_ctx_train=32768),
+        # Qwen2.5-VL-7B-Instruct.
+        "7b": Shape(n_embd=3584, n_layer=28, n_head=28, n_head_kv=4, n_ff=18944, n_vocab=152064, weight_type="q4_0",
+                    image_size=560, patch_size=14, v_embd=1280, v_layer=32, v_head=16, v_ff=3420, v_merge=2,
+                    v_window_pattern=8, n_ctx_train=32768),
+    },
+    "gemma3": {
+        # 224 px, patch 14, pooled 2 x 2: 64 rows per image.
+        "tiny": Shape(n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64, n_ff=512, n_vocab=2048,
+                      weight_type="f16", image_size=224, patch_size=14, v_embd=64, v_layer=2, v_head=4, v_ff=160,
+                      v_merge=2),
+        # Gemma-3-4B-it: the LLM in Q4_0 and SigLIP-so400m at 896 px (4096 patches pooled to 256 rows).
+        "4b": Shape(n_embd=2560, n_layer=34, n_head=8, n_head_kv=4, head_dim=256, n_ff=10240, n_vocab=262208,
+                    weight_type="q4_0", image_size=896, patch_size=14, v_embd=1152, v_layer=27, v_head=16,
+                    v_ff=4304, v_merge=4, n_ctx_train=32768),
+    },
+}
+FAMILIES = ("llava", *FAMILY_SHAPES)
+
+
 def write_pair(directory: os.PathLike | str, shape: str | Shape = "tiny", *, version: str = "1.5",
-               embd_type: Optional[str] = None, seed: int = 0,
+               family: str = "llava", embd_type: Optional[str] = None, seed: int = 0,
                progress: Optional[Callable[[int, int], None]] = None) -> tuple[Path, Path]:
-    """Writes ``llm-<name>.gguf`` and ``mmproj-<name>-llava<version>.gguf`` into `directory`
-    (skipping files already there) and returns their paths."""
-    spec = SHAPES[shape] if isinstance(shape, str) else shape
+    """Writes an LLM and its mmproj into `directory` (skipping files already there) and returns
+    their paths: for LLaVA ``llm-<name>.gguf`` (shared by both versions) and
+    ``mmproj-<name>-llava<version>.gguf``; for ``family`` "qwen2.5-vl" or "gemma3"
+    ``llm-<family>-<name>.gguf`` and ``mmproj-<family>-<name>.gguf`` (shapes in FAMILY_SHAPES)."""
+    from . import families
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    table = SHAPES if family == "llava" else FAMILY_SHAPES[family]
+    if isinstance(shape, str) and shape not in table:
+        raise ValueError(f"{family} shapes are {', '.join(table)}, got {shape!r}")
+    spec = table[shape] if isinstance(shape, str) else shape
     name = shape if isinstance(shape, str) else "custom"
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    suffix = f"-{embd_type}" if embd_type else ""
-    llm = directory / f"llm-{name}{suffix}.gguf"
-    mmproj = directory / f"mmproj-{name}-llava{version}.gguf"
-    for target, write in ((llm, lambda p: write_llm(p, spec, embd_type=embd_type, seed=seed, progress=progress)),
-                          (mmproj, lambda p: write_mmproj(p, spec, version=version, seed=seed + 1,
-                                                          progress=progress))):
+    if family == "llava":
+        suffix = f"-{embd_type}" if embd_type else ""
+        llm = directory / f"llm-{name}{suffix}.gguf"
+        mmproj = directory / f"mmproj-{name}-llava{version}.gguf"
+        write_l = lambda p: write_llm(p, spec, embd_type=embd_type, seed=seed, progress=progress)  # noqa: E731
+        write_m = lambda p: write_mmproj(p, spec, version=version, seed=seed + 1, progress=progress)  # noqa: E731
+    else:
+        llm = directory / f"llm-{family}-{name}.gguf"
+        mmproj = directory / f"mmproj-{family}-{name}.gguf"
+        llm_writer, mmproj_writer = {"qwen2.5-vl": (families.write_qwen_llm, families.write_qwen_mmproj),
+                                     "gemma3": (families.write_gemma_llm, families.write_gemma_mmproj)}[family]
+        write_l = lambda p: llm_writer(p, spec, seed=seed, progress=progress)  # noqa: E731
+        write_m = lambda p: mmproj_writer(p, spec, seed=seed + 1, progress=progress)  # noqa: E731
+    for target, write in ((llm, write_l), (mmproj, write_m)):
         if not target.exists():
             partial = target.with_suffix(".partial")
             write(partial)
