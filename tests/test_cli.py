@@ -54,7 +54,7 @@ def test_bench_default_models_go_to_the_user_cache(capsys, tmp_path, monkeypatch
     assert sorted(p.name for p in (cache / "models").iterdir()) == ["llm-tiny.gguf", "mmproj-tiny-llava1.5.gguf"]
     assert list(work.iterdir()) == []
     result = json.loads(out)
-    assert result["shape"] == "tiny" and result["repeat"] == 2 and result["llava"] == "1.5"
+    assert result["shape"] == "tiny" and result["repeat"] == 2 and result["chat_format"] == "llava-1-5"
     assert result["image"] == {"source": "synthetic", "width": 640, "height": 480}
     assert [(e["handler"], e["keep"], e["rows"], e["kept"]) for e in result["results"]] == [
         ("stock", None, ROWS, ROWS), ("trimmed", 16, ROWS, 16), ("trimmed", 8, ROWS, 8)]
@@ -89,7 +89,7 @@ def test_bench_llava16(capsys, models, tmp_path):
                        "--keep", "30", "--json")
     assert code == 0
     result = json.loads(out)
-    assert result["llava"] == "1.6"
+    assert result["chat_format"] == "llava-1-6"
     stock, trimmed = result["results"]
     assert stock["rows"] == 3 * ROWS and (trimmed["rows"], trimmed["kept"]) == (3 * ROWS, 30)
 
@@ -123,7 +123,7 @@ def test_timed_stock_handler_gives_the_stock_logits(models, tmp_path):
         return response["choices"][0]["message"]["content"], np.array(llama.scores[n - 1: n - 1 + generated])
 
     expected, expected_logits = answer()
-    timed = ttft.timed_stock("1.5", models["1.5"], verbose=False)
+    timed = ttft.timed_stock("llava-1-5", models["1.5"], verbose=False)
     sample = ttft.request(llama, timed, messages)  # also makes `timed` the Llama's handler
     assert (sample.rows, sample.kept, sample.select_s) == (ROWS, ROWS, 0.0) and sample.encode_s > 0
     got, logits = answer()
@@ -183,7 +183,7 @@ def test_chat_argument_errors(capsys, models, tmp_path):
     code, _, err = cli(capsys, "chat", "--model", tmp_path / "no.gguf", "--mmproj", models["1.5"], "--image", image, "hi")
     assert code == 2 and "model" in err and "does not exist" in err
     code, _, err = cli(capsys, "chat", "--model", models["llm"], "--mmproj", models["llm"], "--image", image, "hi")
-    assert code == 2 and "not a LLaVA mmproj" in err
+    assert code == 2 and "is not an mmproj" in err
     for args in (["--keep", "many"], ["--method", "best"]):
         with pytest.raises(SystemExit) as stop:
             main(["chat", *files(models), "--image", image, *args, "hi"])

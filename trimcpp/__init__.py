@@ -1,4 +1,4 @@
-"""trimcpp: keep the image rows a local LLaVA needs (TrimTokenator), so the first token comes sooner."""
+"""trimcpp: keep the image rows a local vision LLM needs (TrimTokenator), so the first token comes sooner."""
 
 from typing import TYPE_CHECKING, Any
 
@@ -6,8 +6,16 @@ from .selection import alignment_scores, available_backends, prune, split_budget
 
 __all__ = [
     "ImageSelection",
+    "TrimGemma4ChatHandler",
+    "TrimLlama3VisionAlphaChatHandler",
     "TrimLlava15ChatHandler",
     "TrimLlava16ChatHandler",
+    "TrimMTMDChatHandler",
+    "TrimMiniCPMv26ChatHandler",
+    "TrimMoondreamChatHandler",
+    "TrimNanoLlavaChatHandler",
+    "TrimObsidianChatHandler",
+    "TrimQwen25VLChatHandler",
     "alignment_scores",
     "available_backends",
     "prune",
@@ -16,14 +24,24 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .handlers import ImageSelection, TrimLlava15ChatHandler, TrimLlava16ChatHandler
-
-_HANDLERS = ("ImageSelection", "TrimLlava15ChatHandler", "TrimLlava16ChatHandler")
+    from .handlers import (
+        ImageSelection,
+        TrimGemma4ChatHandler,
+        TrimLlama3VisionAlphaChatHandler,
+        TrimLlava15ChatHandler,
+        TrimLlava16ChatHandler,
+        TrimMiniCPMv26ChatHandler,
+        TrimMoondreamChatHandler,
+        TrimMTMDChatHandler,
+        TrimNanoLlavaChatHandler,
+        TrimObsidianChatHandler,
+        TrimQwen25VLChatHandler,
+    )
 
 
 def __getattr__(name: str) -> Any:
     # The handlers load llama-cpp-python's shared libraries: only when asked for.
-    if name in _HANDLERS:
+    if name in __all__:
         from . import handlers
 
         return getattr(handlers, name)

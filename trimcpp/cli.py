@@ -1,6 +1,6 @@
 """The ``trimcpp`` command.
 
-    trimcpp bench [--shape 7b|small|tiny] [--model M --mmproj P] [--image I] [--prompt Q] [--keep 192,128,64]
+    trimcpp bench [--family llava|qwen2.5-vl|gemma3] [--shape ...] [--model M --mmproj P] [--image I] [--keep 192,128,64]
     trimcpp chat  --model M --mmproj P --image I [--keep 64|0.25|all] [--method ...] "question"
     trimcpp show  --model M --mmproj P --image I [--keep ...] [--out kept.png] "question"
     trimcpp eval  [--model M --mmproj P --data DIR] [--keep 576,192,128,64,32] [--methods ...]
@@ -25,7 +25,16 @@ from . import images
 from .images import image_messages
 from .selection import METHODS, Keep
 
-SHAPE_NOTES = {"tiny": "a few seconds", "small": "about 10 s", "7b": "about 5 minutes, 4.4 GB written once"}
+# Synthetic pairs per family (trimcpp.testing), with what writing them costs once.
+SHAPE_NOTES = {
+    "llava": {"tiny": "a few seconds", "small": "about 10 s", "7b": "LLaVA-1.5-7B, about 5 minutes, 4.4 GB"},
+    "qwen2.5-vl": {"tiny": "a few seconds", "3b": "Qwen2.5-VL-3B, about 3 GB", "7b": "Qwen2.5-VL-7B, about 5.7 GB"},
+    "gemma3": {"tiny": "a few seconds", "4b": "Gemma-3-4B, about 3.2 GB"},
+}
+DEFAULT_SHAPE = {"llava": "7b", "qwen2.5-vl": "7b", "gemma3": "4b"}
+# llama-cpp-python's chat formats trimcpp has a trimmed handler for (trimcpp.handlers.HANDLERS).
+CHAT_FORMATS = ("llava-1-5", "llava-1-6", "obsidian", "moondream", "nanollava", "llama-3-vision-alpha",
+                "minicpm-v-2.6", "qwen2.5-vl", "mtmd", "gemma4")
 
 
 class UsageError(Exception):
@@ -69,14 +78,18 @@ def _existing(path: str, what: str) -> str:
     return path
 
 
-def _version(args: argparse.Namespace) -> str:
-    from .layout import read_vision
+def _chat_format(args: argparse.Namespace) -> str:
+    """--chat-format, else --llava, else what the mmproj's projector says (trimcpp.layout.chat_format)."""
+    from .layout import chat_format
 
+    if getattr(args, "chat_format", None):
+        return args.chat_format
+    if getattr(args, "llava", None):
+        return {"1.5": "llava-1-5", "1.6": "llava-1-6"}[args.llava]
     try:
-        detected = read_vision(args.mmproj).version
+        return chat_format(args.mmproj)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    return args.llava or detected
 
 
 def _session(args: argparse.Namespace):
@@ -87,10 +100,10 @@ def _session(args: argparse.Namespace):
     image = read_image(args.image)
     _existing(args.model, "model")
     _existing(args.mmproj, "mmproj")
-    version = _version(args)
+    chat_format = _chat_format(args)
     try:
         options = {"keep": args.keep} if hasattr(args, "keep") else {}  # else the handler's default
-        handler = HANDLERS[version][1](clip_model_path=args.mmproj, method=args.method,
+        handler = HANDLERS[chat_format][1](clip_model_path=args.mmproj, method=args.method,
                                        stage1_ratio=args.stage1_ratio, verbose=args.verbose, **options)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
@@ -100,7 +113,7 @@ def _session(args: argparse.Namespace):
     except ValueError as error:
         raise UsageError(f"cannot load model {args.model!r}: {error}") from None
     load_mmproj(handler, llama)  # load the mmproj now: the time to first token is the request's
-    return llama, handler, image, version
+    return llama, handler, image, chat_format
 
 
 def _counts(handler: Any) -> tuple[int, int]:
@@ -127,30 +140,34 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .layout import chunks, class_token_last, read_vision
+    from .layout import chunk_size, chunks, class_token_last, read_vision
     from .show import render
 
-    llama, handler, image_bytes, version = _session(args)
+    try:
+        vision = read_vision(args.mmproj)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    llama, handler, image_bytes, chat_format = _session(args)
     llama.create_chat_completion(messages=image_messages(image_bytes, args.question), max_tokens=1, temperature=0.0)
     [selection] = handler.last_selection
     image = Image.open(io.BytesIO(image_bytes))
-    vision = read_vision(args.mmproj)
     if vision.class_token:  # row r is patch r + 1 only in a libmtmd without the class-token fix
         vision = dataclasses.replace(vision, class_token=class_token_last())
     parts = chunks(vision, *image.size)
-    if selection.chunk_rows != [vision.grid**2] * len(parts):
+    expected = [a * b for a, b in (chunk_size(vision, part) for part in parts)]
+    if selection.chunk_rows != expected:
         raise RuntimeError(f"libmtmd cut the image into chunks of {selection.chunk_rows} rows; the layout expected "
-                           f"{len(parts)} of {vision.grid**2} (unsupported preprocessing)")
+                           f"{expected} (unsupported preprocessing)")
     caption = None
     if not args.no_caption:
         caption = (f"Q: {args.question}\nkept {selection.kept} of {selection.rows} image rows "
-                   f"({handler.method}, LLaVA-{version}, image {image.size[0]}x{image.size[1]})")
+                   f"({handler.method}, {chat_format}, image {image.size[0]}x{image.size[1]})")
     render(image, vision, selection.indices, caption).save(args.out)
     print(f"wrote {args.out}: kept {selection.kept} of {selection.rows} image rows")
     return 0
 
 
-def _default_pair(shape: str, version: str) -> tuple[str, str]:
+def _default_pair(family: str, shape: str, version: str) -> tuple[str, str]:
     """The synthetic pair of `shape` in the user cache, written on first use with a progress bar."""
     from tqdm import tqdm
 
@@ -167,7 +184,7 @@ def _default_pair(shape: str, version: str) -> tuple[str, str]:
             bar = tqdm(total=total, desc=f"writing {shape} model files to {folder}", unit="tensor", leave=False)
         bar.update(done - bar.n)
 
-    llm, mmproj = write_pair(folder, shape, version=version, progress=progress)
+    llm, mmproj = write_pair(folder, shape, family=family, version=version, progress=progress)
     if bar is not None:
         bar.close()
     return str(llm), str(mmproj)
@@ -184,10 +201,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--model and --mmproj go together (or neither, for the synthetic --shape)")
     if args.model:
         model, mmproj = _existing(args.model, "model"), _existing(args.mmproj, "mmproj")
-        version = _version(args)
+        chat_format = _chat_format(args)
     else:
-        version = args.llava or "1.5"
-        model, mmproj = _default_pair(args.shape, version)
+        family = args.family
+        shape = args.shape or DEFAULT_SHAPE[family]
+        if shape not in SHAPE_NOTES[family]:
+            raise UsageError(f"{family} shapes are {', '.join(SHAPE_NOTES[family])}, got {shape!r}")
+        if args.llava and family != "llava":
+            raise UsageError("--llava goes with --family llava")
+        args.shape = shape
+        model, mmproj = _default_pair(family, shape, args.llava or "1.5")
+        chat_format = args.chat_format or {"llava": "llava-1-6" if args.llava == "1.6" else "llava-1-5",
+                                           "qwen2.5-vl": "qwen2.5-vl", "gemma3": "mtmd"}[family]
     if args.image:
         image = read_image(args.image)
     else:
@@ -202,7 +227,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bar.update()
 
         result = ttft.run(model, mmproj, image_messages(image, args.prompt), args.keep, repeat=args.repeat,
-                           version=version, method=args.method, n_ctx=args.n_ctx, threads=args.threads, on_step=step)
+                           chat_format=chat_format, method=args.method, n_ctx=args.n_ctx, threads=args.threads,
+                           on_step=step)
     width, height = Image.open(io.BytesIO(image)).size
     result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height},
                   shape=None if args.model else args.shape)
@@ -210,7 +236,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     m = result["machine"]
-    print(f"model   {model}\nmmproj  {mmproj}  (LLaVA-{version})\nimage   {result['image']['source']} "
+    print(f"model   {model}\nmmproj  {mmproj}  ({chat_format})\nimage   {result['image']['source']} "
           f"{width}x{height}, prompt {args.prompt!r}\nmachine {m['cpu']}, {m['cores']} cores, {result['threads']} "
           f"threads; medians of {args.repeat} interleaved rounds\n")
     print(ttft.table(result))
@@ -231,18 +257,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     args.mmproj = paths["mmproj"]
-    version = _version(args)
+    chat_format = _chat_format(args)
     methods = list(dict.fromkeys(args.methods))
     quiet_logs(args.verbose)
     steps = len(questions) * sum(1 if m == "none" else len(args.keep) for m in methods)
     with tqdm(total=steps, desc="questions x (method, keep)", unit="req", leave=False) as bar:
-        result = evaluate.run(paths["model"], paths["mmproj"], questions, methods, args.keep, version=version,
+        result = evaluate.run(paths["model"], paths["mmproj"], questions, methods, args.keep, chat_format=chat_format,
                               n_ctx=args.n_ctx, threads=args.threads, on_step=bar.update)
     result["data"] = paths["data"]
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"model   {paths['model']}\nmmproj  {paths['mmproj']}  (LLaVA-{version})\ndata    {paths['data']}\n")
+        print(f"model   {paths['model']}\nmmproj  {paths['mmproj']}  ({chat_format})\ndata    {paths['data']}\n")
         print(evaluate.table(result))
     return 0
 
@@ -256,11 +282,15 @@ def parse_methods(text: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trimcpp", description="Prune a local LLaVA's image rows (TrimTokenator).")
+    parser = argparse.ArgumentParser(prog="trimcpp",
+                                     description="Prune a local vision LLM's image rows (TrimTokenator).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,chat,show,eval}")
 
     def common(sub: argparse.ArgumentParser, method: bool = True) -> None:
-        sub.add_argument("--llava", choices=("1.5", "1.6"), help="chat format and slicing (default: from the mmproj)")
+        sub.add_argument("--llava", choices=("1.5", "1.6"), help="LLaVA's chat format and slicing (default: from the mmproj)")
+        sub.add_argument("--chat-format", choices=CHAT_FORMATS,
+                         help="llama-cpp-python's chat format (default: from the mmproj's projector; 'mtmd' uses the "
+                              "LLM GGUF's own template)")
         if method:  # eval takes several, as --methods
             sub.add_argument("--method", choices=METHODS, default="trimtokenator", help="selection method")
         sub.add_argument("--n-ctx", type=int, default=4096, help="context size (default 4096)")
@@ -268,10 +298,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--verbose", action="store_true", help="llama.cpp's and libmtmd's logs")
 
     bench = commands.add_parser("bench", help="time to first token, stock vs trimmed",
-                                description="Time to first token of the stock LLaVA handler against the trimmed one.")
-    bench.add_argument("--shape", choices=("tiny", "small", "7b"), default="7b",
-                       help="synthetic model when --model is not given: "
-                       + "; ".join(f"{k}: {v}" for k, v in SHAPE_NOTES.items()))
+                                description="Time to first token of the stock handler against the trimmed one.")
+    bench.add_argument("--family", choices=tuple(SHAPE_NOTES), default="llava",
+                       help="synthetic model family when --model is not given (default llava)")
+    bench.add_argument("--shape", choices=sorted({s for shapes in SHAPE_NOTES.values() for s in shapes}),
+                       help="synthetic model size (default: 7b; gemma3 4b): "
+                       + "; ".join(f"{f} {k}: {v}" for f, notes in SHAPE_NOTES.items() for k, v in notes.items()))
     bench.add_argument("--model", help="your LLM GGUF")
     bench.add_argument("--mmproj", help="your mmproj GGUF")
     bench.add_argument("--image", help="image path, '-' or data: URI (default: a synthetic 640x480 picture)")
@@ -291,7 +323,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--mmproj", required=True, help="mmproj GGUF")
         sub.add_argument("--image", required=True, help="image path, '-' (standard input) or data: URI")
         sub.add_argument("--keep", type=parse_keep, default=argparse.SUPPRESS,
-                         help="rows kept per image: a count, a share in (0, 1] or 'all' (default 64; LLaVA-1.6 320)")
+                         help="rows kept per image: a count, a share in (0, 1] or 'all' (default 64; LLaVA-1.6 "
+                              "320; other families 1/9 of each image's rows)")
         sub.add_argument("--stage1-ratio", type=float, default=0.8, help="TrimTokenator's stage-1 share (default 0.8)")
         common(sub)
     chat, show = commands.choices["chat"], commands.choices["show"]

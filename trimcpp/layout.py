@@ -1,6 +1,6 @@
-"""Where each image row comes from: libmtmd's LLaVA preprocessing, run backwards.
+"""Where each image row comes from: libmtmd's preprocessing, run backwards.
 
-libmtmd (llama.cpp ``tools/mtmd``, projector ``mlp``) turns a W x H picture into chunks of
+LLaVA (projector ``mlp``): libmtmd turns a W x H picture into chunks of
 ``(image_size / patch_size)^2`` rows, one row per patch, row-major:
 
 - LLaVA-1.5 (no grid pinpoints in the mmproj): one chunk. The picture is scaled by
@@ -9,6 +9,13 @@ libmtmd (llama.cpp ``tools/mtmd``, projector ``mlp``) turns a W x H picture into
   to S x S. A larger one is scaled and centred (as above) on the best pinpoint resolution
   (``select_best_resolution``: most effective pixels, then least waste), cut into S x S slices
   left to right, top to bottom; the overview (the whole picture stretched to S x S) comes last.
+
+Gemma 3 (``gemma3``): one chunk; the picture scaled and centred on S x S as for LLaVA-1.5, and one
+row per ``merge x merge`` patches (average pooling; 4 x 4 at 896 px: 16 x 16 rows), row-major.
+Qwen2-VL / Qwen2.5-VL (``qwen2vl_merger``, ``qwen2.5vl_merger``): one chunk on a canvas that
+follows the picture (each side rounded to a multiple of 28 pixels, between 8 and 4096 rows:
+``calc_size_preserved_ratio``), scaled and centred on it, one row per 2 x 2 patches, row-major
+(the order of libmtmd's M-RoPE positions: row i at x = i % nx, y = i // nx).
 
 The arithmetic below mirrors ``mtmd-image.cpp`` (float32 scales, ``ceil``/truncation where it
 has them), so the chunk count and rows per chunk equal libmtmd's; :func:`pixel_rows` maps every
@@ -33,29 +40,69 @@ import tempfile
 import gguf
 import numpy as np
 
+QWEN_PROJECTORS = ("qwen2vl_merger", "qwen2.5vl_merger")
+QWEN_ROWS = (8, 4096)  # libmtmd's limits on a Qwen2/2.5-VL image's rows (set_limit_image_tokens)
+
 
 @dataclasses.dataclass(frozen=True)
 class Vision:
     """The mmproj settings that decide the layout."""
 
-    image_size: int  # S: side of the encoder's square input
+    image_size: int  # S: side of the encoder's square input (Qwen: unused, the canvas follows the picture)
     patch_size: int
     pinpoints: tuple[tuple[int, int], ...] = ()  # (width, height) candidates; LLaVA-1.6 only
     class_token: bool = False  # the mmproj has v.class_embd (and libmtmd puts it last): row r is patch r + 1
+    projector: str = "mlp"
+    merge: int = 1  # patches per side that make one row (Qwen: 2; Gemma 3: its pooling)
+
+    @property
+    def cell(self) -> int:
+        """Pixels per side of the square one row covers (on the encoder's canvas)."""
+        return self.patch_size * self.merge
 
     @property
     def grid(self) -> int:
-        """Patches per side of one chunk."""
-        return self.image_size // self.patch_size
+        """Rows per side of one square chunk (LLaVA, Gemma 3)."""
+        return self.image_size // self.cell
 
     @property
     def version(self) -> str:
         """"1.6" when the mmproj has grid pinpoints (llava_uhd slicing), else "1.5"."""
         return "1.6" if self.pinpoints else "1.5"
 
+    @property
+    def chat_format(self) -> str:
+        """llama-cpp-python's chat format for this projector (see :func:`chat_format`)."""
+        return _format(self.projector, bool(self.pinpoints))
 
-def read_vision(mmproj_path: os.PathLike | str) -> Vision:
-    """The layout settings of an mmproj GGUF (ValueError if it is not a LLaVA ``mlp`` mmproj)."""
+    def canvas(self, width: int, height: int) -> tuple[int, int]:
+        """The encoder's input size for a `width` x `height` picture (one chunk)."""
+        if self.projector not in QWEN_PROJECTORS:
+            return self.image_size, self.image_size
+        align = self.cell
+        least, most = QWEN_ROWS[0] * align * align, QWEN_ROWS[1] * align * align
+        w_bar = max(align, math.floor(_f32(width / align) + 0.5) * align)  # std::round: half away from 0
+        h_bar = max(align, math.floor(_f32(height / align) + 0.5) * align)
+        if w_bar * h_bar > most:
+            beta = _f32(math.sqrt(_f32(float(height) * width / most)))
+            h_bar = max(align, math.floor(_f32(height / beta) / align) * align)
+            w_bar = max(align, math.floor(_f32(width / beta) / align) * align)
+        elif w_bar * h_bar < least:
+            beta = _f32(math.sqrt(_f32(least / _f32(float(height) * width))))
+            h_bar = math.ceil(_f32(height * beta) / align) * align
+            w_bar = math.ceil(_f32(width * beta) / align) * align
+        return w_bar, h_bar
+
+
+def _format(projector: str, pinpoints: bool) -> str:
+    if projector == "mlp":
+        return "llava-1-6" if pinpoints else "llava-1-5"
+    if projector in QWEN_PROJECTORS:
+        return "qwen2.5-vl"
+    return "mtmd"
+
+
+def _read(mmproj_path: os.PathLike | str):
     try:
         reader = gguf.GGUFReader(os.fspath(mmproj_path), "r")
     except (OSError, ValueError) as error:
@@ -65,16 +112,41 @@ def read_vision(mmproj_path: os.PathLike | str) -> Vision:
         field = reader.get_field(key)
         return None if field is None else field.contents()
 
+    return reader, value
+
+
+def chat_format(mmproj_path: os.PathLike | str) -> str:
+    """The llama-cpp-python chat format (a key of trimcpp.handlers.HANDLERS) that serves an mmproj:
+    ``llava-1-5``/``llava-1-6`` for LLaVA's ``mlp`` projector (1.6 with grid pinpoints),
+    ``qwen2.5-vl`` for Qwen2/2.5-VL's, ``mtmd`` (the LLM GGUF's own chat template) for any other."""
+    _, value = _read(mmproj_path)
+    projector = value("clip.projector_type") or value("clip.vision.projector_type")
+    if not projector:
+        raise ValueError(f"{os.fspath(mmproj_path)!r} is not an mmproj (no clip.projector_type)")
+    return _format(str(projector), bool(value("clip.vision.image_grid_pinpoints")))
+
+
+def read_vision(mmproj_path: os.PathLike | str) -> Vision:
+    """The layout settings of an mmproj GGUF (ValueError unless its projector is one whose layout
+    this module knows: LLaVA ``mlp``, ``gemma3``, ``qwen2vl_merger``, ``qwen2.5vl_merger``)."""
+    reader, value = _read(mmproj_path)
     projector = value("clip.projector_type")
     size, patch = value("clip.vision.image_size"), value("clip.vision.patch_size")
-    if projector != "mlp" or not size or not patch:
+    known = ("mlp", "gemma3", *QWEN_PROJECTORS)
+    if projector not in known or not size or not patch:
         raise ValueError(
-            f"{os.fspath(mmproj_path)!r} is not a LLaVA mmproj (projector {projector!r}, image size {size}, "
-            f"patch {patch}); trimcpp handles projector 'mlp'"
+            f"{os.fspath(mmproj_path)!r} has projector {projector!r} (image size {size}, patch {patch}); trimcpp "
+            f"maps rows to patches for {', '.join(known)}"
         )
+    merge = 1
+    if projector == "gemma3":
+        merge = int(value("clip.vision.projector.scale_factor") or 4)
+    elif projector in QWEN_PROJECTORS:
+        merge = int(value("clip.vision.spatial_merge_size") or 2)
     flat = value("clip.vision.image_grid_pinpoints") or []
     return Vision(int(size), int(patch), tuple((int(w), int(h)) for w, h in zip(flat[0::2], flat[1::2])),
-                  class_token=any(t.name == "v.class_embd" for t in reader.tensors))
+                  class_token=any(t.name == "v.class_embd" for t in reader.tensors), projector=str(projector),
+                  merge=merge)
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,15 +178,23 @@ def class_token_last() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """One encoded square: original pixel x maps to ``(x + 0.5) * scale_x + offset_x - left`` in it."""
+    """One encoded picture: original pixel x maps to ``(x + 0.5) * scale_x + offset_x - left`` in it."""
 
     name: str
     scale_x: float
     scale_y: float
     offset_x: int  # where the scaled picture starts on its canvas
     offset_y: int
-    left: int  # where this square starts on the canvas (slices)
+    left: int  # where this chunk starts on the canvas (slices)
     top: int
+    width: int = 0  # the chunk's size in pixels on the canvas; 0: the vision's square image_size
+    height: int = 0
+
+
+def chunk_size(vision: Vision, chunk: Chunk) -> tuple[int, int]:
+    """Rows across and down of `chunk`: it has their product."""
+    width, height = chunk.width or vision.image_size, chunk.height or vision.image_size
+    return width // vision.cell, height // vision.cell
 
 
 def _f32(x: float) -> float:
@@ -148,8 +228,10 @@ def chunks(vision: Vision, width: int, height: int) -> list[Chunk]:
     side = vision.image_size
     stretched = Chunk("overview", side / width, side / height, 0, 0, 0, 0)
     if not vision.pinpoints:
-        new_w, new_h = _scaled_size(width, height, side, side)
-        return [Chunk("image", new_w / width, new_h / height, (side - new_w) // 2, (side - new_h) // 2, 0, 0)]
+        canvas_w, canvas_h = vision.canvas(width, height)
+        new_w, new_h = _scaled_size(width, height, canvas_w, canvas_h)
+        return [Chunk("image", new_w / width, new_h / height, (canvas_w - new_w) // 2, (canvas_h - new_h) // 2, 0, 0,
+                      canvas_w, canvas_h)]
     if width <= side and height <= side:
         return [stretched]
     canvas_w, canvas_h = _best_resolution(width, height, vision.pinpoints)
@@ -165,10 +247,11 @@ def chunks(vision: Vision, width: int, height: int) -> list[Chunk]:
 def pixel_rows(vision: Vision, chunk: Chunk, width: int, height: int) -> np.ndarray:
     """height x width int64: the row of `chunk` that carries the patch covering each pixel's centre,
     -1 if none (padding, or patch 0 when the mmproj has a class token)."""
-    side, size = vision.image_size, vision.patch_size
+    size = vision.cell
+    across, down = chunk_size(vision, chunk)
     x = (np.arange(width) + 0.5) * chunk.scale_x + chunk.offset_x - chunk.left
     y = (np.arange(height) + 0.5) * chunk.scale_y + chunk.offset_y - chunk.top
-    px = np.where((x >= 0) & (x < side), np.floor(x / size), -1).astype(np.int64)
-    py = np.where((y >= 0) & (y < side), np.floor(y / size), -1).astype(np.int64)
-    rows = py[:, None] * vision.grid + px[None, :] - vision.class_token  # libmtmd's shift, see above
+    px = np.where((x >= 0) & (x < across * size), np.floor(x / size), -1).astype(np.int64)
+    py = np.where((y >= 0) & (y < down * size), np.floor(y / size), -1).astype(np.int64)
+    rows = py[:, None] * across + px[None, :] - vision.class_token  # libmtmd's shift, see above
     return np.where((py[:, None] >= 0) & (px[None, :] >= 0) & (rows >= 0), rows, -1)

@@ -1,4 +1,4 @@
-"""Time to first token: llama-cpp-python's stock LLaVA handler against the trimmed one, side by side.
+"""Time to first token: a llama-cpp-python stock handler against its trimmed counterpart, side by side.
 
 One ``Llama`` serves both handlers. Each round runs the stock handler, then the trimmed handler at
 every budget (interleaved, so drifts in machine speed hit all of them alike); the table holds the
@@ -24,7 +24,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd_cpp
-from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler
 
 from ..handlers import HANDLERS
 from ..llamacpp import MtmdView, is_image, load_llama, load_mmproj, set_view
@@ -64,17 +63,14 @@ class TimedStock:
         set_view(self, self.timer)
 
 
-class TimedLlava15(TimedStock, Llava15ChatHandler):
-    """The stock LLaVA-1.5 handler with its encode timed."""
+def timed_stock(chat_format: str, clip_model_path: str, **kwargs: Any) -> TimedStock:
+    """The stock handler of `chat_format` (a key of trimcpp.handlers.HANDLERS) with its encode timed
+    (see the module doc)."""
+    stock = HANDLERS[chat_format][0]
+    timed = type(f"Timed{stock.__name__}", (TimedStock, stock), {})
+    return timed(clip_model_path=clip_model_path, **kwargs)
 
 
-class TimedLlava16(TimedStock, Llava16ChatHandler):
-    """The stock LLaVA-1.6 handler with its encode timed."""
-
-
-def timed_stock(version: str, clip_model_path: str, **kwargs: Any) -> TimedStock:
-    """The stock handler of `version` ("1.5" or "1.6") with its encode timed (see the module doc)."""
-    return {"1.5": TimedLlava15, "1.6": TimedLlava16}[version](clip_model_path=clip_model_path, **kwargs)
 @dataclasses.dataclass
 class Sample:
     """One request."""
@@ -107,7 +103,8 @@ def request(llama: llama_cpp.Llama, handler: Any, messages: list[dict]) -> Sampl
                   sum(i.select_seconds for i in images), ttft)
 
 
-def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, repeat: int = 3, version: str = "1.5",
+def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, repeat: int = 3,
+        chat_format: str = "llava-1-5",
         method: str = "trimtokenator", n_ctx: int = 2048, threads: Optional[int] = None,
         on_step: Optional[Step] = None) -> dict[str, Any]:
     """Measures the stock handler and the trimmed one at each of `keeps`, `repeat` rounds, interleaved.
@@ -116,8 +113,8 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
     budget) pages the model files in. Returns the settings, the machine, and one entry per handler
     with the medians and every run.
     """
-    stock = timed_stock(version, mmproj, verbose=False)
-    trimmed = HANDLERS[version][1](clip_model_path=mmproj, keep=min(keeps), method=method, verbose=False)
+    stock = timed_stock(chat_format, mmproj, verbose=False)
+    trimmed = HANDLERS[chat_format][1](clip_model_path=mmproj, keep=min(keeps), method=method, verbose=False)
     llama = load_llama(model, stock, n_ctx=n_ctx, threads=threads)
     for handler in (stock, trimmed):
         load_mmproj(handler, llama)
@@ -148,7 +145,7 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
             "runs": [{"encode_s": s.encode_s, "select_ms": 1e3 * s.select_s, "prefill_s": s.prefill_s,
                       "ttft_s": s.ttft_s} for s in runs],
         })
-    return {"model": model, "mmproj": mmproj, "llava": version, "method": method, "repeat": repeat, "n_ctx": n_ctx,
+    return {"model": model, "mmproj": mmproj, "chat_format": chat_format, "method": method, "repeat": repeat, "n_ctx": n_ctx,
             "threads": llama.n_threads, "machine": machine(), "results": entries}
 
 

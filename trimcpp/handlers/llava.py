@@ -1,10 +1,21 @@
-"""LLaVA-1.5 and LLaVA-1.6 (NeXT): the trimmed counterparts of llama-cpp-python's handlers."""
+"""The LLaVA-template family: llama-cpp-python's ``Llava15ChatHandler`` and the handlers built on
+it with their own prompt templates (LLaVA-1.6, Obsidian, Moondream, nanoLLaVA, Llama-3-Vision-Alpha,
+MiniCPM-V 2.6), each with its trimmed counterpart. Qwen2.5-VL, also built on it, is in
+:mod:`.qwen`."""
 
 from __future__ import annotations
 
-from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler
+from llama_cpp.llama_chat_format import (
+    Llama3VisionAlphaChatHandler,
+    Llava15ChatHandler,
+    Llava16ChatHandler,
+    MiniCPMv26ChatHandler,
+    MoondreamChatHandler,
+    NanoLlavaChatHandler,
+    ObsidianChatHandler,
+)
 
-from .mechanism import Trimming
+from .mechanism import KEEP_SHARE, Trimming
 
 
 class TrimLlava15ChatHandler(Trimming, Llava15ChatHandler):
@@ -20,7 +31,8 @@ class TrimLlava15ChatHandler(Trimming, Llava15ChatHandler):
         verbose: as the stock handler (libmtmd's log and the rendered prompt).
         **kwargs: passed to the stock handler.
 
-    After each call, ``last_selection`` holds one :class:`ImageSelection` per image.
+    After each call, ``last_selection`` holds one :class:`ImageSelection` per image. Every trimmed
+    handler takes these arguments; only the default ``keep`` differs.
     """
 
     DEFAULT_KEEP = 64
@@ -34,5 +46,32 @@ class TrimLlava16ChatHandler(Trimming, Llava16ChatHandler):
     DEFAULT_KEEP = 320
 
 
-# LLaVA version (as trimcpp.layout reads it from the mmproj) -> (stock handler, trimmed handler).
-HANDLERS = {"1.5": (Llava15ChatHandler, TrimLlava15ChatHandler), "1.6": (Llava16ChatHandler, TrimLlava16ChatHandler)}
+class TrimObsidianChatHandler(Trimming, ObsidianChatHandler):
+    """Obsidian (LLaVA-style) with pruned image rows (default 1/9 of each image's rows)."""
+
+    DEFAULT_KEEP = KEEP_SHARE
+
+
+class TrimMoondreamChatHandler(Trimming, MoondreamChatHandler):
+    """Moondream 2 with pruned image rows (default 1/9 of each image's rows)."""
+
+    DEFAULT_KEEP = KEEP_SHARE
+
+
+class TrimNanoLlavaChatHandler(Trimming, NanoLlavaChatHandler):
+    """nanoLLaVA with pruned image rows (default 1/9 of each image's rows)."""
+
+    DEFAULT_KEEP = KEEP_SHARE
+
+
+class TrimLlama3VisionAlphaChatHandler(Trimming, Llama3VisionAlphaChatHandler):
+    """Llama-3-Vision-Alpha with pruned image rows (default 1/9 of each image's rows)."""
+
+    DEFAULT_KEEP = KEEP_SHARE
+
+
+class TrimMiniCPMv26ChatHandler(Trimming, MiniCPMv26ChatHandler):
+    """MiniCPM-V 2.6 with pruned image rows (default 1/9 of each image's rows, split over the
+    image's overview and slices as for LLaVA-1.6)."""
+
+    DEFAULT_KEEP = KEEP_SHARE

@@ -8,9 +8,19 @@ length of one call, :class:`Trimming` gives it a :class:`TrimmedMtmd` view of ``
 
 1. ``mtmd_encode_chunk``, and a copy of ``mtmd_get_output_embd`` (N x ``n_embd_inp`` floats);
 2. :func:`trimcpp.prune` with the question's token embeddings (read from the LLM's GGUF);
-3. the kept rows, in their original order, decoded as embeddings at consecutive positions in
-   batches of at most ``n_batch`` rows (:mod:`trimcpp.handlers.decode`, the way libmtmd's helper
-   decodes all of them).
+3. the kept rows, in their original order, decoded as embeddings in batches of at most
+   ``n_batch`` rows (:mod:`trimcpp.handlers.decode`, the way libmtmd's helper decodes all of them).
+
+Where the kept rows sit is the model's business, asked of libmtmd at run time
+(ALGORITHM.md, "Placing the kept rows"):
+
+- plain positions (LLaVA, Gemma 3, ...): consecutive positions from the image's first one; the
+  prompt goes on right after the last kept row;
+- M-RoPE (Qwen2-VL, Qwen2.5-VL, ...; ``mtmd_decode_use_mrope``): each kept row at its original
+  (t, y, x) position from ``mtmd_image_tokens_get_decoder_pos``; the prompt goes on where the
+  stock handler goes on (``n_pos`` positions after the image's first one);
+- non-causal images (Gemma 3; ``mtmd_decode_use_non_causal``): causal attention off while the
+  image's rows are decoded, all of them in one batch (a clear error when ``n_ubatch`` is smaller).
 
 Everything else is the stock code path. The view also reports the kept count as the chunk's
 token count, so the stock ``n_ctx`` check counts what the LLM will really see.
@@ -41,9 +51,10 @@ from ..llamacpp import (
     use_view,
 )
 from ..selection import Keep, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
-from .decode import decode_rows, row_ids
+from .decode import attention, decode_rows, row_ids
 
 KeepArg = Optional[Keep]
+KEEP_SHARE = 1 / 9  # default share of an image's rows where the count varies: the paper's 64 of 576
 _DEFAULT: Any = object()  # keep not given: the handler's default (None means keep every row)
 
 
@@ -143,11 +154,13 @@ class Trimming(StockHooks):
         path = self.clip_model_path  # type: ignore[attr-defined]
         want = llama_cpp.llama_model_n_embd_inp(llama.model)
         try:
-            reader = gguf.GGUFReader(path, "r")
-            proj = next((t for t in reader.tensors if t.name == "mm.2.weight"), None)
-            if proj is not None and int(proj.shape[1]) != want:
+            tensors = {t.name: t for t in gguf.GGUFReader(path, "r").tensors}
+            # The projector's last matrix (ggml order: ne[0] inputs, ne[1] outputs; Gemma 3 transposed).
+            width = (int(tensors["mm.input_projection.weight"].shape[0]) if "mm.input_projection.weight" in tensors
+                     else int(tensors["mm.2.weight"].shape[1]) if "mm.2.weight" in tensors else None)
+            if width is not None and width != want:
                 return (
-                    f"mmproj {path!r} projects image rows to {int(proj.shape[1])} values, but the LLM's "
+                    f"mmproj {path!r} projects image rows to {width} values, but the LLM's "
                     f"embeddings have {want}: this mmproj belongs to another LLM"
                 )
         except Exception:  # noqa: BLE001 - the file may not even be GGUF; fall through to the generic message
@@ -188,7 +201,7 @@ class TrimmedMtmd(MtmdView):
         self._llama = llama
         self._text = text if text.shape[0] > 0 else None
         self._chunks: Any = None
-        self._plans: dict[int, tuple[ImageSelection, np.ndarray]] = {}  # chunk -> (its image, kept rows)
+        self._plans: dict[int, tuple[ImageSelection, np.ndarray, np.ndarray]] = {}  # chunk -> _plan's answer
         self.selections: list[ImageSelection] = []
 
     def mtmd_tokenize(self, ctx, chunks, text, bitmaps, n_bitmaps):
@@ -199,24 +212,43 @@ class TrimmedMtmd(MtmdView):
         return status
 
     def _check_length(self) -> None:
-        """Refuses, before encoding anything, a prompt longer than the context even after pruning
-        (the Llama's token buffer has exactly n_ctx slots)."""
-        text, images = 0, {}  # image id -> (rows, chunks)
+        """Refuses, before encoding anything, a prompt that does not fit even after pruning: the KV
+        cache holds n_ctx cells (a cell per text token and per kept row), and the Llama's token
+        buffer has n_ctx slots, one per position (M-RoPE: an image spans n_pos positions however
+        many of its rows are kept). Also refuses a non-causal image whose rows do not fit in one
+        ubatch (llama.cpp aborts on that)."""
+        ctx = self._handler.mtmd_ctx  # type: ignore[attr-defined]
+        text, images = 0, {}  # image id -> [rows, chunks, positions, non-causal]
         for i, chunk in enumerate(input_chunks(self._chunks)):
             n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
             if is_image(chunk):
                 key = mtmd_cpp.mtmd_input_chunk_get_id(chunk) or i
-                rows, count = images.get(key, (0, 0))
-                images[key] = (rows + n, count + 1)
+                image = images.setdefault(key, [0, 0, 0, False])
+                image[0] += n
+                image[1] += 1
+                image[2] += mtmd_cpp.mtmd_input_chunk_get_n_pos(chunk)
+                image[3] = image[3] or mtmd_cpp.mtmd_decode_use_non_causal(ctx, chunk)
             else:
                 text += n
         handler = self._handler
-        total = text + sum(image_target(handler.keep, handler.method, rows, count) for rows, count in images.values())
+        targets = [image_target(handler.keep, handler.method, rows, count) for rows, count, _, _ in images.values()]
+        cells = text + sum(targets)
+        positions = text + sum(image[2] for image in images.values()) if mtmd_cpp.mtmd_decode_use_mrope(ctx) else cells
         limit = len(self._llama.input_ids)
-        if total > limit:
-            raise ValueError(
-                f"Prompt exceeds n_ctx: {total} tokens ({text} text, {total - text} image rows after pruning) > {limit}"
-            )
+        if max(cells, positions) > limit:
+            what = f"{cells} tokens ({text} text, {cells - text} image rows after pruning)"
+            if positions != cells:
+                what += f", {positions} positions (M-RoPE)"
+            raise ValueError(f"Prompt exceeds n_ctx: {what} > {limit}")
+        n_ubatch = llama_cpp.llama_n_ubatch(self._llama.ctx)
+        for target, (_, count, _, non_causal) in zip(targets, images.values()):
+            if non_causal and target > n_ubatch * count:
+                raise ValueError(self._ubatch_message(target, n_ubatch))
+
+    @staticmethod
+    def _ubatch_message(rows: int, n_ubatch: int) -> str:
+        return (f"this model attends to an image's rows all at once (non-causal), so they must fit in one "
+                f"ubatch: {rows} rows > n_ubatch {n_ubatch}; raise n_ubatch (and n_batch) or keep fewer rows")
 
     def mtmd_input_chunk_get_n_tokens(self, chunk) -> int:
         if not is_image(chunk):
@@ -228,26 +260,34 @@ class TrimmedMtmd(MtmdView):
             return mtmd_cpp.mtmd_helper_eval_chunk_single(
                 ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past
             )
-        selection, rows = self._plan(chunk)
+        selection, rows, kept = self._plan(chunk)
         start = int(getattr(n_past, "value", n_past))
+        positions, n_pos = placement(ctx, chunk, kept, start)
+        causal = not mtmd_cpp.mtmd_decode_use_non_causal(ctx, chunk)
+        n_batch = int(n_batch)
+        if not causal:
+            n_ubatch = llama_cpp.llama_n_ubatch(lctx)
+            if len(rows) > n_ubatch:
+                raise ValueError(self._ubatch_message(len(rows), n_ubatch))
+            n_batch = max(n_batch, len(rows))  # one batch: every row sees every other row
         began = time.perf_counter()
-        decode_rows(lctx, rows, start, int(getattr(seq_id, "value", seq_id)), int(n_batch))
+        with attention(lctx, causal):
+            decode_rows(lctx, rows, positions, int(getattr(seq_id, "value", seq_id)), n_batch)
         selection.decode_seconds += time.perf_counter() - began
-        # Token ids for the image positions: a digest of the rows the LLM saw, so that prefix
+        # Token ids for the image's positions: a digest of the rows the LLM saw, so that prefix
         # matching (Llama.generate) or a LlamaCache only ever reuses KV state of identical rows.
-        self._llama.input_ids[start : start + len(rows)] = row_ids(rows, self._llama.n_vocab())
-        set_out_position(new_n_past, start + len(rows))
+        self._llama.input_ids[start : start + n_pos] = row_ids(rows, self._llama.n_vocab(), n_pos)
+        set_out_position(new_n_past, start + n_pos)
         return 0
 
-    def _plan(self, chunk) -> tuple[ImageSelection, np.ndarray]:
-        """Encodes and selects the whole image `chunk` belongs to, on first sight of any of its chunks."""
+    def _plan(self, chunk) -> tuple[ImageSelection, np.ndarray, np.ndarray]:
+        """Encodes and selects the whole image `chunk` belongs to, on first sight of any of its
+        chunks: (the image's selection, the chunk's kept rows, their indices)."""
         key = int(chunk)
         if key in self._plans:
             return self._plans[key]
         handler = self._handler
         ctx = handler.mtmd_ctx  # type: ignore[attr-defined]
-        if mtmd_cpp.mtmd_decode_use_mrope(ctx) or mtmd_cpp.mtmd_decode_use_non_causal(ctx, chunk):
-            raise ValueError("trimcpp's handlers support LLaVA-style models (plain positions, causal decode) only")
         image_id = mtmd_cpp.mtmd_input_chunk_get_id(chunk)
         group = [c for c in self._image_chunks() if mtmd_cpp.mtmd_input_chunk_get_id(c) == image_id] or [chunk]
         n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
@@ -268,7 +308,7 @@ class TrimmedMtmd(MtmdView):
         selection.indices = select_image(embeddings, self._text, handler.keep, method=handler.method,
                                          stage1_ratio=handler.stage1_ratio, backend=handler.backend)
         for c, rows, kept in zip(group, embeddings, selection.indices):
-            self._plans[int(c)] = (selection, rows[kept])
+            self._plans[int(c)] = (selection, rows[kept], kept)
         selection.kept = sum(len(k) for k in selection.indices)
         selection.select_seconds = time.perf_counter() - began
         self.selections.append(selection)
@@ -276,3 +316,18 @@ class TrimmedMtmd(MtmdView):
 
     def _image_chunks(self) -> list[Any]:
         return [] if self._chunks is None else [c for c in input_chunks(self._chunks) if is_image(c)]
+
+
+def placement(ctx: Any, chunk: Any, kept: np.ndarray, start: int) -> tuple[np.ndarray, int]:
+    """Where the kept rows (indices `kept` of the image chunk that starts at position `start`) go,
+    and how many positions the chunk spans: M-RoPE models keep each row's original (t, y, x, z)
+    position (libmtmd's decoder positions, in the order its helper hands them to llama.cpp) and
+    span the stock n_pos; others take consecutive positions and span the kept count."""
+    if not mtmd_cpp.mtmd_decode_use_mrope(ctx):
+        return start + np.arange(len(kept), dtype=np.int32), len(kept)
+    tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_image(chunk)
+    positions = np.empty((len(kept), 4), dtype=np.int32)
+    for j, i in enumerate(kept):
+        p = mtmd_cpp.mtmd_image_tokens_get_decoder_pos(tokens, start, int(i))
+        positions[j] = (p.t, p.y, p.x, p.z)
+    return positions, int(mtmd_cpp.mtmd_input_chunk_get_n_pos(chunk))

@@ -63,10 +63,10 @@ def normalise(reply: str) -> str:
 
 
 def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequence[str], keeps: Sequence[int], *,
-        version: str = "1.5", n_ctx: int = 2048, threads: Optional[int] = None, max_tokens: int = 4,
+        chat_format: str = "llava-1-5", n_ctx: int = 2048, threads: Optional[int] = None, max_tokens: int = 4,
         on_step: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     """Asks every question under every (method, keep); `none` runs once (it keeps every row)."""
-    handler = HANDLERS[version][1](clip_model_path=mmproj, verbose=False)
+    handler = HANDLERS[chat_format][1](clip_model_path=mmproj, verbose=False)
     llama = load_llama(model, handler, n_ctx=n_ctx, threads=threads, seed=0)
     configs = [(m, None) if m == "none" else (m, k) for m in methods for k in ([None] if m == "none" else keeps)]
     right = {c: 0 for c in configs}
@@ -88,7 +88,7 @@ def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequenc
     results = [{"method": m, "keep": k, "accuracy": right[(m, k)] / n, "mean_kept": kept[(m, k)] / n,
                 "relative": None if not base else right[(m, k)] / n / base, "answers": replies[(m, k)]}
                for m, k in configs]
-    return {"model": model, "mmproj": mmproj, "llava": version, "questions": n, "keeps": list(keeps),
+    return {"model": model, "mmproj": mmproj, "chat_format": chat_format, "questions": n, "keeps": list(keeps),
             "methods": list(methods), "machine": machine(), "results": results}
 
 

@@ -82,7 +82,7 @@ SHAPES = {
 
 # Words the vocabulary spells whole (with every prefix, so the SentencePiece merges reach them):
 # the stock LLaVA templates' boilerplate and the questions the tests and benchmarks ask.
-_WORDS = """
+WORDS = """
 a an the and or of to in on at is are was be it this that what which who where how many
 chat between curious human artificial intelligence assistant gives helpful detailed polite
 answers answer question questions user describe image picture photo shown there color colour
@@ -103,7 +103,7 @@ def vocabulary(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     for c in map(chr, range(32, 127)):
         pieces.setdefault(c.replace(" ", "\u2581"), None)
         pieces.setdefault("\u2581" + c, None)
-    for word in _WORDS + [w.capitalize() for w in _WORDS] + ["USER", "ASSISTANT", "Answer", "'s"]:
+    for word in WORDS + [w.capitalize() for w in WORDS] + ["USER", "ASSISTANT", "Answer", "'s"]:
         spelled = "\u2581" + word
         for end in range(2, len(spelled) + 1):
             pieces.setdefault(spelled[:end], None)
@@ -142,7 +142,7 @@ def random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: Q, scal
     return raw.reshape(rows, -1)
 
 
-class _Writer:
+class Writer:
     """A GGUF file written tensor by tensor (the 7b shape does not fit in memory at once).
 
     With `weights` (name -> float array) every tensor's values come from there instead of `make`
@@ -191,7 +191,7 @@ def write_llm(path: os.PathLike | str, shape: Shape, *, embd_type: Optional[str]
     rng = np.random.default_rng(seed)
     wtype = WEIGHT_TYPES[shape.weight_type]
     etype = WEIGHT_TYPES[embd_type or shape.weight_type]
-    out = _Writer(path, "llama", weights)
+    out = Writer(path, "llama", weights)
     w = out.gguf
     w.add_name(f"trimcpp random llama ({shape.n_embd}x{shape.n_layer})")
     w.add_context_length(shape.n_ctx_train)
@@ -255,7 +255,7 @@ def write_mmproj(path: os.PathLike | str, shape: Shape, *, version: str = "1.5",
     path = Path(path)
     rng = np.random.default_rng(seed)
     vtype = WEIGHT_TYPES[shape.v_type]
-    out = _Writer(path, "clip", weights)
+    out = Writer(path, "clip", weights)
     w = out.gguf
     w.add_name(f"trimcpp random clip ({shape.v_embd}x{shape.v_layer}, llava-{version})")
     w.add_clip_has_vision_encoder(True)

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import gguf
 import numpy as np
 
-from . import _WORDS, Q, WEIGHT_TYPES, Shape, _Writer, random_blocks, vocabulary
+from . import WEIGHT_TYPES, WORDS, Q, Shape, Writer, random_blocks, vocabulary
 
 # OpenAI CLIP normalisation (Qwen2.5-VL's preprocessor) and SigLIP's (Gemma 3).
 QWEN_MEAN, QWEN_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -78,7 +78,7 @@ def bpe_vocabulary(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
     byte = _byte_chars()
     tokens: dict[str, None] = dict.fromkeys(byte)
     merges: dict[str, None] = {}
-    for word in _WORDS + [w.capitalize() for w in _WORDS] + ["user", "assistant", "system", "You", "helpful"]:
+    for word in WORDS + [w.capitalize() for w in WORDS] + ["user", "assistant", "system", "You", "helpful"]:
         for spelled in ("".join(byte[b] for b in word.encode()), "".join(byte[b] for b in (" " + word).encode())):
             for end in range(2, len(spelled) + 1):
                 merges.setdefault(f"{spelled[:end - 1]} {spelled[end - 1]}", None)
@@ -112,7 +112,7 @@ def write_qwen_llm(path, shape: Shape, *, seed: int = 0,
     path = Path(path)
     rng = np.random.default_rng(seed)
     wtype = WEIGHT_TYPES[shape.weight_type]
-    out = _Writer(path, "qwen2vl")
+    out = Writer(path, "qwen2vl")
     w = out.gguf
     head = shape.n_embd // shape.n_head
     kv = shape.n_head_kv or shape.n_head
@@ -168,7 +168,7 @@ def write_qwen_mmproj(path, shape: Shape, *, seed: int = 1,
     rng = np.random.default_rng(seed)
     vtype = WEIGHT_TYPES[shape.v_type]
     wdtype = np.float16 if vtype == Q.F16 else np.float32
-    out = _Writer(path, "clip")
+    out = Writer(path, "clip")
     w = out.gguf
     v, f, p, llm = shape.v_embd, shape.v_ff, shape.patch_size, shape.n_embd
     w.add_name(f"trimcpp random qwen2.5-vl vision ({v}x{shape.v_layer})")
@@ -218,7 +218,7 @@ def write_gemma_llm(path, shape: Shape, *, seed: int = 0,
     path = Path(path)
     rng = np.random.default_rng(seed)
     wtype = WEIGHT_TYPES[shape.weight_type]
-    out = _Writer(path, "gemma3")
+    out = Writer(path, "gemma3")
     w = out.gguf
     head = shape.head_dim or shape.n_embd // shape.n_head
     kv = shape.n_head_kv or shape.n_head
@@ -278,7 +278,7 @@ def write_gemma_mmproj(path, shape: Shape, *, seed: int = 1,
     rng = np.random.default_rng(seed)
     vtype = WEIGHT_TYPES[shape.v_type]
     wdtype = np.float16 if vtype == Q.F16 else np.float32
-    out = _Writer(path, "clip")
+    out = Writer(path, "clip")
     w = out.gguf
     v, f, p, llm = shape.v_embd, shape.v_ff, shape.patch_size, shape.n_embd
     w.add_name(f"trimcpp random gemma3 vision ({v}x{shape.v_layer})")
