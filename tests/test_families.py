@@ -9,6 +9,7 @@ The reference for every count is the stock handler on the same Llama object.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 
 import llama_cpp
@@ -133,13 +134,13 @@ def _spy_positions(monkeypatch) -> list[tuple[int, ...]]:
     return seen
 
 
-def _decoder_positions(llm: Llama, mmproj: str, pos0: int) -> list[tuple[int, int, int]]:
-    """(t, x, y) of every row of the test picture, from libmtmd's mtmd_image_tokens_get_decoder_pos
-    (own context, own tokenisation)."""
+@contextlib.contextmanager
+def _image_tokens(llm: Llama, mmproj: str, url: str):
+    """libmtmd's image tokens of one picture: own context, own tokenisation, nothing encoded."""
     params = mtmd_cpp.mtmd_context_params_default()
     params.use_gpu, params.warmup = False, False
     ctx = mtmd_cpp.mtmd_init_from_file(mmproj.encode(), llm.model, params)
-    data = base64.b64decode(image_url(0, SIZE).split(",", 1)[1])
+    data = base64.b64decode(url.split(",", 1)[1])
     bitmap = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(ctx, (ctypes.c_uint8 * len(data)).from_buffer_copy(data),
                                                        len(data), False)
     chunks = mtmd_cpp.mtmd_input_chunks_init()
@@ -149,14 +150,19 @@ def _decoder_positions(llm: Llama, mmproj: str, pos0: int) -> list[tuple[int, in
         assert mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (ctypes.c_void_p * 1)(bitmap), 1) == 0
         image = next(mtmd_cpp.mtmd_input_chunks_get(chunks, i) for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))
                      if mtmd_cpp.mtmd_input_chunk_get_type(mtmd_cpp.mtmd_input_chunks_get(chunks, i)) == 1)
-        tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_image(image)
-        assert mtmd_cpp.mtmd_image_tokens_get_n_tokens(tokens) == QWEN_ROWS
-        positions = [mtmd_cpp.mtmd_image_tokens_get_decoder_pos(tokens, pos0, i) for i in range(QWEN_ROWS)]
-        return [(p.t, p.x, p.y) for p in positions]
+        yield mtmd_cpp.mtmd_input_chunk_get_tokens_image(image)
     finally:
         mtmd_cpp.mtmd_input_chunks_free(chunks)
         mtmd_cpp.mtmd_bitmap_free(bitmap)
         mtmd_cpp.mtmd_free(ctx)
+
+
+def _decoder_positions(llm: Llama, mmproj: str, pos0: int) -> list[tuple[int, int, int]]:
+    """(t, x, y) of every row of the test picture, from libmtmd's mtmd_image_tokens_get_decoder_pos."""
+    with _image_tokens(llm, mmproj, image_url(0, SIZE)) as tokens:
+        assert mtmd_cpp.mtmd_image_tokens_get_n_tokens(tokens) == QWEN_ROWS
+        positions = [mtmd_cpp.mtmd_image_tokens_get_decoder_pos(tokens, pos0, i) for i in range(QWEN_ROWS)]
+        return [(p.t, p.x, p.y) for p in positions]
 
 
 @pytest.mark.parametrize("n_batch", [512, 5])
@@ -271,3 +277,144 @@ def test_mrope_prompt_over_n_ctx_counts_cells_and_positions(pairs):
     trimmed.keep = 8  # now the rows fit
     response, _ = run(llm, ask())
     assert trimmed.last_selection[0].kept == 8 and response["usage"]["completion_tokens"] > 0
+
+
+# Where rows come from (trimcpp.layout) and the trimcpp command on these families
+
+def _kept_picture(pairs, case, capsys, tmp_path, width, height, keep):
+    """Runs `trimcpp show` on a random picture; returns (its kept indices, mask of unchanged pixels)."""
+    from PIL import Image
+
+    from trimcpp.cli import main
+
+    from helpers import png
+
+    image = png(tmp_path, width, height)
+    out = tmp_path / "kept.png"
+    llm, mmproj = (str(p) for p in pairs[case])
+    code = main(["show", "--model", llm, "--mmproj", mmproj, "--image", image, "--keep", str(keep), "--out", str(out),
+                 "--no-caption", "What is in the image?"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    _, trimmed = handlers(pairs, case, keep=keep)
+    llama = make(pairs, case, trimmed)
+    with open(image, "rb") as f:
+        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    llama.create_chat_completion(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in the image?"}]}],
+        max_tokens=1)
+    [kept] = trimmed.last_selection[0].indices
+    got = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(image)).astype(int)
+    same = (got == original).all(axis=2)
+    assert (got[~same] < original[~same]).all()
+    return kept, same
+
+
+def test_show_qwen_rows_are_28_pixel_cells(pairs, capsys, tmp_path):
+    # 224 x 168 is already a multiple of 28 on both sides: no scaling, no padding, an 8 x 6 grid of
+    # 28-pixel cells (2 x 2 patches of 14), row i at column i % 8, line i // 8.
+    kept, same = _kept_picture(pairs, "qwen", capsys, tmp_path, 224, 168, 10)
+    expected = np.zeros((168, 224), bool)
+    for i in kept:
+        expected[28 * (i // 8): 28 * (i // 8 + 1), 28 * (i % 8): 28 * (i % 8 + 1)] = True
+    assert len(kept) == 10 and np.array_equal(same, expected)
+
+
+def test_show_gemma_rows_are_pooled_cells_of_the_padded_square(pairs, capsys, tmp_path):
+    # 224 x 168 on the 224-pixel square at scale 1, centred: 28 pixels of padding above. Pooling
+    # 2 x 2 patches of 14 gives an 8 x 8 grid of 28-pixel cells; line 0 is all padding.
+    kept, same = _kept_picture(pairs, "gemma", capsys, tmp_path, 224, 168, 12)
+    expected = np.zeros((168, 224), bool)
+    for i in kept:
+        line, column = i // 8, i % 8
+        if line > 0:
+            expected[28 * (line - 1): 28 * line, 28 * column: 28 * (column + 1)] = True
+    assert np.array_equal(same, expected)
+
+
+@pytest.mark.parametrize("size", [(150, 100), (97, 203), (30, 500), (224, 168), (20, 20), (2000, 2000),
+                                  (3001, 997)])
+def test_qwen_canvas_gives_libmtmds_grid(pairs, size):
+    """The canvas trimcpp.layout works out (each side a multiple of 28, 8 to 4096 rows) against the
+    grid libmtmd makes of the picture (tokenised only: no encode)."""
+    from trimcpp.layout import chunk_size, chunks, read_vision
+
+    vision = read_vision(pairs["qwen"][1])
+    [part] = chunks(vision, *size)
+    llama = Llama(model_path=str(pairs["qwen"][0]), n_ctx=64, verbose=False)
+    with _image_tokens(llama, str(pairs["qwen"][1]), image_url(0, size)) as tokens:
+        first, last = (mtmd_cpp.mtmd_image_tokens_get_decoder_pos(tokens, 0, i)
+                       for i in (0, mtmd_cpp.mtmd_image_tokens_get_n_tokens(tokens) - 1))
+        grid = (last.x - first.x + 1, last.y - first.y + 1)
+    assert chunk_size(vision, part) == grid
+
+
+def test_qwen_canvas_by_hand():
+    from trimcpp.layout import Vision
+
+    qwen = Vision(560, 14, projector="qwen2.5vl_merger", merge=2)
+    assert qwen.canvas(150, 100) == (140, 112)  # round(5.36) x round(3.57) cells of 28
+    assert qwen.canvas(30, 500) == (28, 504)
+    assert qwen.canvas(2000, 2000) == (1792, 1792)  # 71 x 71 > 4096 rows: scaled to 64 x 64 = 4096
+    assert qwen.canvas(20, 20) == (84, 84)  # 1 row < 8: scaled up to ceil(28 * 2.83 / 28) = 3 cells a side
+
+
+def test_chat_format_of_each_mmproj(pairs, tmp_path):
+    from trimcpp.cli import CHAT_FORMATS
+    from trimcpp.handlers import HANDLERS
+    from trimcpp.layout import chat_format
+    from trimcpp.testing import write_pair
+
+    llava15 = write_pair(tmp_path, "tiny", version="1.5")[1]
+    llava16 = write_pair(tmp_path, "tiny", version="1.6")[1]
+    assert [chat_format(p) for p in (llava15, llava16, pairs["qwen"][1], pairs["gemma"][1])] == [
+        "llava-1-5", "llava-1-6", "qwen2.5-vl", "mtmd"]
+    assert tuple(HANDLERS) == CHAT_FORMATS
+
+
+@pytest.mark.parametrize("case", ["qwen", "gemma"])
+def test_bench_and_chat_commands(pairs, capsys, tmp_path, case):
+    import json
+
+    from trimcpp.cli import main
+
+    from helpers import png
+
+    llm, mmproj = (str(p) for p in pairs[case])
+    code = main(["bench", "--model", llm, "--mmproj", mmproj, "--keep", "16,8", "--repeat", "1", "--json",
+                 "--image", png(tmp_path, 224, 168)])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["chat_format"] == ("qwen2.5-vl" if case == "qwen" else "mtmd")
+    rows = CASES[case][2]
+    assert [(e["kept"], e["rows"]) for e in result["results"]] == [(rows, rows), (16, rows), (8, rows)]
+    code = main(["chat", "--model", llm, "--mmproj", mmproj, "--image", png(tmp_path, 224, 168), "--max-tokens", "3",
+                 "What is in the image?"])
+    out = capsys.readouterr().out
+    assert code == 0 and f"image rows kept {round(rows / 9)} / {rows}" in out
+
+
+def test_bench_synthetic_family_shapes(capsys, tmp_path, monkeypatch):
+    from trimcpp.cli import main
+
+    monkeypatch.setenv("TRIMCPP_CACHE", str(tmp_path))
+    code = main(["bench", "--family", "gemma3", "--shape", "small"])
+    assert code == 2 and "gemma3 shapes are tiny, 4b" in capsys.readouterr().err
+    code = main(["bench", "--family", "qwen2.5-vl", "--llava", "1.6", "--shape", "tiny"])
+    assert code == 2 and "--llava goes with --family llava" in capsys.readouterr().err
+
+
+def test_eval_command(pairs, capsys, tmp_path):
+    import json
+
+    from trimcpp.cli import main
+    from trimcpp.quality import scenes
+
+    folder = scenes.write_split(tmp_path / "data", seed=4, images=2, size=224, per_image=2)
+    llm, mmproj = (str(p) for p in pairs["gemma"])
+    code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(folder), "--keep", "16,8",
+                 "--methods", "none,trimtokenator", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["chat_format"] == "mtmd" and result["questions"] == 4
+    assert [(r["method"], r["keep"], r["mean_kept"]) for r in result["results"]] == [
+        ("none", None, GEMMA_ROWS), ("trimtokenator", 16, 16), ("trimtokenator", 8, 8)]
