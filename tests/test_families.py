@@ -200,7 +200,7 @@ def test_plain_positions_are_consecutive(pairs, monkeypatch):
 def test_gemma_decodes_image_rows_non_causally(pairs, monkeypatch):
     """Control: the same rows decoded causally give other logits; and attention is causal again
     after the image, also when decoding fails."""
-    stock, trimmed = handlers(pairs, "gemma", keep=None)
+    stock, trimmed = handlers(pairs, "gemma", keep=None, reuse_kv=False)  # every call decodes the picture
     llm = make(pairs, "gemma", stock)
     _, expected = run(llm, ask())
     llm.chat_handler = trimmed
@@ -244,7 +244,7 @@ def test_gemma_image_must_fit_one_ubatch(pairs):
 def test_small_batches(pairs, case):
     """n_batch smaller than an image: keep-all equals stock with the same batches (Qwen), pruned rows
     fit (both)."""
-    stock, trimmed = handlers(pairs, case, keep=None if case == "qwen" else 16)
+    stock, trimmed = handlers(pairs, case, keep=None if case == "qwen" else 16, reuse_kv=False)
     options = dict(n_batch=16, n_ubatch=16)
     llm = make(pairs, case, stock if case == "qwen" else trimmed, **options)
     expected, expected_logits = run(llm, ask())

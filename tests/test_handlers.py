@@ -242,7 +242,7 @@ def test_pruning_lets_a_prompt_fit_n_ctx(models):
 
 def test_mmproj_of_another_llm(models):
     wrong = write_mmproj(models["root"] / "mmproj-wrong.gguf", SHAPES["tiny"], n_embd_out=128)
-    good = TrimLlava15ChatHandler(clip_model_path=models["1.5"], keep=8, verbose=False)
+    good = TrimLlava15ChatHandler(clip_model_path=models["1.5"], keep=8, reuse_kv=False, verbose=False)
     llm = make_llama(models, good)
     _, before = run(llm, ask())
     llm.chat_handler = TrimLlava15ChatHandler(clip_model_path=str(wrong), keep=8, verbose=False)

@@ -1,6 +1,7 @@
 """The ``trimcpp`` command.
 
     trimcpp bench [--family llava|qwen2.5-vl|gemma3] [--shape ...] [--model M --mmproj P] [--image I] [--keep 192,128,64]
+                  [--turns N]
     trimcpp chat  --model M --mmproj P --image I [--keep 64|0.25|all] [--method ...] "question"
     trimcpp show  --model M --mmproj P --image I [--keep ...] [--out kept.png] "question"
     trimcpp eval  [--model M --mmproj P --data DIR] [--keep 576,192,128,64,32] [--methods ...]
@@ -220,6 +221,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         demo_image().save(buffer, "PNG")
         image = buffer.getvalue()
     quiet_logs(args.verbose)
+    if args.turns:
+        return _bench_turns(args, model, mmproj, image, chat_format)
     total = 1 + args.repeat * (1 + len(args.keep))
     with tqdm(total=total, desc="requests", unit="req", leave=False) as bar:
         def step(label: str) -> None:
@@ -240,6 +243,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"{width}x{height}, prompt {args.prompt!r}\nmachine {m['cpu']}, {m['cores']} cores, {result['threads']} "
           f"threads; medians of {args.repeat} interleaved rounds\n")
     print(ttft.table(result))
+    return 0
+
+
+def _bench_turns(args: argparse.Namespace, model: str, mmproj: str, image: bytes, chat_format: str) -> int:
+    from tqdm import tqdm
+
+    from .bench import turns
+
+    keep = min(args.keep)
+    with tqdm(total=args.repeat * args.turns * 3, desc="requests", unit="req", leave=False) as bar:
+        def step(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update()
+
+        result = turns.run(model, mmproj, image, args.turns, keep=keep, chat_format=chat_format, method=args.method,
+                           repeat=args.repeat, answer_tokens=args.answer_tokens, n_ctx=args.n_ctx,
+                           threads=args.threads, on_step=step)
+    result.update(shape=None if args.model else args.shape)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    m = result["machine"]
+    print(f"model   {model}\nmmproj  {mmproj}  ({chat_format})\nmachine {m['cpu']}, {m['cores']} cores; "
+          f"{args.turns} questions, answers of up to {args.answer_tokens} tokens appended\n")
+    print(turns.table(result))
+    print("\n".join(turns.describe(result)))
     return 0
 
 
@@ -311,6 +340,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--keep", type=parse_budgets, default=[192, 128, 64],
                        help="trimmed budgets, rows per image (default 192,128,64; stock always runs)")
     bench.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians (default 3)")
+    bench.add_argument("--turns", type=int, default=0,
+                       help="a conversation of N questions about the image (1-6): stock vs trimmed in each follow-up "
+                            "mode, turn by turn, at the smallest --keep")
+    bench.add_argument("--answer-tokens", type=int, default=16, help="with --turns: tokens per answer (default 16)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     common(bench)
     bench.set_defaults(run=cmd_bench)
@@ -358,6 +391,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "repeat", 1) < 1:
         parser.error("--repeat must be >= 1")
+    if not 0 <= getattr(args, "turns", 0) <= 6 or getattr(args, "answer_tokens", 1) < 1:
+        parser.error("--turns must be in 1..6 (0: off) and --answer-tokens >= 1")
     if getattr(args, "limit", None) is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
     try:

@@ -10,7 +10,11 @@ reaches into them lives here, and only here:
 - ``mtmd_helper_eval_chunk_single`` hands the new position back through a ctypes ``byref``
   (:func:`set_out_position`);
 - libmtmd logs through ``llama_cpp._logger`` (:func:`quiet_logs`) and prints through
-  ``llama_cpp._utils`` (:func:`silenced`).
+  ``llama_cpp._utils`` (:func:`silenced`);
+- the stock ``__call__`` empties the KV cache with ``llama.reset()`` and
+  ``llama._ctx.kv_cache_clear()`` and prefills text with ``llama.eval``: :func:`prompt_hooks` swaps
+  those for one call (KV reuse), :func:`on_state_change` watches them (and ``load_state``) between
+  calls, and :func:`trim_kv` removes a tail of the cache.
 
 It also holds the few pieces every user of llama-cpp-python in trimcpp shares: the walk over
 libmtmd's input chunks, encoding one picture on its own (:func:`encode_image`) and the
@@ -22,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd_cpp
@@ -78,15 +82,82 @@ class StockHooks:
                 f"could not decode an image ({len(image_bytes)} bytes): not a PNG, JPEG, BMP, GIF or other format "
                 "libmtmd reads, or a corrupt file"
             ) from None
-        self.image_loaded(bitmap)
+        self.image_loaded(bitmap, image_bytes)
         return bitmap
 
     def explain_mmproj_failure(self, llama: llama_cpp.Llama) -> str:
         """Why libmtmd refused this handler's mmproj for `llama`, in words."""
         raise NotImplementedError
 
-    def image_loaded(self, bitmap: Any) -> None:
-        """Called with each image's libmtmd bitmap, in prompt order."""
+    def image_loaded(self, bitmap: Any, image_bytes: bytes) -> None:
+        """Called with each image's libmtmd bitmap and bytes, in prompt order."""
+
+
+_MISSING = object()
+
+
+def _override(obj: Any, name: str, value: Any) -> Any:
+    """Sets an instance attribute that shadows a method; returns what to restore with :func:`_restore`."""
+    previous = vars(obj).get(name, _MISSING)
+    setattr(obj, name, value)
+    return previous
+
+
+def _restore(obj: Any, name: str, previous: Any) -> None:
+    if previous is _MISSING:
+        vars(obj).pop(name, None)
+    else:
+        setattr(obj, name, previous)
+
+
+@contextlib.contextmanager
+def prompt_hooks(llama: llama_cpp.Llama, *, clear: Callable[[Callable[[], None]], None],
+                 evaluate: Callable[[Callable[[Sequence[int]], None], Sequence[int]], None]) -> Iterator[None]:
+    """Within the block, ``llama._ctx.kv_cache_clear()`` calls ``clear(original)`` and
+    ``llama.eval(tokens)`` calls ``evaluate(original, tokens)``; ``llama.reset()`` is the plain
+    method (not a watcher of :func:`on_state_change`). Restored afterwards, also on errors."""
+    ctx = llama._ctx
+    original_clear, original_eval = type(ctx).kv_cache_clear.__get__(ctx), type(llama).eval.__get__(llama)
+    saved = [
+        (ctx, "kv_cache_clear", _override(ctx, "kv_cache_clear", lambda: clear(original_clear))),
+        (llama, "eval", _override(llama, "eval", lambda tokens: evaluate(original_eval, tokens))),
+        (llama, "reset", _override(llama, "reset", type(llama).reset.__get__(llama))),
+    ]
+    try:
+        yield
+    finally:
+        for obj, name, previous in reversed(saved):
+            _restore(obj, name, previous)
+
+
+def on_state_change(llama: llama_cpp.Llama, callback: Callable[[], None]) -> None:
+    """From now on, ``callback()`` runs before ``llama.reset()``, ``llama._ctx.kv_cache_clear()`` and
+    ``llama.load_state()`` whoever calls them (another handler, Llama.generate, the caller): the KV
+    cache is about to hold something this module's caller did not put there. Idempotent per Llama."""
+    if getattr(llama, "_trimcpp_watched", False):
+        llama._trimcpp_watchers.append(callback)
+        return
+    llama._trimcpp_watched, llama._trimcpp_watchers = True, [callback]
+
+    def watched(obj: Any, name: str) -> None:
+        method = getattr(obj, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for watcher in list(llama._trimcpp_watchers):
+                watcher()
+            return method(*args, **kwargs)
+
+        setattr(obj, name, call)
+
+    watched(llama, "reset")
+    watched(llama, "load_state")
+    watched(llama._ctx, "kv_cache_clear")
+
+
+def trim_kv(llama: llama_cpp.Llama, position: int) -> bool:
+    """Removes positions >= `position` of sequence 0 from the KV cache; False when the cache cannot
+    drop a tail (then nothing may be assumed about it)."""
+    return bool(llama._ctx.kv_cache_seq_rm(0, position, -1))
 
 
 def set_out_position(new_n_past: Any, value: int) -> None:

@@ -29,7 +29,9 @@ token count, so the stock ``n_ctx`` check counts what the LLM will really see.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import threading
 import time
 from typing import Any, Optional
 
@@ -46,11 +48,13 @@ from ..llamacpp import (
     input_chunks,
     is_image,
     load_mmproj,
+    prompt_hooks,
     set_out_position,
     silenced,
     use_view,
 )
 from ..selection import Keep, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
+from .conversation import FOLLOW_UPS, ImageCache, KvRecord, Restart, Reuse
 from .decode import attention, decode_rows, row_ids
 
 KeepArg = Optional[Keep]
@@ -124,21 +128,37 @@ class Trimming(StockHooks):
         method: str = "trimtokenator",
         stage1_ratio: float = 0.8,
         backend: Optional[str] = None,
+        follow_ups: str = "keep-rows",
+        image_cache_bytes: int = 256 << 20,
+        reuse_kv: bool = True,
         verbose: bool = True,
         **kwargs: Any,
     ):
-        super().__init__(clip_model_path=clip_model_path, verbose=verbose, **kwargs)  # type: ignore[call-arg]
         owner = type(self).__name__
+        if follow_ups not in FOLLOW_UPS:
+            raise ValueError(f"{owner}: follow_ups must be one of {', '.join(FOLLOW_UPS)}, got {follow_ups!r}")
+        if not isinstance(reuse_kv, bool):
+            raise TypeError(f"{owner}: reuse_kv must be True or False, got {reuse_kv!r}")
+        try:
+            self._cache = ImageCache(image_cache_bytes)
+        except ValueError as error:
+            raise ValueError(f"{owner}: {error}") from None
+        super().__init__(clip_model_path=clip_model_path, verbose=verbose, **kwargs)  # type: ignore[call-arg]
         self.keep = self.DEFAULT_KEEP if keep is _DEFAULT else keep
         check_method(owner, method, stage1_ratio)
         check_backend(owner, backend)
         self.method = method
         self.stage1_ratio = float(stage1_ratio)
         self.backend = backend
+        self.follow_ups = follow_ups
+        self.reuse_kv = reuse_kv
         self.last_selection: list[ImageSelection] = []
-        self.last_text_rows = 0  # M: text-token rows the last call's stage 1 used
+        self.last_text_rows = 0  # M: text-token rows of all user text in the last call
+        self.last_reused = 0  # prompt positions the last call found in the KV cache
         self._tables: dict[str, TokenEmbeddings] = {}
-        self._images_seen = 0
+        self._pictures: list[str] = []  # sha256 of each image of the current call, in prompt order
+        self._kv = KvRecord()
+        self._lock = threading.RLock()
 
     @property
     def keep(self) -> KeepArg:
@@ -167,10 +187,17 @@ class Trimming(StockHooks):
             pass
         return f"libmtmd could not load the mmproj {path!r} for this LLM (n_embd {want}); see its log"
 
-    def image_loaded(self, bitmap: Any) -> None:
-        # A distinct id per image: libmtmd gives it to every chunk (slice) of that image.
-        self._images_seen += 1
-        mtmd_cpp.mtmd_bitmap_set_id(bitmap, f"trimcpp-{self._images_seen}".encode())
+    @property
+    def image_cache(self) -> ImageCache:
+        """The encoded rows of recent pictures (``limit``, ``bytes``, ``hits``)."""
+        return self._cache
+
+    def image_loaded(self, bitmap: Any, image_bytes: bytes) -> None:
+        # A distinct id per image of the prompt (libmtmd gives it to every chunk of that image),
+        # carrying the picture's digest for the image cache.
+        picture = hashlib.sha256(image_bytes).hexdigest()
+        self._pictures.append(picture)
+        mtmd_cpp.mtmd_bitmap_set_id(bitmap, f"trimcpp-{len(self._pictures)}-{picture}".encode())
 
     def text_rows(self, llama: llama_cpp.Llama, messages: list[Any]) -> np.ndarray:
         """Stage 1's text: the user messages' token embeddings, from the LLM's GGUF (opened once)."""
@@ -183,23 +210,59 @@ class Trimming(StockHooks):
             ids += llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         return table.rows(ids)
 
+    def image_texts(self, llama: llama_cpp.Llama, messages: list[Any]) -> list[np.ndarray]:
+        """Stage 1's text for each image of the prompt, in order: with follow_ups "reselect" all user
+        text; with "keep-rows" the user text up to and including the message the image came in, so
+        an image's rows stay those chosen in the turn it arrived (ALGORITHM.md, conversations)."""
+        owners = [i for i, m in enumerate(messages) if m.get("role") == "user" and isinstance(m.get("content"), list)
+                  for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url"]
+        if self.follow_ups == "reselect":
+            everything = self.text_rows(llama, messages)
+            return [everything] * len(owners)
+        texts: dict[int, np.ndarray] = {}
+        for owner in owners:
+            if owner not in texts:
+                texts[owner] = self.text_rows(llama, messages[: owner + 1])
+        return [texts[owner] for owner in owners]
+
+    def stock_call(self, **kwargs: Any) -> Any:
+        """The stock handler's ``__call__``."""
+        return super().__call__(**kwargs)  # type: ignore[misc]
+
     def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
-        load_mmproj(self, llama)
-        text = self.text_rows(llama, messages)
-        view = TrimmedMtmd(self, llama, text)
-        self.last_selection = view.selections
-        self.last_text_rows = text.shape[0]
-        with use_view(self, view):
-            return super().__call__(llama=llama, messages=messages, **kwargs)  # type: ignore[misc]
+        with self._lock:
+            load_mmproj(self, llama)
+            texts = self.image_texts(llama, messages)
+            self.last_text_rows = self.text_rows(llama, messages).shape[0]
+            for attempt in range(2):
+                self._pictures = []
+                view = TrimmedMtmd(self, llama, texts, self._kv if self.reuse_kv and attempt == 0 else None)
+                self.last_selection = view.selections
+                try:
+                    with use_view(self, view), prompt_hooks(llama, clear=view.clear, evaluate=view.evaluate):
+                        result = self.stock_call(llama=llama, messages=messages, **kwargs)
+                except Restart:
+                    continue  # the cache could not drop a tail: again, from an empty cache
+                except BaseException:
+                    self._kv.drop()
+                    raise
+                self.last_reused = view.reused
+                if self.reuse_kv:
+                    self._kv.remember(llama, view.prompt_length)
+                return result
+            raise RuntimeError("the KV cache could not be emptied")  # not reached: attempt 1 never reuses
 
 
 class TrimmedMtmd(MtmdView):
     """``llama_cpp.mtmd_cpp`` as the stock handler sees it during one trimmed call."""
 
-    def __init__(self, handler: Trimming, llama: llama_cpp.Llama, text: np.ndarray):
+    def __init__(self, handler: Trimming, llama: llama_cpp.Llama, texts: list[np.ndarray], kv: Optional[KvRecord]):
         self._handler = handler
         self._llama = llama
-        self._text = text if text.shape[0] > 0 else None
+        self._texts = [t if t.shape[0] > 0 else None for t in texts]
+        self._kv = kv
+        self.reuse: Optional[Reuse] = None
+        self.prompt_length = 0  # positions the prompt fills
         self._chunks: Any = None
         self._plans: dict[int, tuple[ImageSelection, np.ndarray, np.ndarray]] = {}  # chunk -> _plan's answer
         self.selections: list[ImageSelection] = []
@@ -234,6 +297,7 @@ class TrimmedMtmd(MtmdView):
         targets = [image_target(handler.keep, handler.method, rows, count) for rows, count, _, _ in images.values()]
         cells = text + sum(targets)
         positions = text + sum(image[2] for image in images.values()) if mtmd_cpp.mtmd_decode_use_mrope(ctx) else cells
+        self.prompt_length = positions
         limit = len(self._llama.input_ids)
         if max(cells, positions) > limit:
             what = f"{cells} tokens ({text} text, {cells - text} image rows after pruning)"
@@ -244,6 +308,31 @@ class TrimmedMtmd(MtmdView):
         for target, (_, count, _, non_causal) in zip(targets, images.values()):
             if non_causal and target > n_ubatch * count:
                 raise ValueError(self._ubatch_message(target, n_ubatch))
+        if self._kv is not None:
+            self.reuse = self._kv.begin(self._llama, positions)
+
+    @property
+    def reused(self) -> int:
+        """Prompt positions found in the KV cache (0 without reuse)."""
+        return 0 if self.reuse is None else self.reuse.kept
+
+    def clear(self, original: Any) -> None:
+        """The stock ``kv_cache_clear()``: with a reuse, the cache drops its tail at the first difference."""
+        if self.reuse is None:
+            original()
+
+    def evaluate(self, original: Any, tokens: Any) -> None:
+        """The stock ``llama.eval(tokens)`` of a text chunk: tokens already in the cache are skipped."""
+        tokens = list(tokens)
+        reuse = self.reuse
+        if reuse is not None and reuse.matching:
+            n = reuse.text(self._llama.n_tokens, tokens)
+            self._llama.n_tokens += n
+            tokens = tokens[n:]
+            if not tokens:
+                return
+            reuse.diverge(self._llama.n_tokens)
+        original(tokens)
 
     @staticmethod
     def _ubatch_message(rows: int, n_ubatch: int) -> str:
@@ -256,13 +345,23 @@ class TrimmedMtmd(MtmdView):
         return len(self._plan(chunk)[1])
 
     def mtmd_helper_eval_chunk_single(self, ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past):
+        start = int(getattr(n_past, "value", n_past))
         if not is_image(chunk):
+            if self.reuse is not None:
+                self.reuse.diverge(start)
             return mtmd_cpp.mtmd_helper_eval_chunk_single(
                 ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past
             )
         selection, rows, kept = self._plan(chunk)
-        start = int(getattr(n_past, "value", n_past))
         positions, n_pos = placement(ctx, chunk, kept, start)
+        # Token ids for the image's positions: a digest of the rows the LLM saw, so that prefix
+        # matching (here, Llama.generate, a LlamaCache) only ever reuses KV state of identical rows.
+        ids = row_ids(rows, self._llama.n_vocab(), n_pos)
+        if self.reuse is not None:
+            if self.reuse.image(start, ids):
+                set_out_position(new_n_past, start + n_pos)
+                return 0
+            self.reuse.diverge(start)
         causal = not mtmd_cpp.mtmd_decode_use_non_causal(ctx, chunk)
         n_batch = int(n_batch)
         if not causal:
@@ -274,9 +373,7 @@ class TrimmedMtmd(MtmdView):
         with attention(lctx, causal):
             decode_rows(lctx, rows, positions, int(getattr(seq_id, "value", seq_id)), n_batch)
         selection.decode_seconds += time.perf_counter() - began
-        # Token ids for the image's positions: a digest of the rows the LLM saw, so that prefix
-        # matching (Llama.generate) or a LlamaCache only ever reuses KV state of identical rows.
-        self._llama.input_ids[start : start + n_pos] = row_ids(rows, self._llama.n_vocab(), n_pos)
+        self._llama.input_ids[start : start + n_pos] = ids
         set_out_position(new_n_past, start + n_pos)
         return 0
 
@@ -293,19 +390,27 @@ class TrimmedMtmd(MtmdView):
         n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
         selection = ImageSelection(image=len(self.selections), rows=0, kept=0, chunk_rows=[], indices=[])
         embeddings = []
+        picture = (image_id or b"").decode().split("-")[-1]
+        cache = handler.image_cache
         began = time.perf_counter()
-        for c in group:
-            with silenced(handler.verbose):  # type: ignore[attr-defined]
-                rows = encoded_rows(ctx, c, n_embd)
+        for j, c in enumerate(group):
+            cached = cache.key(handler.clip_model_path, picture, j) if cache.limit else None  # type: ignore[attr-defined]
+            rows = cache.get(cached) if cached else None
             if rows is None:
-                raise RuntimeError(f"libmtmd failed to encode image {selection.image}")
+                with silenced(handler.verbose):  # type: ignore[attr-defined]
+                    rows = encoded_rows(ctx, c, n_embd)
+                if rows is None:
+                    raise RuntimeError(f"libmtmd failed to encode image {selection.image}")
+                if cached:
+                    cache.put(cached, rows)
             embeddings.append(rows)
             selection.chunk_rows.append(rows.shape[0])
         selection.encode_seconds = time.perf_counter() - began
         selection.rows = sum(selection.chunk_rows)
 
         began = time.perf_counter()
-        selection.indices = select_image(embeddings, self._text, handler.keep, method=handler.method,
+        text = self._texts[selection.image] if selection.image < len(self._texts) else None
+        selection.indices = select_image(embeddings, text, handler.keep, method=handler.method,
                                          stage1_ratio=handler.stage1_ratio, backend=handler.backend)
         for c, rows, kept in zip(group, embeddings, selection.indices):
             self._plans[int(c)] = (selection, rows[kept], kept)

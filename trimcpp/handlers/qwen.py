@@ -6,7 +6,9 @@ says so at run time."""
 
 from __future__ import annotations
 
-from llama_cpp.llama_chat_format import Qwen25VLChatHandler
+from typing import Any
+
+from llama_cpp.llama_chat_format import Llava15ChatHandler, Qwen25VLChatHandler
 
 from .mechanism import KEEP_SHARE, Trimming
 
@@ -17,3 +19,9 @@ class TrimQwen25VLChatHandler(Trimming, Qwen25VLChatHandler):
     :class:`trimcpp.TrimLlava15ChatHandler`."""
 
     DEFAULT_KEEP = KEEP_SHARE
+
+    def stock_call(self, **kwargs: Any) -> Any:
+        # Qwen25VLChatHandler.__call__ only empties the KV cache and the Llama's token ids before
+        # Llava15ChatHandler's (the stock code never writes ids at image positions); trimcpp writes
+        # them and empties the cache itself unless it can reuse it.
+        return Llava15ChatHandler.__call__(self, **kwargs)
