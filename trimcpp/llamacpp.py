@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import llama_cpp
@@ -139,13 +140,16 @@ def on_state_change(llama: llama_cpp.Llama, callback: Callable[[], None]) -> Non
         return
     llama._trimcpp_watched, llama._trimcpp_watchers = True, [callback]
 
+    watchers = llama._trimcpp_watchers
+
     def watched(obj: Any, name: str) -> None:
-        method = getattr(obj, name)
+        # The method through a weak reference: no cycle keeps a Llama (and its buffers) alive.
+        method, owner = getattr(type(obj), name), weakref.ref(obj)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            for watcher in list(llama._trimcpp_watchers):
+            for watcher in list(watchers):
                 watcher()
-            return method(*args, **kwargs)
+            return method(owner(), *args, **kwargs)
 
         setattr(obj, name, call)
 

@@ -11,6 +11,7 @@ time from the call to the first streamed chunk (the prompt's processing, then on
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -74,7 +75,10 @@ def run(model: str, mmproj: str, image: bytes, turns: int, *, keep: int, chat_fo
                         {"role": "assistant", "content": answer}, {"role": "user", "content": QUESTIONS[t + 1]}]
                 if on_step:
                     on_step(f"{name}, turn {t + 1}/{turns}, round {round_ + 1}/{repeat}")
+        for llama in llamas.values():
+            llama.close()  # frees the KV cache and the model before the next round's
         del llamas, handlers
+        gc.collect()
     stock_median = [statistics.median(samples["stock"][t]) for t in range(turns)]
     entries = []
     for name in names:
