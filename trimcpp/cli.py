@@ -258,6 +258,7 @@ def _bench_turns(args: argparse.Namespace, model: str, mmproj: str, image: bytes
             bar.update()
 
         result = turns.run(model, mmproj, image, args.turns, keep=keep, chat_format=chat_format, method=args.method,
+                           stage1_ratio=args.stage1_ratio,
                            repeat=args.repeat, answer_tokens=args.answer_tokens, n_ctx=args.n_ctx,
                            threads=args.threads, on_step=step)
     result.update(shape=None if args.model else args.shape)
@@ -344,6 +345,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="a conversation of N questions about the image (1-6): stock vs trimmed in each follow-up "
                             "mode, turn by turn, at the smallest --keep")
     bench.add_argument("--answer-tokens", type=int, default=16, help="with --turns: tokens per answer (default 16)")
+    bench.add_argument("--stage1-ratio", type=float, default=0.8, help="with --turns: TrimTokenator's stage-1 share "
+                       "(default 0.8)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     common(bench)
     bench.set_defaults(run=cmd_bench)

@@ -42,7 +42,7 @@ def turn(llama: Any, messages: list[dict], answer_tokens: int) -> tuple[float, s
 
 
 def run(model: str, mmproj: str, image: bytes, turns: int, *, keep: int, chat_format: str = "llava-1-5",
-        method: str = "trimtokenator", repeat: int = 3, answer_tokens: int = 16, n_ctx: int = 4096,
+        method: str = "trimtokenator", stage1_ratio: float = 0.8, repeat: int = 3, answer_tokens: int = 16, n_ctx: int = 4096,
         threads: Optional[int] = None, on_step: Optional[Step] = None) -> dict[str, Any]:
     """Plays the conversation `repeat` times through the stock handler and the trimmed one in each
     follow-up mode (KV reuse and image cache on); returns the settings, the machine and, per handler,
@@ -56,8 +56,8 @@ def run(model: str, mmproj: str, image: bytes, turns: int, *, keep: int, chat_fo
     reused: dict[str, list[int]] = {name: [0] * turns for name in names}
     for round_ in range(repeat):
         handlers = {"stock": stock(clip_model_path=mmproj, verbose=False)}
-        handlers.update({mode: trimmed(clip_model_path=mmproj, keep=keep, method=method, follow_ups=mode, verbose=False)
-                         for mode in MODES})
+        handlers.update({mode: trimmed(clip_model_path=mmproj, keep=keep, method=method, stage1_ratio=stage1_ratio,
+                                       follow_ups=mode, verbose=False) for mode in MODES})
         llamas = {name: load_llama(model, handler, n_ctx=n_ctx, threads=threads) for name, handler in handlers.items()}
         for name, handler in handlers.items():
             load_mmproj(handler, llamas[name])
@@ -87,6 +87,7 @@ def run(model: str, mmproj: str, image: bytes, turns: int, *, keep: int, chat_fo
                         "kept": None if name == "stock" else kept[name],
                         "reused": None if name == "stock" else reused[name], "runs": samples[name]})
     return {"model": model, "mmproj": mmproj, "chat_format": chat_format, "method": method, "keep": keep,
+            "stage1_ratio": stage1_ratio,
             "turns": turns, "questions": list(QUESTIONS[:turns]), "answer_tokens": answer_tokens, "repeat": repeat,
             "n_ctx": n_ctx, "machine": machine(), "results": entries}
 
@@ -99,7 +100,7 @@ def table(result: dict[str, Any]) -> str:
         label = "stock" if e["handler"] == "stock" else f"trimmed, {e['handler']}"
         lines.append(f"{label:<22}" + "".join(f"{s:>8.2f} s {x:>5.1f}x" for s, x in zip(e["ttft_s"], e["speedup"])))
     lines.append(f"time to first token, medians of {result['repeat']} rounds; speedup over stock at the same turn; "
-                 f"trimmed keep {result['keep']}")
+                 f"trimmed keep {result['keep']}, stage-1 share {result.get('stage1_ratio', 0.8)}")
     return "\n".join(lines)
 
 
