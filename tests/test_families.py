@@ -374,17 +374,24 @@ def test_chat_format_of_each_mmproj(pairs, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["qwen", "gemma"])
-def test_bench_and_chat_commands(pairs, capsys, tmp_path, case):
+def test_bench_and_chat_commands(pairs, capsys, tmp_path, monkeypatch, case):
     import json
 
     from trimcpp.cli import main
 
     from helpers import png
 
+    encodes = []
+    encode = mtmd_cpp.mtmd_encode_chunk
+    monkeypatch.setattr(mtmd_cpp, "mtmd_encode_chunk", lambda *args: encodes.append(1) or encode(*args))
     llm, mmproj = (str(p) for p in pairs[case])
     code = main(["bench", "--model", llm, "--mmproj", mmproj, "--keep", "16,8", "--repeat", "1", "--json",
                  "--image", png(tmp_path, 224, 168)])
     result = json.loads(capsys.readouterr().out)
+    # Every request encodes the picture, a first question (the image cache is off in this benchmark):
+    # the warm-up, then stock, 16 and 8.
+    assert len(encodes) == 4
+    monkeypatch.undo()
     assert code == 0 and result["chat_format"] == ("qwen2.5-vl" if case == "qwen" else "mtmd")
     rows = CASES[case][2]
     assert [(e["kept"], e["rows"]) for e in result["results"]] == [(rows, rows), (16, rows), (8, rows)]

@@ -114,7 +114,9 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
     with the medians and every run.
     """
     stock = timed_stock(chat_format, mmproj, verbose=False)
-    trimmed = HANDLERS[chat_format][1](clip_model_path=mmproj, keep=min(keeps), method=method, verbose=False)
+    # Every request is a first question: no image cache, no KV reuse (`--turns` measures those).
+    trimmed = HANDLERS[chat_format][1](clip_model_path=mmproj, keep=min(keeps), method=method, image_cache_bytes=0,
+                                       reuse_kv=False, verbose=False)
     llama = load_llama(model, stock, n_ctx=n_ctx, threads=threads)
     for handler in (stock, trimmed):
         load_mmproj(handler, llama)
