@@ -277,6 +277,10 @@ def test_reuse_off_and_bad_arguments(models):
                           ({"reuse_kv": "yes"}, TypeError)):
         with pytest.raises(error, match=next(iter(kwargs))):
             TrimLlava15ChatHandler(clip_model_path=models["1.5"], **kwargs)
+        if "image_cache_bytes" not in kwargs:  # the same checks when set later
+            with pytest.raises(error, match=next(iter(kwargs))):
+                setattr(handler, *next(iter(kwargs.items())))
+    assert handler.follow_ups == "keep-rows" and handler.reuse_kv is False
 
 
 def test_one_handler_two_threads(models):

@@ -135,10 +135,6 @@ class Trimming(StockHooks):
         **kwargs: Any,
     ):
         owner = type(self).__name__
-        if follow_ups not in FOLLOW_UPS:
-            raise ValueError(f"{owner}: follow_ups must be one of {', '.join(FOLLOW_UPS)}, got {follow_ups!r}")
-        if not isinstance(reuse_kv, bool):
-            raise TypeError(f"{owner}: reuse_kv must be True or False, got {reuse_kv!r}")
         try:
             self._cache = ImageCache(image_cache_bytes)
         except ValueError as error:
@@ -150,6 +146,7 @@ class Trimming(StockHooks):
         self.method = method
         self.stage1_ratio = float(stage1_ratio)
         self.backend = backend
+        self._kv = KvRecord()
         self.follow_ups = follow_ups
         self.reuse_kv = reuse_kv
         self.last_selection: list[ImageSelection] = []
@@ -157,7 +154,6 @@ class Trimming(StockHooks):
         self.last_reused = 0  # prompt positions the last call found in the KV cache
         self._tables: dict[str, TokenEmbeddings] = {}
         self._pictures: list[str] = []  # sha256 of each image of the current call, in prompt order
-        self._kv = KvRecord()
         self._lock = threading.RLock()
 
     @property
@@ -168,6 +164,30 @@ class Trimming(StockHooks):
     @keep.setter
     def keep(self, value: KeepArg) -> None:
         self._keep = check_keep(type(self).__name__, value)
+
+    @property
+    def follow_ups(self) -> str:
+        """Which user text selects a follow-up's rows: "keep-rows" or "reselect" (ALGORITHM.md)."""
+        return self._follow_ups
+
+    @follow_ups.setter
+    def follow_ups(self, value: str) -> None:
+        if value not in FOLLOW_UPS:
+            raise ValueError(f"{type(self).__name__}: follow_ups must be one of {', '.join(FOLLOW_UPS)}, got {value!r}")
+        self._follow_ups = value
+
+    @property
+    def reuse_kv(self) -> bool:
+        """Whether a call reuses what this handler left in the Llama's KV cache."""
+        return self._reuse_kv
+
+    @reuse_kv.setter
+    def reuse_kv(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"{type(self).__name__}: reuse_kv must be True or False, got {value!r}")
+        self._reuse_kv = value
+        if not value:
+            self._kv.drop()
 
     def explain_mmproj_failure(self, llama: llama_cpp.Llama) -> str:
         """Why libmtmd refused the mmproj, in words (it only logs the reason)."""
