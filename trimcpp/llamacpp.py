@@ -134,13 +134,11 @@ def prompt_hooks(llama: llama_cpp.Llama, *, clear: Callable[[Callable[[], None]]
 def on_state_change(llama: llama_cpp.Llama, callback: Callable[[], None]) -> None:
     """From now on, ``callback()`` runs before ``llama.reset()``, ``llama._ctx.kv_cache_clear()`` and
     ``llama.load_state()`` whoever calls them (another handler, Llama.generate, the caller): the KV
-    cache is about to hold something this module's caller did not put there. Idempotent per Llama."""
-    if getattr(llama, "_trimcpp_watched", False):
+    cache is about to hold something this module's caller did not put there."""
+    if hasattr(llama, "_trimcpp_watchers"):  # already watched: one more callback
         llama._trimcpp_watchers.append(callback)
         return
-    llama._trimcpp_watched, llama._trimcpp_watchers = True, [callback]
-
-    watchers = llama._trimcpp_watchers
+    watchers = llama._trimcpp_watchers = [callback]
 
     def watched(obj: Any, name: str) -> None:
         # The method through a weak reference: no cycle keeps a Llama (and its buffers) alive.

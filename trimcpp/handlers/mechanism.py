@@ -230,14 +230,14 @@ class Trimming(StockHooks):
             ids += llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         return table.rows(ids)
 
-    def image_texts(self, llama: llama_cpp.Llama, messages: list[Any]) -> list[np.ndarray]:
+    def image_texts(self, llama: llama_cpp.Llama, messages: list[Any], everything: np.ndarray) -> list[np.ndarray]:
         """Stage 1's text for each image of the prompt, in order: with follow_ups "reselect" all user
-        text; with "keep-rows" the user text up to and including the message the image came in, so
-        an image's rows stay those chosen in the turn it arrived (ALGORITHM.md, conversations)."""
+        text (`everything`, the text_rows of all messages); with "keep-rows" the user text up to and
+        including the message the image came in, so an image's rows stay those chosen in the turn it
+        arrived (ALGORITHM.md, conversations)."""
         owners = [i for i, m in enumerate(messages) if m.get("role") == "user" and isinstance(m.get("content"), list)
                   for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url"]
         if self.follow_ups == "reselect":
-            everything = self.text_rows(llama, messages)
             return [everything] * len(owners)
         texts: dict[int, np.ndarray] = {}
         for owner in owners:
@@ -252,8 +252,9 @@ class Trimming(StockHooks):
     def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
         with self._lock:
             load_mmproj(self, llama)
-            texts = self.image_texts(llama, messages)
-            self.last_text_rows = self.text_rows(llama, messages).shape[0]
+            everything = self.text_rows(llama, messages)
+            texts = self.image_texts(llama, messages, everything)
+            self.last_text_rows = everything.shape[0]
             for attempt in range(2):
                 self._pictures = []
                 view = TrimmedMtmd(self, llama, texts, self._kv if self.reuse_kv and attempt == 0 else None)

@@ -171,6 +171,49 @@ class Writer:
             self.gguf.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
         self.tensors.append((name, make))
 
+    def llm_keys(self, shape: Shape, name: str, rms_eps: float) -> None:
+        """The keys every LLM here has: its name and size."""
+        w = self.gguf
+        w.add_name(f"trimcpp random {name} ({shape.n_embd}x{shape.n_layer})")
+        w.add_context_length(shape.n_ctx_train)
+        w.add_embedding_length(shape.n_embd)
+        w.add_block_count(shape.n_layer)
+        w.add_feed_forward_length(shape.n_ff)
+        w.add_head_count(shape.n_head)
+        w.add_head_count_kv(shape.n_head_kv or shape.n_head)
+        w.add_layer_norm_rms_eps(rms_eps)
+
+    def spm_vocabulary(self, tokens: list[str], scores: list[float], types: list[int], *, eos: int) -> None:
+        """A SentencePiece ("llama") vocabulary with <unk> 0 and BOS 1, BOS added to every prompt."""
+        w = self.gguf
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(eos)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+
+    def vision_keys(self, shape: Shape, name: str, projector: str, *, projection_dim: int, eps: float,
+                    mean: Sequence[float], std: Sequence[float]) -> None:
+        """The keys every mmproj here has: libmtmd's vision encoder settings."""
+        w = self.gguf
+        w.add_name(f"trimcpp random {name}")
+        w.add_clip_has_vision_encoder(True)
+        w.add_clip_projector_type(projector)
+        w.add_vision_image_size(shape.image_size)
+        w.add_vision_patch_size(shape.patch_size)
+        w.add_vision_embedding_length(shape.v_embd)
+        w.add_vision_feed_forward_length(shape.v_ff)
+        w.add_vision_projection_dim(projection_dim)
+        w.add_vision_head_count(shape.v_head)
+        w.add_vision_attention_layernorm_eps(eps)
+        w.add_vision_block_count(shape.v_layer)
+        w.add_vision_image_mean(list(mean))
+        w.add_vision_image_std(list(std))
+
     def finish(self, progress: Optional[Callable[[int, int], None]] = None) -> None:
         self.gguf.write_header_to_file()
         self.gguf.write_kv_data_to_file()
@@ -193,25 +236,10 @@ def write_llm(path: os.PathLike | str, shape: Shape, *, embd_type: Optional[str]
     etype = WEIGHT_TYPES[embd_type or shape.weight_type]
     out = Writer(path, "llama", weights)
     w = out.gguf
-    w.add_name(f"trimcpp random llama ({shape.n_embd}x{shape.n_layer})")
-    w.add_context_length(shape.n_ctx_train)
-    w.add_embedding_length(shape.n_embd)
-    w.add_block_count(shape.n_layer)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(shape.n_head)
+    out.llm_keys(shape, "llama", 1e-5)
     w.add_rope_dimension_count(shape.n_embd // shape.n_head)
-    w.add_layer_norm_rms_eps(1e-5)
     tokens, scores, types = vocabulary(shape.n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    out.spm_vocabulary(tokens, scores, types, eos=2)
 
     def ones() -> np.ndarray:
         return np.ones(shape.n_embd, np.float32)
@@ -257,19 +285,8 @@ def write_mmproj(path: os.PathLike | str, shape: Shape, *, version: str = "1.5",
     vtype = WEIGHT_TYPES[shape.v_type]
     out = Writer(path, "clip", weights)
     w = out.gguf
-    w.add_name(f"trimcpp random clip ({shape.v_embd}x{shape.v_layer}, llava-{version})")
-    w.add_clip_has_vision_encoder(True)
-    w.add_clip_projector_type("mlp")
-    w.add_vision_image_size(shape.image_size)
-    w.add_vision_patch_size(shape.patch_size)
-    w.add_vision_embedding_length(shape.v_embd)
-    w.add_vision_feed_forward_length(shape.v_ff)
-    w.add_vision_projection_dim(n_embd_out or shape.n_embd)
-    w.add_vision_head_count(shape.v_head)
-    w.add_vision_attention_layernorm_eps(1e-5)
-    w.add_vision_block_count(shape.v_layer)
-    w.add_vision_image_mean(list(CLIP_MEAN))
-    w.add_vision_image_std(list(CLIP_STD))
+    out.vision_keys(shape, f"clip ({shape.v_embd}x{shape.v_layer}, llava-{version})", "mlp",
+                    projection_dim=n_embd_out or shape.n_embd, eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD)
     w.add_vision_use_gelu(False)  # quick GELU, as CLIP
     if version == "1.6":
         w.add_array("clip.vision.image_grid_pinpoints", pinpoints(shape.image_size))

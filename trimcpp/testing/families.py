@@ -116,15 +116,8 @@ def write_qwen_llm(path, shape: Shape, *, seed: int = 0,
     w = out.gguf
     head = shape.n_embd // shape.n_head
     kv = shape.n_head_kv or shape.n_head
-    w.add_name(f"trimcpp random qwen2vl ({shape.n_embd}x{shape.n_layer})")
-    w.add_context_length(shape.n_ctx_train)
-    w.add_embedding_length(shape.n_embd)
-    w.add_block_count(shape.n_layer)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(kv)
+    out.llm_keys(shape, "qwen2vl", 1e-6)
     w.add_rope_freq_base(1000000.0)
-    w.add_layer_norm_rms_eps(1e-6)
     # Qwen2.5-VL's sections (16, 24, 24 of 64 rotary pairs), scaled to this head size.
     pairs = head // 2
     t = pairs // 4
@@ -161,42 +154,41 @@ def write_qwen_llm(path, shape: Shape, *, seed: int = 0,
     return path
 
 
+class _Vision:
+    """An mmproj being written: its writer, random stream and the tensor makers both towers use."""
+
+    def __init__(self, path, shape: Shape, seed: int):
+        self.out = Writer(Path(path), "clip")
+        self.rng = np.random.default_rng(seed)
+        self.vtype = WEIGHT_TYPES[shape.v_type]
+        self.dtype = np.float16 if self.vtype == Q.F16 else np.float32
+
+    def normal(self, *dims: int, scale: float = 0.02) -> Callable[[], np.ndarray]:
+        return lambda: (self.rng.standard_normal(dims, dtype=np.float32) * scale).astype(self.dtype)
+
+    def attention(self, i: int, v: int) -> None:
+        """Layer i's q, k, v and output projections, with biases."""
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            self.out.tensor(f"v.blk.{i}.{name}.weight", (v, v), self.vtype, self.normal(v, v))
+            self.out.tensor(f"v.blk.{i}.{name}.bias", (v,), Q.F32, _vector(self.rng, v))
+
+
 def write_qwen_mmproj(path, shape: Shape, *, seed: int = 1,
                       progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Writes a random Qwen2.5-VL vision tower (projector ``qwen2.5vl_merger``) for the LLM of `shape`."""
-    path = Path(path)
-    rng = np.random.default_rng(seed)
-    vtype = WEIGHT_TYPES[shape.v_type]
-    wdtype = np.float16 if vtype == Q.F16 else np.float32
-    out = Writer(path, "clip")
-    w = out.gguf
+    tower = _Vision(path, shape, seed)
+    out, rng, vtype, normal, w = tower.out, tower.rng, tower.vtype, tower.normal, tower.out.gguf
     v, f, p, llm = shape.v_embd, shape.v_ff, shape.patch_size, shape.n_embd
-    w.add_name(f"trimcpp random qwen2.5-vl vision ({v}x{shape.v_layer})")
-    w.add_clip_has_vision_encoder(True)
-    w.add_clip_projector_type("qwen2.5vl_merger")
-    w.add_vision_image_size(shape.image_size)
-    w.add_vision_patch_size(p)
-    w.add_vision_embedding_length(v)
-    w.add_vision_feed_forward_length(f)
-    w.add_vision_projection_dim(llm)
-    w.add_vision_head_count(shape.v_head)
-    w.add_vision_attention_layernorm_eps(1e-6)
-    w.add_vision_block_count(shape.v_layer)
-    w.add_vision_image_mean(list(QWEN_MEAN))
-    w.add_vision_image_std(list(QWEN_STD))
+    out.vision_keys(shape, f"qwen2.5-vl vision ({v}x{shape.v_layer})", "qwen2.5vl_merger", projection_dim=llm,
+                    eps=1e-6, mean=QWEN_MEAN, std=QWEN_STD)
     w.add_vision_use_silu(True)
     w.add_uint32("clip.vision.n_wa_pattern", shape.v_window_pattern)
     w.add_uint32("clip.vision.spatial_merge_size", shape.v_merge)
 
-    def normal(*dims: int, scale: float = 0.02) -> Callable[[], np.ndarray]:
-        return lambda: (rng.standard_normal(dims, dtype=np.float32) * scale).astype(wdtype)
-
     out.tensor("v.patch_embd.weight", (v, 3, p, p), vtype, normal(v, 3, p, p))
     out.tensor("v.patch_embd.weight.1", (v, 3, p, p), vtype, normal(v, 3, p, p))
     for i in range(shape.v_layer):
-        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            out.tensor(f"v.blk.{i}.{name}.weight", (v, v), vtype, normal(v, v))
-            out.tensor(f"v.blk.{i}.{name}.bias", (v,), Q.F32, _vector(rng, v))
+        tower.attention(i, v)
         out.tensor(f"v.blk.{i}.ln1.weight", (v,), Q.F32, _const(1.0, v))
         out.tensor(f"v.blk.{i}.ln2.weight", (v,), Q.F32, _const(1.0, v))
         for name, dims in (("ffn_gate", (f, v)), ("ffn_up", (f, v)), ("ffn_down", (v, f))):
@@ -222,16 +214,9 @@ def write_gemma_llm(path, shape: Shape, *, seed: int = 0,
     w = out.gguf
     head = shape.head_dim or shape.n_embd // shape.n_head
     kv = shape.n_head_kv or shape.n_head
-    w.add_name(f"trimcpp random gemma3 ({shape.n_embd}x{shape.n_layer})")
-    w.add_context_length(shape.n_ctx_train)
-    w.add_embedding_length(shape.n_embd)
-    w.add_block_count(shape.n_layer)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(kv)
+    out.llm_keys(shape, "gemma3", 1e-6)
     w.add_key_length(head)
     w.add_value_length(head)
-    w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(1000000.0)
     w.add_sliding_window(1024)
     # The LLaVA vocabulary's SentencePiece pieces, Gemma's control tokens after <unk> <s> </s>.
@@ -239,15 +224,7 @@ def write_gemma_llm(path, shape: Shape, *, seed: int = 0,
     tokens = tokens[:3] + GEMMA_SPECIALS + tokens[3:]
     scores = scores[:3] + [0.0] * len(GEMMA_SPECIALS) + scores[3:]
     types = types[:3] + [int(gguf.TokenType.CONTROL)] * len(GEMMA_SPECIALS) + types[3:]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(tokens.index("<end_of_turn>"))
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    out.spm_vocabulary(tokens, scores, types, eos=tokens.index("<end_of_turn>"))
     w.add_chat_template(GEMMA_TEMPLATE)
 
     e, f, q, g = shape.n_embd, shape.n_ff, shape.n_head * head, kv * head
@@ -274,31 +251,13 @@ def write_gemma_llm(path, shape: Shape, *, seed: int = 0,
 def write_gemma_mmproj(path, shape: Shape, *, seed: int = 1,
                        progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Writes a random SigLIP encoder with Gemma 3's pooling projector (``gemma3``)."""
-    path = Path(path)
-    rng = np.random.default_rng(seed)
-    vtype = WEIGHT_TYPES[shape.v_type]
-    wdtype = np.float16 if vtype == Q.F16 else np.float32
-    out = Writer(path, "clip")
-    w = out.gguf
+    tower = _Vision(path, shape, seed)
+    out, rng, vtype, normal, w = tower.out, tower.rng, tower.vtype, tower.normal, tower.out.gguf
     v, f, p, llm = shape.v_embd, shape.v_ff, shape.patch_size, shape.n_embd
-    w.add_name(f"trimcpp random gemma3 vision ({v}x{shape.v_layer})")
-    w.add_clip_has_vision_encoder(True)
-    w.add_clip_projector_type("gemma3")
-    w.add_vision_image_size(shape.image_size)
-    w.add_vision_patch_size(p)
-    w.add_vision_embedding_length(v)
-    w.add_vision_feed_forward_length(f)
-    w.add_vision_projection_dim(llm)
-    w.add_vision_head_count(shape.v_head)
-    w.add_vision_attention_layernorm_eps(1e-6)
-    w.add_vision_block_count(shape.v_layer)
-    w.add_vision_image_mean(list(SIGLIP_MEAN))
-    w.add_vision_image_std(list(SIGLIP_STD))
+    out.vision_keys(shape, f"gemma3 vision ({v}x{shape.v_layer})", "gemma3", projection_dim=llm, eps=1e-6,
+                    mean=SIGLIP_MEAN, std=SIGLIP_STD)
     w.add_vision_use_gelu(True)
     w.add_uint32("clip.vision.projector.scale_factor", shape.v_merge)
-
-    def normal(*dims: int, scale: float = 0.02) -> Callable[[], np.ndarray]:
-        return lambda: (rng.standard_normal(dims, dtype=np.float32) * scale).astype(wdtype)
 
     patches = (shape.image_size // p) ** 2
     out.tensor("v.patch_embd.weight", (v, 3, p, p), vtype, normal(v, 3, p, p))
@@ -306,9 +265,7 @@ def write_gemma_mmproj(path, shape: Shape, *, seed: int = 1,
     # F32 as in converted SigLIP mmprojs (the graph adds it to F32 activations directly).
     out.tensor("v.position_embd.weight", (patches, v), Q.F32, _matrix(rng, patches, v, Q.F32))
     for i in range(shape.v_layer):
-        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            out.tensor(f"v.blk.{i}.{name}.weight", (v, v), vtype, normal(v, v))
-            out.tensor(f"v.blk.{i}.{name}.bias", (v,), Q.F32, _vector(rng, v))
+        tower.attention(i, v)
         for name in ("ln1", "ln2"):
             out.tensor(f"v.blk.{i}.{name}.weight", (v,), Q.F32, _const(1.0, v))
             out.tensor(f"v.blk.{i}.{name}.bias", (v,), Q.F32, _const(0.0, v))
