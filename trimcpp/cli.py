@@ -212,8 +212,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError("--llava goes with --family llava")
         args.shape = shape
         model, mmproj = _default_pair(family, shape, args.llava or "1.5")
-        chat_format = args.chat_format or {"llava": "llava-1-6" if args.llava == "1.6" else "llava-1-5",
-                                           "qwen2.5-vl": "qwen2.5-vl", "gemma3": "mtmd"}[family]
+        args.mmproj = mmproj
+        chat_format = _chat_format(args)
     if args.image:
         image = read_image(args.image)
     else:
