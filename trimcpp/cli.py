@@ -1,10 +1,11 @@
 """The ``trimcpp`` command.
 
     trimcpp bench [--family llava|qwen2.5-vl|gemma3] [--shape ...] [--model M --mmproj P] [--image I] [--keep 192,128,64]
-                  [--turns N]
+                  [--turns N] [--server]
     trimcpp chat  --model M --mmproj P --image I [--keep 64|0.25|all] [--method ...] "question"
     trimcpp show  --model M --mmproj P --image I [--keep ...] [--out kept.png] "question"
     trimcpp eval  [--model M --mmproj P --data DIR] [--keep 576,192,128,64,32] [--methods ...]
+    trimcpp serve --model M --clip_model_path P --chat_format trim-llava-1-5 [--keep 64] [...]  (trimcpp.serve)
 
 Exit status: 0 on success, 2 for bad arguments or unreadable files, 1 when the model fails.
 """
@@ -214,6 +215,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model, mmproj = _default_pair(family, shape, args.llava or "1.5")
         args.mmproj = mmproj
         chat_format = _chat_format(args)
+    if args.server:
+        if args.image:
+            raise UsageError("--server sends its own pictures (a new one per request): leave out --image")
+        return _bench_server(args, model, mmproj, chat_format)
     if args.image:
         image = read_image(args.image)
     else:
@@ -270,6 +275,33 @@ def _bench_turns(args: argparse.Namespace, model: str, mmproj: str, image: bytes
           f"{args.turns} questions, answers of up to {args.answer_tokens} tokens appended\n")
     print(turns.table(result))
     print("\n".join(turns.describe(result)))
+    return 0
+
+
+def _bench_server(args: argparse.Namespace, model: str, mmproj: str, chat_format: str) -> int:
+    from tqdm import tqdm
+
+    try:
+        from .bench import server
+    except ImportError as error:
+        raise UsageError(f"--server needs the server extra: pip install \"trimcpp[server]\" ({error})") from None
+    turns = args.turns or 3
+    with tqdm(total=2 * (args.repeat + turns), desc="requests", unit="req", leave=False) as bar:
+        def step(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update()
+
+        result = server.run(model, mmproj, keep=min(args.keep), chat_format=chat_format, pictures=args.repeat,
+                            turns=turns, answer_tokens=args.answer_tokens, n_ctx=args.n_ctx, threads=args.threads,
+                            on_step=step)
+    result.update(shape=None if args.model else args.shape)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    m = result["machine"]
+    print(f"model   {model}\nmmproj  {mmproj}  ({chat_format}; trimcpp serve --keep {result['keep']})\n"
+          f"machine {m['cpu']}, {m['cores']} cores; one client, streamed, answers of up to {args.answer_tokens} tokens\n")
+    print(server.table(result))
     return 0
 
 
@@ -344,7 +376,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--turns", type=int, default=0,
                        help="a conversation of N questions about the image (1-6): stock vs trimmed in each follow-up "
                             "mode, turn by turn, at the smallest --keep")
-    bench.add_argument("--answer-tokens", type=int, default=16, help="with --turns: tokens per answer (default 16)")
+    bench.add_argument("--server", action="store_true",
+                       help="through a server: llama-cpp-python's with the stock handler vs trimcpp serve, --repeat "
+                            "new pictures then --turns follow-ups (default 3), at the smallest --keep (needs "
+                            "trimcpp[server])")
+    bench.add_argument("--answer-tokens", type=int, default=16, help="with --turns or --server: tokens per answer "
+                       "(default 16)")
     bench.add_argument("--stage1-ratio", type=float, default=0.8, help="with --turns: TrimTokenator's stage-1 share "
                        "(default 0.8)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -386,10 +423,28 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON (with every answer)")
     common(evaluate, method=False)
     evaluate.set_defaults(run=cmd_eval)
+
+    # Only listed here: main() hands `trimcpp serve ...` to trimcpp.serve, whose flags are the stock server's.
+    commands.add_parser("serve", add_help=False, help="OpenAI-compatible server with pruned images "
+                        "(llama-cpp-python's; trimcpp serve --help)")
     return parser
 
 
+def cmd_serve(argv: list[str]) -> int:
+    """trimcpp serve: llama-cpp-python's server with its own flags (trimcpp.serve), when the extra is installed."""
+    try:
+        from . import serve
+    except ImportError as error:
+        print(f"trimcpp serve: error: the server needs its extra: pip install \"trimcpp[server]\" ({error})",
+              file=sys.stderr)
+        return 2
+    return serve.main(argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        return cmd_serve(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if getattr(args, "repeat", 1) < 1:

@@ -1,0 +1,261 @@
+"""llama-cpp-python's OpenAI-compatible server (``llama_cpp.server``) with trimmed handlers.
+
+The app is the stock one: its routes, settings, API key, locks (one request at a time on the
+model) and error format. trimcpp changes three things:
+
+- :class:`TrimLlamaProxy` loads a ``trim-*`` chat_format with the trimmed handler, configured from
+  the model's settings (keep, method, image cache, KV reuse); stock formats load as before;
+- ``POST /v1/chat/completions`` is :func:`create_chat_completion`: it resolves the request's images
+  under the server's :class:`~trimcpp.serve.fetch.ImagePolicy` before it waits for the model, applies
+  the request's ``"trimcpp"`` options, and runs the handler (for a stream, up to its first chunk)
+  before it answers, so that a bad request is an HTTP 400 and not a broken stream; the answer says,
+  per image, the rows the LLM saw and the image's rows (field ``trimcpp``, header
+  ``x-trimcpp-image-rows``);
+- a request the server cannot serve as asked (invalid body, an image refused, a prompt over
+  ``n_ctx``, a bad ``keep``: any ValueError of the chat call) is HTTP 400 in OpenAI's error format;
+  the stock server answers 422 or 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import json
+import os
+import time
+from typing import Any, AsyncIterator, Iterator, Optional
+
+import anyio
+import llama_cpp
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from llama_cpp.server import app as stock_app
+from llama_cpp.server.errors import RouteErrorHandler
+from llama_cpp.server.model import LlamaProxy
+from llama_cpp.server.types import CreateChatCompletionRequest
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+from ..handlers import HANDLERS
+from ..handlers.mechanism import Trimming
+from ..selection import METHODS
+from .fetch import ImagePolicy, ImageRefused, localise
+from .settings import TRIM_FORMATS, TrimModelSettings, TrimServerSettings, handler_keep
+
+CHAT_PATH = "/v1/chat/completions"
+ROWS_HEADER = "x-trimcpp-image-rows"
+
+
+class TrimLlamaProxy(LlamaProxy):
+    """llama-cpp-python's model proxy, which also loads the ``trim-*`` chat formats."""
+
+    def load_llama_from_model_settings(self, settings: TrimModelSettings) -> llama_cpp.Llama:  # type: ignore[override]
+        stock_format = TRIM_FORMATS.get(settings.chat_format or "")
+        if stock_format is None:
+            llama = super().load_llama_from_model_settings(settings)
+        else:
+            handler = HANDLERS[stock_format][1](clip_model_path=settings.clip_model_path, verbose=settings.verbose,
+                                                **settings.handler_options())
+            llama = super().load_llama_from_model_settings(settings.stock())
+            kwargs = settings.chat_template_kwargs
+            llama.chat_handler = functools.partial(handler, **kwargs) if kwargs else handler
+        if hasattr(llama.chat_handler, "load_image"):
+            llama.chat_handler.load_image = _data_only  # the route has made every image a data: URI
+        if (trimmed := trimmed_handler(llama)) is not None:
+            trimmed.load_image = _data_only
+        return llama
+
+
+def _data_only(url: str) -> bytes:
+    if not url.startswith("data:"):
+        raise ImageRefused(f"image URL {url[:40]!r} was not resolved by the server")
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def trimmed_handler(llama: llama_cpp.Llama) -> Optional[Trimming]:
+    """The Llama's trimmed handler, or None for a stock chat format."""
+    handler = getattr(llama.chat_handler, "func", llama.chat_handler)  # functools.partial: chat_template_kwargs
+    return handler if isinstance(handler, Trimming) else None
+
+
+class TrimOptions(BaseModel):
+    """The request's ``"trimcpp"`` field: this request's pruning, over the model's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep: Optional[float] = Field(default=None, ge=0, description="rows kept per image: a count, a share in (0, 1), "
+                                                                  "0 for every row")
+    method: Optional[str] = Field(default=None, description=f"one of {', '.join(METHODS)}")
+    stage1_ratio: Optional[float] = Field(default=None, gt=0, le=1, description="TrimTokenator's stage-1 share")
+
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None:
+            handler_keep(value)
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHODS)}")
+        return value
+
+
+class TrimChatCompletionRequest(CreateChatCompletionRequest):
+    trimcpp: Optional[TrimOptions] = Field(default=None, description="trimcpp: this request's pruning (trim-* models)")
+
+
+@contextlib.contextmanager
+def request_options(handler: Optional[Trimming], options: Optional[TrimOptions], model: str) -> Iterator[None]:
+    """The handler with this request's pruning options, its own settings back afterwards."""
+    given = {} if options is None else options.model_dump(exclude_none=True)
+    if not given:
+        yield
+        return
+    if handler is None:
+        raise ValueError(f"model {model!r} does not prune images: \"trimcpp\" options are for trim-* chat formats")
+    saved = {name: getattr(handler, name) for name in given}
+    try:
+        for name, value in given.items():
+            setattr(handler, name, handler_keep(value) if name == "keep" else value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(handler, name, value)
+
+
+def image_rows(handler: Optional[Trimming]) -> Optional[list[dict[str, int]]]:
+    """Per image of the last call: the rows the LLM saw and the image's rows."""
+    if handler is None:
+        return None
+    return [{"kept": image.kept, "rows": image.rows} for image in handler.last_selection]
+
+
+def client_error(message: str, *, param: Optional[str] = None) -> JSONResponse:
+    """HTTP 400 in OpenAI's error format."""
+    code = "context_length_exceeded" if "n_ctx" in message or "context window" in message else None
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    return JSONResponse({"error": error}, status_code=400)
+
+
+def _invalid(error: RequestValidationError) -> str:
+    where = lambda problem: ".".join(str(p) for p in problem.get("loc", ()) if p != "body")  # noqa: E731
+    return "invalid request: " + "; ".join(f"{where(p)}: {p.get('msg')}" for p in error.errors())
+
+
+class TrimRoute(RouteErrorHandler):
+    """The stock route class (OpenAI-style errors, ``openai-processing-ms``), with the client's
+    mistakes as HTTP 400: an invalid body (stock: 422, or 500 when it is not JSON) and any ValueError
+    (stock: 500)."""
+
+    def get_route_handler(self):
+        inner = APIRoute.get_route_handler(self)
+
+        async def handler(request: Request):
+            began = time.perf_counter()
+            try:
+                response = await inner(request)
+            except HTTPException:
+                raise
+            except RequestValidationError as error:
+                response = client_error(_invalid(error))
+            except ValueError as error:
+                response = client_error(str(error), param="messages" if isinstance(error, ImageRefused) else None)
+            except Exception as error:  # noqa: BLE001 - the stock answer: HTTP 500 with the message, trace logged
+                status, body = self.error_message_wrapper(error)
+                response = JSONResponse({"error": body}, status_code=status)
+            response.headers["openai-processing-ms"] = str(int((time.perf_counter() - began) * 1000))
+            return response
+
+        return handler
+
+
+class HeldStream(EventSourceResponse):
+    """An SSE answer that lets go of the model when it ends, however it ends (even unsent)."""
+
+    def __init__(self, content: AsyncIterator[dict[str, str]], release: Any, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+
+
+router = APIRouter(route_class=TrimRoute)
+
+
+@router.post(CHAT_PATH, summary="Chat", dependencies=[Depends(stock_app.authenticate)], tags=["OpenAI V1"])
+async def create_chat_completion(request: Request, body: TrimChatCompletionRequest):
+    """OpenAI's chat completions, with the request's images pruned by trim-* models."""
+    server: TrimServerSettings = next(stock_app.get_server_settings())
+    messages = await run_in_threadpool(localise, body.messages, ImagePolicy.from_settings(server))
+    kwargs = body.model_dump(exclude={"n", "logit_bias_type", "user", "min_tokens", "trimcpp"})
+    kwargs["messages"] = messages
+
+    hold = contextlib.AsyncExitStack()
+    proxy = await hold.enter_async_context(contextlib.asynccontextmanager(stock_app.get_llama_proxy)())
+    try:
+        llama = stock_app.prepare_request_resources(body, proxy, body.model, kwargs)
+        handler = trimmed_handler(llama)
+        with request_options(handler, body.trimcpp, body.model or "default"):
+            result = await run_in_threadpool(llama.create_chat_completion, **kwargs)
+            if body.stream:  # the prompt is evaluated at the first chunk: its errors are the request's
+                first = await run_in_threadpool(next, result, None)
+        rows = image_rows(handler)
+    except BaseException:
+        await hold.aclose()
+        raise
+    headers = {} if rows is None else {ROWS_HEADER: ", ".join(f"{r['kept']}/{r['rows']}" for r in rows)}
+    extra = {} if rows is None else {"trimcpp": {"images": rows}}
+    if not body.stream:
+        await hold.aclose()
+        return JSONResponse({**result, **extra}, headers=headers)
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        if first is not None:
+            yield {"data": json.dumps({**first, **extra})}
+            async for chunk in iterate_in_threadpool(result):
+                yield {"data": json.dumps(chunk)}
+                if server.interrupt_requests and stock_app.llama_outer_lock.locked():
+                    break  # another request waits: the stock server's interrupt_requests
+        yield {"data": "[DONE]"}
+
+    ping = (lambda: bytes()) if server.disable_ping_events else None
+    return HeldStream(events(), hold.aclose, sep="\n", ping_message_factory=ping, headers=headers)
+
+
+@contextlib.contextmanager
+def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def create_app(server_settings: TrimServerSettings, model_settings: list[TrimModelSettings]) -> FastAPI:
+    """llama-cpp-python's app for these settings, with trimcpp's proxy and chat route; loads the first model.
+
+    The stock chat route is replaced in the stock router itself (``llama_cpp.server.app.router``), which
+    every app includes: FastAPI may copy its routes or refer to it."""
+    routes = stock_app.router.routes
+    routes[next(i for i, route in enumerate(routes) if getattr(route, "path", None) == CHAT_PATH)] = router.routes[0]
+    config_file = os.environ.pop("CONFIG_FILE", None)  # read by trimcpp.serve.main, with trimcpp's settings
+    try:
+        with _replaced(stock_app, "LlamaProxy", TrimLlamaProxy):
+            app = stock_app.create_app(server_settings=server_settings, model_settings=model_settings)
+    finally:
+        if config_file is not None:
+            os.environ["CONFIG_FILE"] = config_file
+    return app
