@@ -92,6 +92,15 @@ def test_only_the_trainer_imports_torch():
             assert path.parent.name == "minivlm" and path.name in allowed, path
 
 
+def test_only_the_server_imports_its_extra():
+    """fastapi, uvicorn, sse-starlette and llama-cpp-python's server live behind trimcpp[server]."""
+    extra = ("fastapi", "uvicorn", "sse_starlette", "starlette", "llama_cpp.server", "pydantic", "pydantic_settings")
+    for path in MODULES:
+        for module, _ in imports(path):
+            if module.startswith(extra):
+                assert path.parent.name == "serve", path
+
+
 def test_training_stages_form_one_chain():
     names = list(STAGES)
     for i, (name, stage) in enumerate(STAGES.items()):

@@ -104,13 +104,22 @@ def run(model: str, mmproj: str, *, keep: int, chat_format: str = "llava-1-5", p
 
 
 def table(result: dict[str, Any]) -> str:
-    """Markdown: per workload, each server's median TTFT and requests per minute, and the ratios."""
+    """Markdown: each server's time to first token (new pictures: median; the conversation: its first
+    turn, then the median of the follow-ups) and requests per minute, with the ratios."""
     stock, trimmed = result["servers"]["stock"], result["servers"]["trimcpp"]
-    lines = ["| workload | requests | stock TTFT (median) | trimcpp TTFT (median) | TTFT ratio "
-             "| stock req/min | trimcpp req/min | req/min ratio |", "|---|---|---|---|---|---|---|---|"]
-    for load in stock:
-        a, b = statistics.median(stock[load]["ttft_s"]), statistics.median(trimmed[load]["ttft_s"])
-        ra, rb = stock[load]["requests_per_min"], trimmed[load]["requests_per_min"]
-        lines.append(f"| {load} | {len(stock[load]['ttft_s'])} | {a:.2f} s | {b:.2f} s | {a / b:.2f}x "
-                     f"| {ra:.2f} | {rb:.2f} | {rb / ra:.2f}x |")
+    lines = ["| workload | stock TTFT | trimcpp TTFT | ratio | stock req/min | trimcpp req/min | ratio |",
+             "|---|---|---|---|---|---|---|"]
+
+    def row(label: str, a: list[float], b: list[float], load: Optional[str]) -> None:
+        ta, tb = statistics.median(a), statistics.median(b)
+        rates = "| | |" if load is None else (f"| {stock[load]['requests_per_min']:.2f} | "
+                                               f"{trimmed[load]['requests_per_min']:.2f} | "
+                                               f"{trimmed[load]['requests_per_min'] / stock[load]['requests_per_min']:.2f}x |")
+        lines.append(f"| {label} | {ta:.2f} s | {tb:.2f} s | {ta / tb:.2f}x {rates}")
+
+    pictures, turns = stock["new pictures"]["ttft_s"], stock["follow-ups"]["ttft_s"]
+    row(f"{len(pictures)} new pictures (median)", pictures, trimmed["new pictures"]["ttft_s"], "new pictures")
+    row("conversation: turn 1", turns[:1], trimmed["follow-ups"]["ttft_s"][:1], "follow-ups")
+    if len(turns) > 1:
+        row(f"conversation: turns 2-{len(turns)} (median)", turns[1:], trimmed["follow-ups"]["ttft_s"][1:], None)
     return "\n".join(lines)

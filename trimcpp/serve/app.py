@@ -111,6 +111,12 @@ class TrimChatCompletionRequest(CreateChatCompletionRequest):
     trimcpp: Optional[TrimOptions] = Field(default=None, description="trimcpp: this request's pruning (trim-* models)")
 
 
+def completion_kwargs(body: CreateChatCompletionRequest) -> dict[str, Any]:
+    """``Llama.create_chat_completion``'s arguments for a request, as the stock server derives them
+    (its sampling defaults are the request model's, e.g. ``repeat_penalty`` 1.1, not the Python API's)."""
+    return body.model_dump(exclude={"n", "logit_bias_type", "user", "min_tokens", "trimcpp"})
+
+
 @contextlib.contextmanager
 def request_options(handler: Optional[Trimming], options: Optional[TrimOptions], model: str) -> Iterator[None]:
     """The handler with this request's pruning options, its own settings back afterwards."""
@@ -199,8 +205,7 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
     """OpenAI's chat completions, with the request's images pruned by trim-* models."""
     server: TrimServerSettings = next(stock_app.get_server_settings())
     messages = await run_in_threadpool(localise, body.messages, ImagePolicy.from_settings(server))
-    kwargs = body.model_dump(exclude={"n", "logit_bias_type", "user", "min_tokens", "trimcpp"})
-    kwargs["messages"] = messages
+    kwargs = {**completion_kwargs(body), "messages": messages}
 
     hold = contextlib.AsyncExitStack()
     proxy = await hold.enter_async_context(contextlib.asynccontextmanager(stock_app.get_llama_proxy)())

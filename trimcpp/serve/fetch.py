@@ -128,12 +128,24 @@ def _from_data_uri(url: str, policy: ImagePolicy) -> bytes:
 class _HttpRedirects(urllib.request.HTTPRedirectHandler):
     """Redirects to http(s) only, and never from https to http."""
 
+    def http_error_302(self, req, fp, code, msg, headers):
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            self._check(req.full_url, urllib.parse.urljoin(req.full_url, location))
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        old, new = urllib.parse.urlsplit(req.full_url).scheme.lower(), urllib.parse.urlsplit(newurl).scheme.lower()
-        if new not in ("http", "https") or (old == "https" and new == "http"):
-            raise ImageRefused(f"the image URL redirects to {_short(newurl)}; only http(s) redirects are followed, "
-                               "never from https to http")
+        self._check(req.full_url, newurl)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    @staticmethod
+    def _check(old_url: str, new_url: str) -> None:
+        old, new = urllib.parse.urlsplit(old_url).scheme.lower(), urllib.parse.urlsplit(new_url).scheme.lower()
+        if new not in ("http", "https") or (old == "https" and new == "http"):
+            raise ImageRefused(f"the image URL redirects to {_short(new_url)}; only http(s) redirects are followed, "
+                               "never from https to http")
 
 
 def _download(url: str, policy: ImagePolicy) -> bytes:
@@ -150,7 +162,7 @@ def _download(url: str, policy: ImagePolicy) -> bytes:
             while len(data) <= policy.max_bytes:
                 if time.monotonic() > deadline:
                     raise ImageRefused(f"downloading {_short(url)} took over {policy.timeout:g} s")
-                block = response.read(min(1 << 16, policy.max_bytes + 1 - len(data)))
+                block = response.read1(min(1 << 16, policy.max_bytes + 1 - len(data)))  # what has come
                 if not block:
                     break
                 data += block

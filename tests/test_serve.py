@@ -1,0 +1,350 @@
+"""trimcpp serve against a real server process on 127.0.0.1 (the tiny models): answers equal to the
+Python handler's, streaming, the rows header and field, usage, HTTP 400 for every client mistake,
+a stock model beside a trimmed one, and a reliability run (8 clients x 10 requests).
+
+The reference answers come from the same settings loaded in this process by trimcpp.serve's own
+proxy, with a handler that reuses nothing (a fresh prompt each call): the server reuses its KV cache
+and image cache between requests and must still answer the same (greedy).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from trimcpp.serve import TrimLlamaProxy, TrimModelSettings
+from trimcpp.serve.app import TrimChatCompletionRequest, completion_kwargs
+from trimcpp.serve.process import launch
+
+from helpers import ROWS, image_url
+
+KEEP = 8
+N_CTX = 1024
+QUESTIONS = ["What is in the image?", "What colour is it?"]
+
+
+def user(url: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
+
+
+def model_settings(models, **kwargs) -> dict:
+    return {"model": models["llm"], "clip_model_path": models["1.5"], "n_ctx": N_CTX, "verbose": False, **kwargs}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The server's image_dir, with a picture in it, and a picture outside it."""
+    root = tmp_path_factory.mktemp("serve")
+    (root / "images").mkdir()
+    for name, seed, where in (("a.png", 11, "images"), ("secret.png", 12, ".")):
+        pixels = (np.random.default_rng(seed).random((100, 150, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / where / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(models, folder):
+    """trimcpp serve with a trimmed model (the default, "trim") and a stock one ("stock")."""
+    config = {"models": [model_settings(models, model_alias="trim", chat_format="trim-llava-1-5", keep=KEEP),
+                         model_settings(models, model_alias="stock", chat_format="llava-1-5")],
+              "image_dir": str(folder / "images"), "max_image_bytes": 200_000, "max_image_pixels": 1_000_000}
+    (folder / "config.json").write_text(json.dumps(config))
+    with launch("trimcpp.serve", ["--config_file", str(folder / "config.json")], log=str(folder / "server.log"),
+                ready_s=120) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    """The Python handler on the same settings, called with the arguments the server derives from the
+    request (its sampling defaults): (content, prompt_tokens, rows kept) of a request."""
+    proxy = TrimLlamaProxy([TrimModelSettings(**model_settings(models, chat_format="trim-llava-1-5", keep=KEEP,
+                                                               reuse_kv=False, image_cache_bytes=0))])
+    llama = proxy()
+    handler = llama.chat_handler
+    answers: dict[str, tuple] = {}
+
+    def answer(messages: list[dict], keep: int = KEEP, max_tokens: int = 6) -> tuple[str, int, list]:
+        key = json.dumps([messages, keep, max_tokens])
+        if key not in answers:
+            handler.keep = keep
+            body = TrimChatCompletionRequest(messages=messages, max_tokens=max_tokens, temperature=0.0)
+            result = llama.create_chat_completion(**completion_kwargs(body))
+            rows = [{"kept": s.kept, "rows": s.rows} for s in handler.last_selection]
+            answers[key] = (result["choices"][0]["message"]["content"], result["usage"]["prompt_tokens"], rows)
+        return answers[key]
+
+    yield answer
+    proxy.free()
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_answers_equal_the_python_handler(server, reference):
+    messages = user(image_url(1), QUESTIONS[0])
+    content, prompt_tokens, rows = reference(messages)
+    assert rows == [{"kept": KEEP, "rows": ROWS}]
+    raw = client(server).chat.completions.with_raw_response.create(model="trim", messages=messages, max_tokens=6,
+                                                                   temperature=0)
+    got = raw.parse()
+    assert got.choices[0].message.content == content
+    assert got.usage.prompt_tokens == prompt_tokens
+    assert raw.headers["x-trimcpp-image-rows"] == f"{KEEP}/{ROWS}"
+    assert got.model_extra["trimcpp"] == {"images": rows}
+
+    chunks = list(client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0,
+                                                         stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == content
+    assert chunks[0].model_extra["trimcpp"] == {"images": rows}
+
+    # A request's own keep, over the model's; the model's again afterwards.
+    content4, prompt4, rows4 = reference(messages, keep=4)
+    got = client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0,
+                                                 extra_body={"trimcpp": {"keep": 4}})
+    assert (got.choices[0].message.content, got.usage.prompt_tokens) == (content4, prompt4)
+    assert got.model_extra["trimcpp"] == {"images": rows4} == {"images": [{"kept": 4, "rows": ROWS}]}
+    got = client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0)
+    assert got.choices[0].message.content == content and got.usage.prompt_tokens == prompt_tokens
+
+
+def test_stock_model_beside_the_trimmed_one(server, reference):
+    messages = user(image_url(1), QUESTIONS[0])
+    _, prompt_tokens, _ = reference(messages)
+    status, headers, body = server.request("POST", "/v1/chat/completions",
+                                           {"model": "stock", "messages": messages, "max_tokens": 6, "temperature": 0})
+    assert status == 200 and "x-trimcpp-image-rows" not in headers and "trimcpp" not in json.loads(body)
+    # usage counts what the LLM saw: the stock count less the rows pruning dropped.
+    assert json.loads(body)["usage"]["prompt_tokens"] - (ROWS - KEEP) == prompt_tokens
+    status, _, body = server.request("POST", "/v1/chat/completions", {"model": "stock", "messages": messages,
+                                                                      "max_tokens": 2, "trimcpp": {"keep": 4}})
+    assert status == 400 and "does not prune images" in json.loads(body)["error"]["message"]
+    models = json.loads(server.request("GET", "/v1/models")[2])
+    assert [m["id"] for m in models["data"]] == ["trim", "stock"]
+
+
+def test_file_url_under_the_folder_answers_like_the_same_bytes(server, folder, reference):
+    data = (folder / "images" / "a.png").read_bytes()
+    content, _, _ = reference(user("data:image/png;base64," + base64.b64encode(data).decode(), QUESTIONS[1]))
+    got = client(server).chat.completions.create(model="trim", messages=user((folder / "images" / "a.png").as_uri(),
+                                                                             QUESTIONS[1]), max_tokens=6, temperature=0)
+    assert got.choices[0].message.content == content
+
+
+def bad_requests(folder) -> dict[str, tuple[object, str]]:
+    """Client mistakes: body (dict, or raw bytes) -> what the 400's message must say."""
+    big = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)  # noise: ~270 KB as PNG
+    return {
+        "corrupt image": ({"messages": user("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "q")},
+                          "not an image"),
+        "image over max_image_bytes": ({"messages": user(png_url(big), "q")}, "larger than this server's limit"),
+        "image over max_image_pixels": ({"messages": user(png_url(np.zeros((1000, 1200, 3), np.uint8)), "q")},
+                                        "1200x1000 pixels"),
+        "file outside image_dir": ({"messages": user((folder / "secret.png").as_uri(), "q")}, "outside the folder"),
+        "http image": ({"messages": user("http://127.0.0.1:9/a.png", "q")}, "http(s) image URLs are off"),
+        "bad keep": ({"messages": user(image_url(1), "q"), "trimcpp": {"keep": 2.5}}, "keep must be 0"),
+        "unknown option": ({"messages": user(image_url(1), "q"), "trimcpp": {"kep": 2}}, "trimcpp.kep"),
+        "unknown method": ({"messages": user(image_url(1), "q"), "trimcpp": {"method": "best"}}, "unknown method"),
+        "prompt over n_ctx": ({"messages": user(image_url(1), "hi " * 1200), "max_tokens": 4}, "exceeds n_ctx"),
+        "streamed prompt over n_ctx": ({"messages": user(image_url(1), "hi " * 1200), "stream": True}, "exceeds n_ctx"),
+        "messages not a list": ({"messages": 3}, "messages"),
+        "not JSON": (b"{\"messages\": [", "JSON"),
+    }
+
+
+def png_url(pixels: np.ndarray) -> str:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+BAD = ("corrupt image", "image over max_image_bytes", "image over max_image_pixels", "file outside image_dir",
+       "http image", "bad keep", "unknown option", "unknown method", "prompt over n_ctx", "streamed prompt over n_ctx",
+       "messages not a list", "not JSON")
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_client_mistakes_are_400(server, folder, case):
+    cases = bad_requests(folder)
+    assert set(cases) == set(BAD)
+    body, says = cases[case]
+    status, headers, answer = server.request("POST", "/v1/chat/completions", body)
+    assert status == 400, answer[:300]
+    error = json.loads(answer)["error"]
+    assert error["type"] == "invalid_request_error" and says in error["message"]
+    if "n_ctx" in case:
+        assert error["code"] == "context_length_exceeded"
+    status, _, _ = server.request("POST", "/v1/chat/completions", {"messages": user(image_url(1), "q"), "max_tokens": 1})
+    assert status == 200  # and the server goes on
+
+
+def test_client_gone_mid_stream_lets_go_of_the_model(server, reference):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"messages": user(image_url(2), QUESTIONS[0]), "max_tokens": 200, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data:")
+    connection.close()  # gone after the first chunk
+    messages = user(image_url(1), QUESTIONS[1])
+    got = client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0)
+    assert got.choices[0].message.content == reference(messages)[0]
+
+
+def test_cli_refuses_bad_settings(models, tmp_path):
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "trimcpp.cli", "serve", *args], capture_output=True, text=True,
+                              timeout=120, env={k: v for k, v in os.environ.items() if k != "CONFIG_FILE"})
+
+    run = serve("--model", models["llm"], "--clip_model_path", models["1.5"], "--chat_format", "llava-1-5", "--keep", "8")
+    assert run.returncode == 2 and "keep: only for the trim-* chat formats" in run.stderr
+    run = serve("--model", models["llm"], "--chat_format", "trim-llava-1-5")
+    assert run.returncode == 2 and "clip_model_path (the mmproj GGUF) is required" in run.stderr
+    run = serve("--model", models["llm"], "--clip_model_path", models["1.5"], "--chat_format", "trim-llava-1-5",
+                "--method", "best")
+    assert run.returncode == 2 and "unknown method 'best'" in run.stderr
+    (tmp_path / "empty.yaml").write_text("models: []\n")
+    run = serve("--config_file", str(tmp_path / "empty.yaml"))
+    assert run.returncode == 2 and "lists no models" in run.stderr
+    run = serve("--model", str(tmp_path / "missing.gguf"))
+    assert run.returncode == 2 and "missing.gguf" in run.stderr
+
+
+def test_settings_and_options():
+    from trimcpp.serve.settings import handler_keep
+
+    assert [handler_keep(v) for v in (0, 0.25, 1, 64.0)] == [None, 0.25, 1, 64]
+    for bad in (2.5, 1.5):
+        with pytest.raises(ValueError, match="whole row count"):
+            handler_keep(bad)
+    settings = TrimModelSettings(model="m.gguf", clip_model_path="p.gguf", chat_format="trim-qwen2.5-vl", keep=0.25,
+                                 reuse_kv=False)
+    assert settings.handler_options() == {"keep": 0.25, "method": "trimtokenator", "stage1_ratio": 0.8,
+                                          "follow_ups": "keep-rows", "image_cache_bytes": 256 << 20, "reuse_kv": False}
+    stock = settings.stock()
+    assert stock.chat_format == "qwen2.5-vl" and not hasattr(stock, "keep")
+    assert "keep" not in TrimModelSettings(model="m.gguf", clip_model_path="p.gguf",
+                                           chat_format="trim-mtmd").handler_options()  # the handler's default
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+CLIENTS, REQUESTS = 8, 10
+MEMORY_BOUND_KIB = 64 << 10  # growth of the server's RSS over both rounds, after a warm-up
+STEADY_BOUND_KIB = 8 << 10  # growth in the second round: what a leak per request would show
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts the server's open files in /proc")
+def test_reliability_eight_clients(server, folder, reference):
+    """8 clients x 10 requests at once, twice, mixing images, streaming, the openai client, raw HTTP, bad
+    input and clients that leave mid-stream: every good answer equals the Python handler's, every bad
+    request is a 400, the server logs no exception, ends with the open files it had and within
+    MEMORY_BOUND_KIB more memory, STEADY_BOUND_KIB in the second round."""
+    pictures = [image_url(seed) for seed in (21, 22, 23)]
+    bad = list(bad_requests(folder).items())
+
+    def good(kind: int, i: int) -> None:
+        messages = user(pictures[i % len(pictures)], QUESTIONS[i % 2])
+        keep = 4 if kind == 2 else KEEP
+        content, prompt_tokens, rows = reference(messages, keep=keep)
+        options = {"extra_body": {"trimcpp": {"keep": keep}}} if kind == 2 else {}
+        if kind == 1:
+            chunks = list(client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6,
+                                                                 temperature=0, stream=True, **options))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == content
+            assert chunks[0].model_extra["trimcpp"] == {"images": rows}
+        else:
+            status, headers, body = server.request("POST", "/v1/chat/completions", {
+                "messages": messages, "max_tokens": 6, "temperature": 0, **options.get("extra_body", {})})
+            assert status == 200, body[:300]
+            answer = json.loads(body)
+            assert answer["choices"][0]["message"]["content"] == content
+            assert answer["usage"]["prompt_tokens"] == prompt_tokens
+            assert headers["x-trimcpp-image-rows"] == f"{rows[0]['kept']}/{ROWS}"
+
+    def one(c: int, r: int) -> str:
+        kind = (c + r) % 5
+        if kind < 3:
+            good(kind, c * REQUESTS + r)
+            return "good"
+        if kind == 3:
+            name, (body, says) = bad[(c * REQUESTS + r) % len(bad)]
+            status, _, answer = server.request("POST", "/v1/chat/completions", body)
+            assert status == 400 and says in json.loads(answer)["error"]["message"], (name, answer[:300])
+            return "bad"
+        # streamed and dropped after the first chunk
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"messages": user(pictures[r % 3], QUESTIONS[0]), "max_tokens": 50, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"})
+        assert connection.getresponse().readline().startswith(b"data:")
+        connection.close()
+        return "dropped"
+
+    for kind in range(5):  # warm-up: one of each, so the caches and pools exist before the baseline
+        one(0, kind)
+    for picture in pictures:
+        for question in QUESTIONS:
+            for keep in (KEEP, 4):
+                reference(user(picture, question), keep=keep)
+    time.sleep(1)
+    files, memory = open_files(server.process.pid), rss_kib(server.process.pid)
+
+    outcomes: list[str] = []
+    failures: list[BaseException] = []
+
+    def run_client(c: int) -> None:
+        for r in range(REQUESTS):
+            try:
+                outcomes.append(one(c, r))
+            except BaseException as error:  # noqa: BLE001 - reported below, with the others
+                failures.append(error)
+
+    def round_() -> float:
+        threads = [threading.Thread(target=run_client, args=(c,)) for c in range(CLIENTS)]
+        began = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not any(t.is_alive() for t in threads), "clients still waiting after 300 s"
+        deadline = time.monotonic() + 15
+        while open_files(server.process.pid) > files and time.monotonic() < deadline:
+            time.sleep(0.2)  # connections the clients closed a moment ago
+        return time.monotonic() - began
+
+    seconds = round_()
+    after_one = rss_kib(server.process.pid)
+    seconds += round_()
+    after_two = rss_kib(server.process.pid)
+    print(f"\n2 x {CLIENTS}x{REQUESTS} requests in {seconds:.1f} s; open files {files} -> "
+          f"{open_files(server.process.pid)}; RSS {memory} KiB, +{after_one - memory} KiB after round 1, "
+          f"+{after_two - after_one} KiB in round 2")
+    assert not failures, failures[:3]
+    assert len(outcomes) == 2 * CLIENTS * REQUESTS and outcomes.count("bad") == 2 * CLIENTS * REQUESTS // 5
+    assert server.process.poll() is None
+    assert open_files(server.process.pid) <= files
+    assert after_two - memory < MEMORY_BOUND_KIB and after_two - after_one < STEADY_BOUND_KIB
+    with open(server.log, errors="replace") as log:
+        assert "Traceback" not in log.read()  # no request ended in an exception (the stock 500 path logs one)
