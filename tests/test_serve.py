@@ -13,6 +13,7 @@ import base64
 import http.client
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -348,3 +349,84 @@ def test_reliability_eight_clients(server, folder, reference):
     assert after_two - memory < MEMORY_BOUND_KIB and after_two - after_one < STEADY_BOUND_KIB
     with open(server.log, errors="replace") as log:
         assert "Traceback" not in log.read()  # no request ended in an exception (the stock 500 path logs one)
+
+
+@pytest.mark.parametrize("family, chat_format", [("llava", "llava-1-6"), ("qwen2.5-vl", "qwen2.5-vl"),
+                                                 ("gemma3", "mtmd")])
+def test_each_family_loads_through_the_proxy(models, tmp_path, family, chat_format):
+    """trim-<format> loads the trimmed handler with the model's settings: keep 0 answers as the stock
+    format does through the same proxy (chat_template_kwargs applied to both); the default keeps 1/9
+    of each image's rows (LLaVA-1.6: 320 or all of a smaller image)."""
+    from trimcpp.serve.app import trimmed_handler
+    from trimcpp.testing import write_pair
+
+    llm, mmproj = (models["llm"], models["1.6"]) if family == "llava" else write_pair(tmp_path, "tiny", family=family)
+    common = {"model": str(llm), "clip_model_path": str(mmproj), "n_ctx": 1024, "verbose": False,
+              "chat_template_kwargs": {"unused_by_the_template": 1}}
+    messages = user(image_url(4, (200, 150)), QUESTIONS[0])
+    answers = {}
+    for name, extra in (("stock", {"chat_format": chat_format}), ("every row", {"chat_format": "trim-" + chat_format,
+                                                                               "keep": 0})):
+        proxy = TrimLlamaProxy([TrimModelSettings(**common, **extra)])
+        llama = proxy()
+        body = TrimChatCompletionRequest(messages=messages, max_tokens=5, temperature=0.0)
+        answers[name] = llama.create_chat_completion(**completion_kwargs(body))["choices"][0]["message"]["content"]
+        assert (trimmed_handler(llama) is None) == (name == "stock")
+        proxy.free()
+    assert answers["every row"] == answers["stock"]
+
+    proxy = TrimLlamaProxy([TrimModelSettings(**common, chat_format="trim-" + chat_format)])
+    llama = proxy()
+    llama.create_chat_completion(messages=messages, max_tokens=1)
+    image = trimmed_handler(llama).last_selection[0]
+    assert image.kept == (min(320, image.rows) if family == "llava" else max(1, math.floor(image.rows / 9 + 0.5)))
+    proxy.free()
+
+
+def test_downloads_do_not_hold_the_model(models, folder, reference):
+    """With http(s) images allowed, a slow download does not hold back a request sent after it, and
+    the downloaded picture answers as its bytes do."""
+    import http.server
+
+    data = (folder / "images" / "a.png").read_bytes()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            time.sleep(3)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    args = ["--model", models["llm"], "--clip_model_path", models["1.5"], "--chat_format", "trim-llava-1-5",
+            "--keep", str(KEEP), "--n_ctx", str(N_CTX), "--verbose", "false", "--allow_http_images", "true"]
+    try:
+        with launch("trimcpp.serve", args, log=str(folder / "http.log"), ready_s=120) as started:
+            slow: dict = {}
+
+            def fetch_slowly():
+                body = {"messages": user(f"http://127.0.0.1:{web.server_address[1]}/a.png", QUESTIONS[1]),
+                        "max_tokens": 6, "temperature": 0}
+                slow["answer"] = started.request("POST", "/v1/chat/completions", body)
+                slow["done"] = time.monotonic()
+
+            thread = threading.Thread(target=fetch_slowly)
+            thread.start()
+            time.sleep(0.5)
+            status, _, _ = started.request("POST", "/v1/chat/completions",
+                                           {"messages": user(image_url(1), QUESTIONS[0]), "max_tokens": 2})
+            fast_done = time.monotonic()
+            thread.join(timeout=60)
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert status == 200 and fast_done < slow["done"] - 1.0  # answered while the download was still waiting
+    status, _, body = slow["answer"]
+    assert status == 200
+    same_bytes = "data:image/png;base64," + base64.b64encode(data).decode()
+    assert json.loads(body)["choices"][0]["message"]["content"] == reference(user(same_bytes, QUESTIONS[1]))[0]

@@ -8,8 +8,9 @@ sent the same requests by one client, streamed, greedy, answers of up to ``answe
 - ``follow-ups``: one picture and ``turns`` questions, the client sending the whole conversation
   each time (its own earlier answers included), as chat apps do.
 
-The time to first token is from sending the request to the first chunk with text; requests per
-minute count whole answers over the workload's wall time. The first request of each server
+The time to first token is from sending the request to its first streamed chunk, which both servers
+send with the first token (as ``trimcpp bench --turns`` measures it); requests per minute count
+whole answers over the workload's wall time. The first request of each server
 includes loading its mmproj, alike for both.
 """
 
@@ -39,15 +40,14 @@ def picture(seed: int) -> str:
 
 
 def ask(server: Server, messages: list[dict], answer_tokens: int) -> tuple[float, float, str]:
-    """One streamed request: (time to first text, time to the end, the answer)."""
+    """One streamed request: (time to the first chunk, time to the end, the answer). Both servers send
+    the first chunk with the first token (a random-weight model's tokens may print as nothing)."""
     first: Optional[float] = None
     parts = []
     began = time.perf_counter()
     for seconds, chunk in server.stream({"messages": messages, "max_tokens": answer_tokens, "temperature": 0.0}):
-        text = chunk["choices"][0]["delta"].get("content") or ""
-        if text and first is None:
-            first = seconds
-        parts.append(text)
+        first = seconds if first is None else first
+        parts.append(chunk["choices"][0]["delta"].get("content") or "")
     total = time.perf_counter() - began
     return (total if first is None else first), total, "".join(parts)
 

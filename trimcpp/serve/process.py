@@ -74,7 +74,8 @@ def launch(module: str, args: Sequence[str], *, log: str, ready_s: float = 600,
     port = free_port()
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), "HOST": "127.0.0.1", "PORT": str(port)})
+                                   stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {}), "HOST": "127.0.0.1", "PORT": str(port)})
     server = Server(process, port, log)
     try:
         deadline = time.monotonic() + ready_s
