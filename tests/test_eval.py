@@ -235,3 +235,113 @@ def test_coverage_counts_the_evidence_rows_kept(tmp_path):
     for method in ("random", "trimtokenator"):
         assert result[f"{method} 256"] == {"evidence_kept": 1.0, "any_evidence_kept": 1.0, "questions": about_a_figure}
     assert result["random 4"]["evidence_kept"] < 0.5
+
+
+def _picture(seed: int, fmt: str = "PNG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(out, fmt)
+    return out.getvalue()
+
+
+def test_pope_jsonl(tmp_path):
+    (tmp_path / "val2014").mkdir()
+    for i in range(3):
+        (tmp_path / "val2014" / f"COCO_{i}.jpg").write_bytes(_picture(i, "JPEG"))
+    lines = [{"question_id": 1, "image": "COCO_0.jpg", "text": "Is there a dog in the image?", "label": "yes"},
+             {"question_id": 2, "image": "COCO_1.jpg", "text": "Is there a cat in the image?", "label": "no"},
+             {"image": "COCO_2.jpg", "question": "Is there a car?", "answer": "Yes"}]
+    data = tmp_path / "coco_pope_random.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")
+    questions = load(data, tmp_path / "val2014")
+    assert [(q.question, q.answer) for q in questions] == [("Is there a dog in the image?", "yes"),
+                                                           ("Is there a cat in the image?", "no"),
+                                                           ("Is there a car?", "yes")]
+    assert [q.picture() for q in questions] == [_picture(i, "JPEG") for i in range(3)]
+    with pytest.raises(ValueError, match="'COCO_0.jpg' is not in"):
+        load(data)  # the pictures are not beside the file
+    data.write_text(json.dumps(lines[0]) + "\n{oops\n")
+    with pytest.raises(ValueError, match="line 2: not JSON"):
+        load(data, tmp_path / "val2014")
+    data.write_text(json.dumps({"image": "COCO_0.jpg", "text": "q"}) + "\n")
+    with pytest.raises(ValueError, match="line 1: needs string fields"):
+        load(data, tmp_path / "val2014")
+
+
+def _tsv(path, rows) -> None:
+    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"]
+    path.write_text("\t".join(columns) + "\n" + "".join("\t".join(str(r.get(c, "nan")) for c in columns) + "\n"
+                                                        for r in rows))
+
+
+def test_mmbench_tsv(tmp_path):
+    import base64
+
+    picture = base64.b64encode(_picture(7)).decode()
+    rows = [{"index": 10, "question": "What is shown?", "hint": "A farm.", "A": "a cow", "B": "a boat", "C": "a car",
+             "answer": "A", "category": "x", "image": picture},
+            {"index": 11, "question": "Which colour?", "A": "red", "B": "green", "answer": "B", "image": "10"}]
+    data = tmp_path / "MMBench_DEV_EN.tsv"
+    _tsv(data, rows)
+    first, second = load(data)
+    assert first.question == ("Hint: A farm.\nQuestion: What is shown?\nOptions:\nA. a cow\nB. a boat\nC. a car\n"
+                              "Please select the correct answer from the options above. \n")
+    assert second.question == ("Question: Which colour?\nOptions:\nA. red\nB. green\n"
+                               "Please select the correct answer from the options above. \n")
+    assert (first.answer, second.answer) == ("a", "b") and normalise("B. green") == second.answer
+    assert first.picture() == second.picture() == _picture(7) and first.image is None
+
+    for change, message in (({"image": "99"}, "refers to index 99"), ({"image": "bm90IGEgcGljdHVyZQ=="}, "not a base64"),
+                            ({"answer": "D"}, "'D' is not one of the row's options")):
+        _tsv(data, [{**rows[0], **change}])
+        with pytest.raises(ValueError, match=message):
+            load(data)
+    data.write_text("index\tquestion\n1\tq\n")
+    with pytest.raises(ValueError, match="no column answer, image, A"):
+        load(data)
+    with pytest.raises(ValueError, match="is not a dataset"):
+        load(tmp_path / "questions.csv")
+
+
+def test_eval_reads_jsonl_and_tsv(capsys, models, tmp_path):
+    """trimcpp eval on both formats: the answer key is the keep-all model's own replies, so keep-all
+    scores 100% and each question was asked with its picture and prompt."""
+    import base64
+
+    llm, mmproj = models["llm"], models["1.5"]
+    for i in range(2):
+        (tmp_path / f"p{i}.png").write_bytes(_picture(i))
+    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=None, verbose=False)
+    threads = os.cpu_count()
+    llama = Llama(model_path=llm, chat_handler=handler, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                  verbose=False, seed=0)
+
+    def reply(picture: bytes, question: str) -> str:
+        out = llama.create_chat_completion(messages=image_messages(picture, question), max_tokens=4, temperature=0.0)
+        return normalise(out["choices"][0]["message"]["content"] or "")
+
+    replies = [reply(_picture(i), "Is there a dog?") for i in range(2)]
+    labels = [replies[0] or "x", "certainly-not-a-reply"]
+    (tmp_path / "pope.jsonl").write_text("\n".join(json.dumps({"image": f"p{i}.png", "text": "Is there a dog?",
+                                                               "label": labels[i]}) for i in range(2)))
+    rows = [{"index": 1, "question": "Which?", "A": "one", "B": "two", "answer": "A",
+             "image": base64.b64encode(_picture(0)).decode()}]
+    _tsv(tmp_path / "mc.tsv", rows)
+    prompt = "Question: Which?\nOptions:\nA. one\nB. two\nPlease select the correct answer from the options above. \n"
+    for data, want in (("pope.jsonl", replies), ("mc.tsv", [reply(_picture(0), prompt)])):
+        code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(tmp_path / data), "--methods",
+                     "none,trimtokenator", "--keep", "8", "--json"])
+        result = json.loads(capsys.readouterr().out)
+        cells = {r["method"]: r for r in result["results"]}
+        assert code == 0 and result["questions"] == len(want)
+        assert cells["none"]["answers"] == want  # each question asked with its picture and prompt
+        assert cells["trimtokenator"]["mean_kept"] == 8
+    assert cells["none"]["accuracy"] == float(want[0] == "a")
+    code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(tmp_path / "pope.jsonl"), "--methods",
+                 "none", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["results"][0]["accuracy"] == 0.5 * (replies[0] == labels[0])
+    code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(tmp_path / "mc.tsv"), "--images", "x"])
+    assert code == 2 and "--images goes with a .jsonl" in capsys.readouterr().err

@@ -4,7 +4,7 @@
                   [--turns N] [--server]
     trimcpp chat  --model M --mmproj P --image I [--keep 64|0.25|all] [--method ...] "question"
     trimcpp show  --model M --mmproj P --image I [--keep ...] [--out kept.png] "question"
-    trimcpp eval  [--model M --mmproj P --data DIR] [--keep 576,192,128,64,32] [--methods ...]
+    trimcpp eval  [--model M --mmproj P --data DIR|F.jsonl|F.tsv] [--keep 576,192,128,64,32] [--methods ...]
     trimcpp serve --model M --clip_model_path P --chat_format trim-llava-1-5 [--keep 64] [...]  (trimcpp.serve)
 
 Exit status: 0 on success, 2 for bad arguments or unreadable files, 1 when the model fails.
@@ -314,8 +314,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     paths = {name: getattr(args, name) or str(evaluate.BUNDLED[name]) for name in ("model", "mmproj", "data")}
     _existing(paths["model"], "model")
     _existing(paths["mmproj"], "mmproj")
+    if args.images and not paths["data"].lower().endswith(".jsonl"):
+        raise UsageError("--images goes with a .jsonl dataset")
     try:
-        questions = evaluate.load(paths["data"])[: args.limit]
+        questions = evaluate.load(paths["data"], args.images)[: args.limit]
     except ValueError as error:
         raise UsageError(str(error)) from None
     args.mmproj = paths["mmproj"]
@@ -410,11 +412,14 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(run=cmd_show)
 
     evaluate = commands.add_parser("eval", help="accuracy of each method and budget on a dataset",
-                                   description="Accuracy of every (method, keep) pair on a folder of pictures + "
-                                               "questions.json, through the trimmed handler (greedy).")
+                                   description="Accuracy of every (method, keep) pair on a dataset (a folder of "
+                                               "pictures + questions.json, POPE-style JSONL or MMBench-style TSV), "
+                                               "through the trimmed handler (greedy).")
     evaluate.add_argument("--model", help="LLM GGUF (default: the bundled mini VLM)")
     evaluate.add_argument("--mmproj", help="mmproj GGUF (default: the bundled mini VLM's)")
-    evaluate.add_argument("--data", help="dataset folder (default: the bundled test split of trimcpp.scenes)")
+    evaluate.add_argument("--data", help="a folder with questions.json, a POPE-style .jsonl or an MMBench-style .tsv "
+                                         "(default: the bundled test split of trimcpp.scenes)")
+    evaluate.add_argument("--images", help="with a .jsonl: the folder of its pictures (default: the file's folder)")
     evaluate.add_argument("--keep", type=parse_budgets, default=[576, 192, 128, 64, 32],
                           help="rows kept per image (default 576,192,128,64,32)")
     evaluate.add_argument("--methods", type=parse_methods, default=list(METHODS[::-1]),

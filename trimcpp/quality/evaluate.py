@@ -1,20 +1,37 @@
-"""Accuracy against kept rows: every (method, keep) pair on a folder of pictures and questions.
+"""Accuracy against kept rows: every (method, keep) pair on a dataset of pictures and questions.
 
-A dataset is a folder of pictures and a ``questions.json``: a list of
-``{"image": "00000.png", "question": "What color is the triangle?", "answer": "red"}`` (the
-format :func:`trimcpp.quality.scenes.write_split` writes). Each question is asked through the trimmed
-handler with greedy decoding; the reply counts as right when its first word, lower-cased and
-without punctuation, is the answer.
+Three layouts (:func:`load`):
+
+- a folder of pictures and a ``questions.json``: a list of ``{"image": "00000.png", "question":
+  "What color is the triangle?", "answer": "red"}`` (what :func:`trimcpp.quality.scenes.write_split`
+  writes);
+- POPE-style JSONL: one ``{"image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in
+  the image?", "label": "yes"}`` per line ("question" / "answer" also read), the pictures in a folder
+  (default: the file's own);
+- a multiple-choice TSV in the MMBench / VLMEvalKit layout: columns ``index``, ``question``, ``hint``
+  (optional), options ``A``, ``B``, ... , ``answer`` (a letter) and ``image`` (base64; or the
+  ``index`` of another row whose picture it shares). The question asked is VLMEvalKit's prompt:
+  the hint, the question, the options, "Please select the correct answer from the options above."
+
+Each question is asked through the trimmed handler with greedy decoding; the reply counts as right
+when its first word, lower-cased and without punctuation, is the answer (a yes/no, a word, a letter).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import csv
 import dataclasses
+import io
 import json
 import os
 import re
+import string
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+
+from PIL import Image, UnidentifiedImageError
 
 from ..bench import machine
 from ..handlers import HANDLERS
@@ -28,14 +45,30 @@ BUNDLED = {"model": DATA / "minivlm" / "llm.gguf", "mmproj": DATA / "minivlm" / 
 
 @dataclasses.dataclass(frozen=True)
 class Question:
-    image: Path
+    image: Optional[Path]  # the picture's file (folder and JSONL datasets)
     question: str
-    answer: str
+    answer: str  # normalised
+    data: Optional[bytes] = None  # the picture itself (TSV datasets)
+
+    def picture(self) -> bytes:
+        """The picture's bytes."""
+        return self.data if self.data is not None else self.image.read_bytes()  # type: ignore[union-attr]
 
 
-def load(folder: os.PathLike | str) -> list[Question]:
-    """The questions of a dataset folder (ValueError naming the problem if it is not one)."""
-    folder = Path(folder)
+def load(source: os.PathLike | str, images: Optional[os.PathLike | str] = None) -> list[Question]:
+    """The questions of a dataset: a folder with ``questions.json``, a POPE-style ``.jsonl`` (pictures
+    under `images`, default its folder) or an MMBench-style ``.tsv`` (ValueError naming the problem)."""
+    path = Path(source)
+    if path.is_dir():
+        return _load_folder(path)
+    if path.suffix.lower() == ".jsonl":
+        return _load_jsonl(path, Path(images) if images is not None else path.parent)
+    if path.suffix.lower() == ".tsv":
+        return _load_tsv(path)
+    raise ValueError(f"{path} is not a dataset: a folder with questions.json, a .jsonl (POPE) or a .tsv (MMBench)")
+
+
+def _load_folder(folder: Path) -> list[Question]:
     index = folder / "questions.json"
     if not index.is_file():
         raise ValueError(f"{folder} has no questions.json (a list of {{image, question, answer}} records)")
@@ -56,6 +89,76 @@ def load(folder: os.PathLike | str) -> list[Question]:
     return questions
 
 
+def _load_jsonl(path: Path, images: Path) -> list[Question]:
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    questions = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+        fields = {"image": r.get("image"), "question": r.get("text", r.get("question")),
+                  "answer": r.get("label", r.get("answer"))} if isinstance(r, dict) else {}
+        if not fields or not all(isinstance(v, str) for v in fields.values()):
+            raise ValueError(f"{path}, line {number}: needs string fields image, text (or question) and label "
+                             "(or answer)")
+        image = images / fields["image"]
+        if not image.is_file():
+            raise ValueError(f"{path}, line {number}: {fields['image']!r} is not in {images} (--images names the folder)")
+        questions.append(Question(image, fields["question"], normalise(fields["answer"])))
+    if not questions:
+        raise ValueError(f"{path} holds no questions")
+    return questions
+
+
+def _present(value: Optional[str]) -> bool:
+    """A TSV cell with something in it (pandas writes a missing value as "nan")."""
+    return value is not None and value.strip() not in ("", "nan", "NaN", "None")
+
+
+def mmbench_prompt(row: dict[str, str]) -> str:
+    """VLMEvalKit's multiple-choice prompt for a row: hint, question, options, instruction."""
+    options = [(letter, row[letter]) for letter in string.ascii_uppercase if _present(row.get(letter))]
+    prompt = f"Hint: {row['hint']}\n" if _present(row.get("hint")) else ""
+    prompt += f"Question: {row['question']}\n"
+    if options:
+        prompt += "Options:\n" + "".join(f"{letter}. {text}\n" for letter, text in options)
+        prompt += "Please select the correct answer from the options above. \n"
+    return prompt
+
+
+def _load_tsv(path: Path) -> list[Question]:
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    csv.field_size_limit(1 << 30)  # base64 pictures
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    missing = [c for c in ("index", "question", "answer", "image", "A") if not rows or c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: no rows, or no column {', '.join(missing)} (the MMBench / VLMEvalKit layout)")
+    pictures = {row["index"]: row["image"] for row in rows}
+    questions = []
+    for number, row in enumerate(rows, 2):  # line 1 is the header
+        encoded = row["image"]
+        if len(encoded) <= 64 and encoded.isdigit():  # VLMEvalKit: the picture of the row with that index
+            if encoded not in pictures:
+                raise ValueError(f"{path}, line {number}: image refers to index {encoded}, which no row has")
+            encoded = pictures[encoded]
+        try:
+            data = base64.b64decode(encoded, validate=True)
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+        except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+            raise ValueError(f"{path}, line {number}: the image column is not a base64 picture") from None
+        if not _present(row["answer"]) or not _present(row.get(row["answer"].strip())):
+            raise ValueError(f"{path}, line {number}: answer {row['answer']!r} is not one of the row's options")
+        questions.append(Question(None, mmbench_prompt(row), normalise(row["answer"]), data=data))
+    return questions
+
+
 def normalise(reply: str) -> str:
     """The first word of a reply, lower-cased, without punctuation."""
     words = re.findall(r"[\w']+", reply.lower())
@@ -73,7 +176,7 @@ def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequenc
     kept = {c: 0 for c in configs}
     replies: dict[tuple, list[str]] = {c: [] for c in configs}
     for q in questions:
-        messages = image_messages(q.image.read_bytes(), q.question)
+        messages = image_messages(q.picture(), q.question)
         for method, keep in configs:
             handler.method, handler.keep = method, keep
             reply = llama.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
