@@ -28,23 +28,25 @@ trim::Problem problem(const Floats& visual, const std::optional<Floats>& text) {
 }
 
 Indices select_rows(const Floats& visual, const std::optional<Floats>& text, int64_t keep, trim::Method method,
-                    double stage1_ratio, uint64_t seed, trim::Backend backend) {
+                    double stage1_ratio, uint64_t seed, trim::Backend backend, trim::Alignment alignment,
+                    trim::Stage1 stage1) {
   const trim::Problem p = problem(visual, text);
   std::vector<int64_t> picks(static_cast<size_t>(p.n));  // room for every row, whatever the method
   int64_t count = 0;
   {
     py::gil_scoped_release release;
-    count = trim::select(p, method, keep, stage1_ratio, seed, backend, picks.data());
+    count = trim::select(p, method, keep, stage1_ratio, seed, backend, picks.data(), trim::Variant{alignment, stage1});
   }
   return Indices(count, picks.data());
 }
 
-py::array_t<float> alignment_scores(const Floats& visual, const Floats& text, trim::Backend backend) {
+py::array_t<float> alignment_scores(const Floats& visual, const Floats& text, trim::Backend backend,
+                                    trim::Alignment alignment) {
   const trim::Problem p = problem(visual, text);
   py::array_t<float> out(p.n);
   float* dst = out.mutable_data();
   py::gil_scoped_release release;
-  trim::alignment_scores(p, backend, dst);
+  trim::alignment_scores(p, backend, dst, alignment);
   return out;
 }
 
@@ -99,10 +101,15 @@ PYBIND11_MODULE(_core, m) {
       .value("cpu", trim::Backend::cpu)
       .value("cuda", trim::Backend::cuda)
       .value("metal", trim::Backend::metal);
+  py::enum_<trim::Alignment>(m, "Alignment").value("l2", trim::Alignment::l2).value("cosine", trim::Alignment::cosine);
+  py::enum_<trim::Stage1>(m, "Stage1").value("ratio", trim::Stage1::ratio).value("adaptive", trim::Stage1::adaptive);
   m.def("select", &select_rows, py::arg("visual"), py::arg("text"), py::arg("keep"), py::arg("method"),
-        py::arg("stage1_ratio"), py::arg("seed"), py::arg("backend"), "Selected row indices in pick order.");
+        py::arg("stage1_ratio"), py::arg("seed"), py::arg("backend"), py::arg("alignment") = trim::Alignment::l2,
+        py::arg("stage1") = trim::Stage1::ratio, "Selected row indices in pick order.");
   m.def("alignment_scores", &alignment_scores, py::arg("visual"), py::arg("text"), py::arg("backend"),
-        "Stage-1 scores a_i (text must have rows).");
+        py::arg("alignment") = trim::Alignment::l2, "Stage-1 scores a_i (text must have rows).");
+  m.def("adaptive_stage1_count", &trim::adaptive_stage1_count, py::arg("n"), py::arg("k"),
+        "K1 of the adaptive stage 1: clamp(round(sqrt(k n)), k, n).");
   m.def("normalized_sum_sqnorm", &normalized_sum_sqnorm, py::arg("rows"),
         "||sum of the L2-normalised rows||^2, in double.");
   m.def("split_budget", &split_budget, py::arg("sizes"), py::arg("weights"), py::arg("total"),

@@ -17,6 +17,15 @@ int64_t stage1_count(int64_t n, int64_t k, double stage1_ratio) {
   return std::clamp(round_half_up(stage1_ratio * static_cast<double>(n)), k, n);
 }
 
+int64_t adaptive_stage1_count(int64_t n, int64_t k) {
+  // s = floor(sqrt(k n)); round half up: s + 1 when k n >= (s + 1/2)^2, i.e. k n > s^2 + s.
+  const int64_t kn = k * n;
+  auto s = static_cast<int64_t>(std::sqrt(static_cast<double>(kn)));
+  while (s * s > kn) --s;
+  while ((s + 1) * (s + 1) <= kn) ++s;
+  return std::clamp(s + (kn > s * s + s ? 1 : 0), k, n);
+}
+
 bool all_finite(const float* x, int64_t count) {
   // An exponent of all ones is inf or NaN; an integer max reduction vectorises everywhere.
   uint32_t worst = 0;
@@ -169,9 +178,28 @@ void select_scored(const Problem& p, Method method, int64_t k, double stage1_rat
   }
 }
 
-}  // namespace
+void to_unit(const float* x, int64_t rows, int64_t d, std::vector<float>& out) {
+  out.resize(static_cast<size_t>(rows * d));
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = x + i * d;
+    double sq = 0;
+    for (int64_t j = 0; j < d; ++j) sq += static_cast<double>(row[j]) * row[j];
+    const double scale = 1.0 / std::max(std::sqrt(sq), 1e-12);
+    for (int64_t j = 0; j < d; ++j) out[static_cast<size_t>(i * d + j)] = static_cast<float>(row[j] * scale);
+  }
+}
 
-void alignment_scores(const Problem& p, Backend backend, float* out) {
+// V and T with every row divided by max(||row||, 1e-12) (in double): the L2 score of the unit rows,
+// -(1/M) sum_j ||v^_i - t^_j||^2, is 2 (1/M) sum_j cos(v_i, t_j) - 2 (ALGORITHM.md, cosine).
+void make_unit(const Problem& p, VariantInput& in) {
+  if (!all_finite(p.v, p.n * p.d)) throw InputError("visual contains NaN or inf");
+  if (p.m > 0 && !all_finite(p.t, p.m * p.d)) throw InputError("text contains NaN or inf");
+  to_unit(p.v, p.n, p.d, in.v);
+  to_unit(p.t, p.m, p.d, in.t);
+  in.p = Problem{in.v.data(), p.n, p.d, p.m > 0 ? in.t.data() : nullptr, p.m};
+}
+
+void backend_scores(const Problem& p, Backend backend, float* out) {
   switch (backend) {
     case Backend::cuda: cuda::alignment_scores(p, out); break;
     case Backend::metal: metal::alignment_scores(p, out); break;
@@ -179,8 +207,29 @@ void alignment_scores(const Problem& p, Backend backend, float* out) {
   }
 }
 
+}  // namespace
+
+VariantInput variant_input(const Problem& p, Method method, int64_t k, double stage1_ratio, const Variant& variant) {
+  VariantInput in;
+  in.p = p;
+  in.stage1_ratio = stage1_ratio;
+  const bool aligned = p.m > 0 && (method == Method::trimtokenator || method == Method::align);
+  if (aligned && method == Method::trimtokenator && variant.stage1 == Stage1::adaptive) {
+    in.stage1_ratio = static_cast<double>(adaptive_stage1_count(p.n, k)) / static_cast<double>(p.n);
+  }
+  if (aligned && variant.alignment == Alignment::cosine) make_unit(p, in);
+  return in;
+}
+
+void alignment_scores(const Problem& p, Backend backend, float* out, Alignment alignment) {
+  if (alignment == Alignment::l2) return backend_scores(p, backend, out);
+  VariantInput in;
+  make_unit(p, in);
+  backend_scores(in.p, backend, out);
+}
+
 int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, uint64_t seed, Backend backend,
-               int64_t* out) {
+               int64_t* out, const Variant& variant) {
   if (p.m > 0 && !all_finite(p.t, p.m * p.d)) throw InputError("text contains NaN or inf");
   const bool scored = method == Method::trimtokenator || method == Method::align || method == Method::divprune;
   // The scored paths find non-finite rows in their first pass; everything else checks here.
@@ -192,7 +241,11 @@ int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, 
   switch (method) {
     case Method::uniform: select_uniform(p.n, k, out); break;
     case Method::random: select_random(p.n, k, seed, out); break;
-    default: select_scored(p, method, k, stage1_ratio, backend, out); break;
+    default: {
+      const VariantInput in = variant_input(p, method, k, stage1_ratio, variant);
+      select_scored(in.p, method, k, in.stage1_ratio, backend, out);
+      break;
+    }
   }
   return k;
 }

@@ -13,6 +13,19 @@ enum class Method : int { trimtokenator = 0, align = 1, divprune = 2, uniform = 
 
 enum class Backend : int { cpu = 0, cuda = 1, metal = 2 };
 
+// Stage 1's score (ALGORITHM.md): the paper's L2 distance to the text rows, or (ours) their cosine.
+enum class Alignment : int { l2 = 0, cosine = 1 };
+
+// How many rows survive stage 1 (ALGORITHM.md): the share stage1_ratio of N (the paper), or (ours)
+// K1 = round(sqrt(K N)), which adapts to the budget.
+enum class Stage1 : int { ratio = 0, adaptive = 1 };
+
+// The variant of stage 1 a selection uses; the default is the paper's.
+struct Variant {
+  Alignment alignment = Alignment::l2;
+  Stage1 stage1 = Stage1::ratio;
+};
+
 // Input the core itself finds invalid (non-finite values, overflow); bindings map it to ValueError.
 struct InputError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
@@ -38,6 +51,8 @@ struct Problem {
 int64_t round_half_up(double x);
 // K1 = clamp(round(r1 * n), k, n).
 int64_t stage1_count(int64_t n, int64_t k, double stage1_ratio);
+// K1 of Stage1::adaptive: clamp(round(sqrt(k n)), k, n), in exact integer arithmetic.
+int64_t adaptive_stage1_count(int64_t n, int64_t k);
 // True when all `count` values are finite.
 bool all_finite(const float* x, int64_t count);
 // Writes the k `uniform` indices (k <= n) to out.
@@ -51,11 +66,28 @@ std::vector<double> text_centroid(const Problem& p, double* offset);
 // Throws the InputError that fits rows whose first pass failed: non-finite values, or overflow. The
 // message starts with `subject`, or with the verb when `subject` is empty.
 [[noreturn]] void throw_bad_rows(const Problem& p, const std::string& subject = "visual");
-// Selects min(k, n) rows (all n for `none`) on `backend`; indices in pick order into out[n].
+// What a scored selection (trimtokenator, align, divprune) runs on under a variant of stage 1, for any
+// backend: for cosine alignment (trimtokenator, align, with text) unit copies of the rows, whose L2
+// score is 2 (1/M) sum_j cos(v_i, t_j) - 2; for an adaptive K1 (trimtokenator) the share K1 / n, which
+// stage1_count rounds back to K1. Otherwise the problem and share as given. Not copyable (p points
+// into v and t).
+struct VariantInput {
+  std::vector<float> v, t;
+  Problem p{};
+  double stage1_ratio = 0;
+  VariantInput() = default;
+  VariantInput(const VariantInput&) = delete;
+  VariantInput& operator=(const VariantInput&) = delete;
+  VariantInput(VariantInput&&) = default;
+};
+VariantInput variant_input(const Problem& p, Method method, int64_t k, double stage1_ratio, const Variant& variant);
+// Selects min(k, n) rows (all n for `none`) on `backend`; indices in pick order into out[n]. The
+// variant's alignment applies to trimtokenator and align, its stage-1 size to trimtokenator
+// (variant_input, then the backend).
 int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, uint64_t seed, Backend backend,
-               int64_t* out);
-// The stage-1 scores a_i (m >= 1) on `backend`, into out[n].
-void alignment_scores(const Problem& p, Backend backend, float* out);
+               int64_t* out, const Variant& variant = {});
+// The stage-1 scores a_i (m >= 1) on `backend`, into out[n]: L2, or the cosine score.
+void alignment_scores(const Problem& p, Backend backend, float* out, Alignment alignment = Alignment::l2);
 
 // One image as the trimmed handlers and patched llama.cpp's tools prune it (csrc/image.cpp).
 

@@ -149,23 +149,28 @@ bool read(T* x, size_t count) {
 }  // namespace
 
 int main() {
-  int64_t head[6];
+  int64_t head[8];  // n, d, m, k, method, mode (1: scores), alignment, stage1 (trim::Variant)
   double ratio = 0;
-  if (!read(head, 6) || !read(&ratio, 1)) return 2;
-  const auto [n, d, m, k, method, mode] = head;
+  if (!read(head, 8) || !read(&ratio, 1)) return 2;
+  const auto [n, d, m, k, method, mode, alignment, stage1] = head;
   std::vector<float> v(static_cast<size_t>(n * d)), t(static_cast<size_t>(m * d));
   if (!read(v.data(), v.size()) || !read(t.data(), t.size())) return 2;
   const trim::Problem p{v.data(), n, d, m ? t.data() : nullptr, m};
+  const trim::Variant variant{static_cast<trim::Alignment>(alignment), static_cast<trim::Stage1>(stage1)};
   Emulator dev;
   try {
     if (mode == 1) {
+      // The scores of the variant's alignment, as trim::alignment_scores computes them for a GPU.
+      const trim::VariantInput in = trim::variant_input(p, trim::Method::align, 1, ratio, variant);
       std::vector<float> scores(static_cast<size_t>(n));
-      trim::gpu::alignment_scores(dev, p, scores.data());
+      trim::gpu::alignment_scores(dev, in.p, scores.data());
       std::fwrite(&n, sizeof n, 1, stdout);
       std::fwrite(scores.data(), sizeof(float), scores.size(), stdout);
     } else {
+      // As trim::select hands a scored selection to a GPU backend: the variant first, then the plan.
+      const trim::VariantInput in = trim::variant_input(p, static_cast<trim::Method>(method), k, ratio, variant);
       std::vector<int64_t> picks(static_cast<size_t>(k));
-      trim::gpu::select_scored(dev, p, static_cast<trim::Method>(method), k, ratio, picks.data());
+      trim::gpu::select_scored(dev, in.p, static_cast<trim::Method>(method), k, in.stage1_ratio, picks.data());
       std::fwrite(&k, sizeof k, 1, stdout);
       std::fwrite(picks.data(), sizeof(int64_t), picks.size(), stdout);
     }

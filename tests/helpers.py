@@ -25,12 +25,12 @@ def embeddings(n: int, d: int, m: int, seed: int = 0):
     return v, t
 
 
-def check(method, picks, v, t, keep, stage1_ratio=0.8, seed=0):
+def check(method, picks, v, t, keep, stage1_ratio=0.8, seed=0, alignment="l2"):
     """Asserts that `picks` (in pick order) are what ALGORITHM.md prescribes for `method` (reference.py)."""
     if method == "trimtokenator":
-        ref.check_trimtokenator(picks, v, t, keep, stage1_ratio)
+        ref.check_trimtokenator(picks, v, t, keep, stage1_ratio, alignment_kind=alignment)
     elif method == "align":
-        ref.check_align(picks, v, t, keep)
+        ref.check_align(picks, v, t, keep, alignment_kind=alignment)
     elif method == "divprune":
         ref.check_divprune(picks, v, keep)
     elif method == "uniform":

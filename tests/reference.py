@@ -32,13 +32,28 @@ def resolve_keep(keep, n: int) -> int:
     return keep
 
 
-def alignment(v: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """a_i = -(1/M) sum_j ||v_i - t_j||^2, literally (one text row at a time)."""
+def alignment(v: np.ndarray, t: np.ndarray, kind: str = "l2") -> np.ndarray:
+    """l2: a_i = -(1/M) sum_j ||v_i - t_j||^2, literally (one text row at a time). cosine: the same of
+    the unit rows, -(1/M) sum_j ||v^_i - t^_j||^2 = 2 cos_i - 2 with cos_i = (1/M) sum_j cos(v_i, t_j)
+    (mean_cosine), the value ALGORITHM.md judges the cosine's near-ties on."""
+    if kind == "cosine":
+        v, t = normalized(v), normalized(t)
     v = v.astype(np.float64)
     total = np.zeros(v.shape[0])
     for row in t.astype(np.float64):
         total += ((v - row) ** 2).sum(axis=1)
     return -total / t.shape[0]
+
+
+def mean_cosine(v: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(1/M) sum_j cos(v_i, t_j), literally."""
+    return (normalized(v) @ normalized(t).T).mean(axis=1)
+
+
+def stage1_size(n: int, keep: int, stage1_ratio) -> int:
+    """K1: clamp(round(r1 n), K, N), or for "adaptive" clamp(round(sqrt(K N)), K, N)."""
+    x = math.sqrt(keep * n) if stage1_ratio == "adaptive" else stage1_ratio * n
+    return min(max(round_half_up(x), keep), n)
 
 
 def normalized(x: np.ndarray) -> np.ndarray:
@@ -117,23 +132,23 @@ def _keeps_all(picks, n: int, keep: int) -> bool:
     return False
 
 
-def stage1_survivors(v, t, keep: int, stage1_ratio: float):
+def stage1_survivors(v, t, keep: int, stage1_ratio, kind: str = "l2"):
     """(K1, survivors ascending, a) of stage 1; all rows when there is no text."""
     n = v.shape[0]
     if t is None or t.shape[0] == 0:
         return n, np.arange(n), None
-    k1 = min(max(round_half_up(stage1_ratio * n), keep), n)
-    a = alignment(v, t)
+    k1 = stage1_size(n, keep, stage1_ratio)
+    a = alignment(v, t, kind)
     order = np.lexsort((np.arange(n), -a))  # highest a first, ties to the lower index
     return k1, np.sort(order[:k1]), a
 
 
-def check_trimtokenator(picks, v, t, keep, stage1_ratio=0.8, exact=False) -> None:
+def check_trimtokenator(picks, v, t, keep, stage1_ratio=0.8, exact=False, alignment_kind="l2") -> None:
     n = v.shape[0]
     keep = resolve_keep(keep, n)
     if _keeps_all(picks, n, keep):
         return
-    k1, survivors, a = stage1_survivors(v, t, keep, stage1_ratio)
+    k1, survivors, a = stage1_survivors(v, t, keep, stage1_ratio, alignment_kind)
     inside = np.zeros(n, bool)
     inside[survivors] = True
     outside = [int(p) for p in picks if not inside[int(p)]]
@@ -165,7 +180,7 @@ def check_trimtokenator(picks, v, t, keep, stage1_ratio=0.8, exact=False) -> Non
     _finish(picks, steps, "trimtokenator", exact)
 
 
-def check_align(picks, v, t, keep, exact=False) -> None:
+def check_align(picks, v, t, keep, exact=False, alignment_kind="l2") -> None:
     n = v.shape[0]
     keep = resolve_keep(keep, n)
     if keep >= n:
@@ -174,7 +189,7 @@ def check_align(picks, v, t, keep, exact=False) -> None:
     if t is None or t.shape[0] == 0:  # all scores tie: the first K rows
         assert list(picks) == list(range(keep))
         return
-    a = alignment(v, t)
+    a = alignment(v, t, alignment_kind)
 
     def steps():
         allowed = np.ones(n, bool)

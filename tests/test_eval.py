@@ -345,3 +345,63 @@ def test_eval_reads_jsonl_and_tsv(capsys, models, tmp_path):
     assert code == 0 and json.loads(capsys.readouterr().out)["results"][0]["accuracy"] == 0.5 * (replies[0] == labels[0])
     code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(tmp_path / "mc.tsv"), "--images", "x"])
     assert code == 2 and "--images goes with a .jsonl" in capsys.readouterr().err
+
+
+def test_method_specs():
+    from trimcpp.quality.evaluate import method_spec
+
+    assert method_spec("trimtokenator") == ("trimtokenator", "l2", 0.8)
+    assert method_spec("trimtokenator+cosine+adaptive") == ("trimtokenator", "cosine", "adaptive")
+    assert method_spec("align+cosine", 0.5) == ("align", "cosine", 0.5)
+    for bad in ("best", "trimtokenator+cosine+cosine", "divprune+bar", "+cosine"):
+        with pytest.raises(ValueError, match="unknown method"):
+            method_spec(bad)
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--methods", "trimtokenator+bar"])
+    assert stop.value.code == 2
+
+
+def test_eval_runs_each_variant(capsys, models, tmp_path):
+    """A method spec's variant reaches the handler: its answers are those of a handler built with it."""
+    llm, mmproj = models["llm"], models["1.5"]
+    folder = scenes.write_split(tmp_path / "data", seed=5, images=2, size=84, per_image=2)
+    records = json.loads((folder / "questions.json").read_text())
+    threads = os.cpu_count()
+    code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(folder), "--methods",
+                 "align,align+cosine,trimtokenator+adaptive", "--keep", "3", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    got = {r["method"]: r["answers"] for r in result["results"]}
+    for spec, options in (("align", {"method": "align"}), ("align+cosine", {"method": "align", "alignment": "cosine"}),
+                          ("trimtokenator+adaptive", {"stage1_ratio": "adaptive"})):
+        handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=3, verbose=False, **options)
+        llama = Llama(model_path=llm, chat_handler=handler, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                      verbose=False, seed=0)
+        want = [normalise(llama.create_chat_completion(
+            messages=image_messages((folder / r["image"]).read_bytes(), r["question"]), max_tokens=4,
+            temperature=0.0)["choices"][0]["message"]["content"] or "") for r in records]
+        assert got[spec] == want, spec
+
+
+def test_cluttered_scenes(tmp_path):
+    from trimcpp.quality.minivlm.coverage import coverage
+    from trimcpp.quality.minivlm.stages import MINI, SEEDS
+
+    drawn = list(scenes.split(SEEDS["test"], 30, style="cluttered"))
+    assert [np.asarray(a[0]).tobytes() for a in drawn[:3]] == [
+        np.asarray(a[0]).tobytes() for a in scenes.split(SEEDS["test"], 3, style="cluttered")]
+    plain = next(scenes.split(SEEDS["test"], 1))
+    assert not np.array_equal(np.asarray(plain[0]), np.asarray(drawn[0][0]))
+    for image, figures, pairs in drawn:
+        kinds = [f.kind for f in figures]
+        assert 8 <= len(figures) <= 14 and len(pairs) == 8
+        assert min(kinds.count(k) for k in set(kinds)) <= 1 < max(kinds.count(k) for k in set(kinds))
+        background = np.asarray(image)[scenes.patch_labels(figures).reshape(16, 16).repeat(14, 0).repeat(14, 1) == 0]
+        assert len(np.unique(background, axis=0)) > 1000  # textured and strewn with marks, not flat
+    with pytest.raises(ValueError, match="style must be one of plain, cluttered"):
+        scenes.scene(np.random.default_rng(0), style="busy")
+
+    folder = scenes.write_split(tmp_path / "c", SEEDS["test"], 2, MINI.image_size, per_image=2, style="cluttered")
+    assert json.loads((folder / "split.json").read_text())["style"] == "cluttered"
+    result = coverage(BUNDLED["model"].parent, folder, ("trimtokenator+cosine",), (256,))
+    assert result["trimtokenator+cosine 256"]["evidence_kept"] == 1.0

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["tests/gpu_emulator.cpp", "csrc/select.cpp", "csrc/cpu/select.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/peers.cpp",
            "csrc/cuda/no_cuda.cpp", "csrc/metal/no_metal.cpp"]
 METHOD = {"trimtokenator": 0, "align": 1, "divprune": 2}
+ALIGNMENT = {"l2": 0, "cosine": 1}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,12 @@ def emulator(compiler, tmp_path_factory):
     return exe
 
 
-def run(exe, v, t, k=0, method="trimtokenator", ratio=0.8, scores=False):
+def run(exe, v, t, k=0, method="trimtokenator", ratio=0.8, scores=False, alignment="l2", adaptive=False):
     """(picks in pick order, or the scores) from the emulator; ValueError with its message on rejection."""
     n, d = v.shape
     t = np.zeros((0, d), np.float32) if t is None else t
-    head = np.array([n, d, t.shape[0], k, METHOD[method], int(scores)], np.int64).tobytes()
+    head = np.array([n, d, t.shape[0], k, METHOD[method], int(scores), ALIGNMENT[alignment], int(adaptive)],
+                    np.int64).tobytes()
     data = head + np.float64(ratio).tobytes() + v.astype(np.float32).tobytes() + t.astype(np.float32).tobytes()
     done = subprocess.run([str(exe)], input=data, capture_output=True)
     if done.returncode == 3:
@@ -110,3 +112,18 @@ def test_metal_kernels_parse(compiler):
                            "-I", str(ROOT / "csrc"), "-include", "metal_stdlib", str(ROOT / "csrc/metal/select.metal")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("alignment", ["l2", "cosine"])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("n,d,m", [(31, 33, 40), (577, 33, 40), (577, 4096, 1)])
+def test_stage1_variants(emulator, alignment, adaptive, n, d, m):
+    """The GPU plan under each variant of stage 1, as trim::select hands it over (variant_input)."""
+    v, t = embeddings(n, d, m)
+    ratio = "adaptive" if adaptive else 0.8
+    for keep in (k for k in (1, 16, 64) if k < n):  # trim::select keeps every row itself when K >= N
+        for method in ("trimtokenator", "align"):
+            picks = run(emulator, v, t, keep, method, 0.8, alignment=alignment, adaptive=adaptive)
+            check(method, picks, v, t, keep, ratio, alignment=alignment)
+    scores = run(emulator, v, t, scores=True, alignment=alignment)
+    np.testing.assert_allclose(scores, ref.alignment(v, t, alignment), rtol=1e-4, atol=1e-5)

@@ -181,3 +181,64 @@ def test_threads_and_repeat_calls_agree():
 def test_available_backends():
     backends = trimcpp.available_backends()
     assert backends[0] in ("cpu", "cuda", "metal") and "cpu" in backends
+
+
+@pytest.mark.parametrize("n,d,m", [(2, 33, 1), (31, 1, 40), (577, 33, 40), (577, 4096, 1), (2880, 33, 40)])
+@pytest.mark.parametrize("alignment", ["l2", "cosine"])
+@pytest.mark.parametrize("stage1_ratio", [0.8, "adaptive"])
+def test_stage1_variants_grid(backend, n, d, m, alignment, stage1_ratio):
+    """The variants of stage 1 (ALGORITHM.md, ours): the cosine score and the adaptive K1."""
+    v, t = embeddings(n, d, m)
+    for keep in (1, 16, 64, 0.3, n + 5):
+        for method in ("trimtokenator", "align"):
+            picks = pick_order(v, t, keep, method=method, stage1_ratio=stage1_ratio, alignment=alignment, backend=backend)
+            check(method, picks, v, t, keep, stage1_ratio, alignment=alignment)
+    # divprune reads no text: the variants change nothing
+    assert list(pick_order(v, t, 8, method="divprune", alignment=alignment, stage1_ratio=stage1_ratio,
+                           backend=backend)) == list(pick_order(v, t, 8, method="divprune", backend=backend))
+
+
+def test_variants_change_the_selection():
+    """Rows of different norms: L2 ranks mostly by norm, cosine by direction; adaptive keeps fewer."""
+    rng = np.random.default_rng(5)
+    direction = rng.standard_normal(64)
+    v = (rng.standard_normal((256, 64)) + 0.3 * direction) * rng.uniform(0.2, 5.0, (256, 1))
+    t = direction[None, :] + 0.1 * rng.standard_normal((4, 64))
+    v, t = v.astype(np.float32), t.astype(np.float32)
+    l2 = trimcpp.alignment_scores(v, t)
+    cosine = trimcpp.alignment_scores(v, t, alignment="cosine")
+    literal = ref.mean_cosine(v, t)
+    np.testing.assert_allclose(cosine, 2 * literal - 2, atol=1e-5)
+    assert np.corrcoef(l2, -np.linalg.norm(v, axis=1))[0, 1] > 0.9  # L2 ranks these rows mostly by their norm
+    align = {a: set(trimcpp.prune(v, t, 32, method="align", alignment=a)) for a in ("l2", "cosine")}
+    assert len(align["l2"] & align["cosine"]) < 24
+    assert trimcpp.selection._core.adaptive_stage1_count(256, 32) == 91  # round(sqrt(8192)) = round(90.5...)
+
+
+def test_adaptive_stage1_count_is_exact():
+    import math
+
+    count = trimcpp.selection._core.adaptive_stage1_count
+    for n in (1, 2, 3, 7, 31, 256, 576, 2880, 10**6 + 3):
+        for k in (1, 2, 3, 16, 32, 64, 320, n):
+            if k > n:
+                continue
+            s = math.isqrt(k * n)
+            want = min(max(s + (k * n > s * s + s), k), n)  # floor(sqrt(kn) + 1/2), in integers
+            assert count(n, k) == want == ref.stage1_size(n, k, "adaptive"), (n, k)
+
+
+def test_variant_arguments():
+    v, t = embeddings(31, 8, 3)
+    with pytest.raises(ValueError, match="prune: unknown alignment 'dot'"):
+        trimcpp.prune(v, t, 4, alignment="dot")
+    with pytest.raises(ValueError, match="stage1_ratio must be a share in \\(0, 1\\] or 'adaptive'"):
+        trimcpp.prune(v, t, 4, stage1_ratio="auto")
+    with pytest.raises(ValueError, match="alignment_scores: unknown alignment"):
+        trimcpp.alignment_scores(v, t, alignment="dot")
+    bad = v.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="visual contains NaN or inf"):
+        trimcpp.prune(bad, t, 4, alignment="cosine")
+    big = np.full((31, 8), 3e30, np.float32)  # squared norms overflow float32: the cosine works on unit rows
+    assert len(trimcpp.prune(big + embeddings(31, 8, 0)[0], t, 4, method="align", alignment="cosine")) == 4

@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import images
 from .images import image_messages
-from .selection import METHODS, Keep
+from .selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1
 
 # Synthetic pairs per family (trimcpp.testing), with what writing them costs once.
 SHAPE_NOTES = {
@@ -62,6 +62,16 @@ def parse_keep(text: str) -> Optional[Keep]:
             return float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a count, a share in (0, 1] or 'all', got {text!r}") from None
+
+
+def parse_stage1(text: str) -> Stage1:
+    """A share in (0, 1] or 'adaptive'."""
+    if text == ADAPTIVE:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1] or {ADAPTIVE!r}, got {text!r}") from None
 
 
 def parse_budgets(text: str) -> list[int]:
@@ -106,7 +116,8 @@ def _session(args: argparse.Namespace):
     try:
         options = {"keep": args.keep} if hasattr(args, "keep") else {}  # else the handler's default
         handler = HANDLERS[chat_format][1](clip_model_path=args.mmproj, method=args.method,
-                                       stage1_ratio=args.stage1_ratio, verbose=args.verbose, **options)
+                                       stage1_ratio=args.stage1_ratio, alignment=args.alignment,
+                                       verbose=args.verbose, **options)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
     quiet_logs(args.verbose)
@@ -338,10 +349,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def parse_methods(text: str) -> list[str]:
+    from .quality.evaluate import method_spec
+
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
+    if not methods:
         raise argparse.ArgumentTypeError(f"methods are {', '.join(METHODS)}; got {text!r}")
+    for m in methods:
+        try:
+            method_spec(m)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     return methods
 
 
@@ -384,7 +401,7 @@ def _parser() -> argparse.ArgumentParser:
                             "trimcpp[server])")
     bench.add_argument("--answer-tokens", type=int, default=16, help="with --turns or --server: tokens per answer "
                        "(default 16)")
-    bench.add_argument("--stage1-ratio", type=float, default=0.8, help="with --turns: TrimTokenator's stage-1 share "
+    bench.add_argument("--stage1-ratio", type=parse_stage1, default=0.8, help="with --turns: TrimTokenator's stage-1 share "
                        "(default 0.8)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     common(bench)
@@ -400,7 +417,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--keep", type=parse_keep, default=argparse.SUPPRESS,
                          help="rows kept per image: a count, a share in (0, 1] or 'all' (default 64; LLaVA-1.6 "
                               "320; other families 1/9 of each image's rows)")
-        sub.add_argument("--stage1-ratio", type=float, default=0.8, help="TrimTokenator's stage-1 share (default 0.8)")
+        sub.add_argument("--stage1-ratio", type=parse_stage1, default=0.8,
+                         help="TrimTokenator's stage-1 share, or 'adaptive': round(sqrt(keep x rows)) rows (default 0.8)")
+        sub.add_argument("--alignment", choices=ALIGNMENTS, default="l2",
+                         help="stage 1's score: l2 (the paper's) or cosine (default l2)")
         common(sub)
     chat, show = commands.choices["chat"], commands.choices["show"]
     chat.add_argument("--max-tokens", type=int, default=256)
@@ -423,7 +443,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--keep", type=parse_budgets, default=[576, 192, 128, 64, 32],
                           help="rows kept per image (default 576,192,128,64,32)")
     evaluate.add_argument("--methods", type=parse_methods, default=list(METHODS[::-1]),
-                          help="comma-separated (default: none,random,uniform,divprune,align,trimtokenator)")
+                          help="comma-separated (default: none,random,uniform,divprune,align,trimtokenator); a method "
+                               "may add stage-1 variants: trimtokenator+cosine, trimtokenator+adaptive, align+cosine, ...")
     evaluate.add_argument("--limit", type=int, help="only the first N questions")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON (with every answer)")
     common(evaluate, method=False)

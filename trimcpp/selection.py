@@ -13,8 +13,11 @@ from . import _core
 
 BACKENDS = ("cpu", "cuda", "metal")
 METHODS = ("trimtokenator", "align", "divprune", "uniform", "random", "none")
+ALIGNMENTS = ("l2", "cosine")  # stage 1's score: the paper's L2, or (ours) the cosine (ALGORITHM.md)
+ADAPTIVE = "adaptive"  # stage1_ratio: K1 = round(sqrt(K N)) instead of a share of N (ours, ALGORITHM.md)
 
 Keep = Union[int, float]
+Stage1 = Union[float, str]
 
 # backend=None runs on a GPU from this many image rows up, on the CPU below. An estimate, not yet a
 # measurement (no GPU has run this code so far): under it the CPU selects in a few ms and a GPU
@@ -141,12 +144,18 @@ def diversity_weight(rows: int, sum_sqnorm: float) -> float:
     return float(_core.diversity_weight(int(rows), float(sum_sqnorm)))
 
 
-def check_method(func: str, method: str, stage1_ratio: float) -> None:
-    """Raises unless `method` is a known method and `stage1_ratio` is in (0, 1]."""
+def check_method(func: str, method: str, stage1_ratio: Stage1, alignment: str = "l2") -> None:
+    """Raises unless `method` and `alignment` are known and `stage1_ratio` is in (0, 1] or "adaptive"."""
     if not isinstance(method, str):
         raise TypeError(f"{func}: method must be a string, got {type(method).__name__}")
     if method not in METHODS:
         raise ValueError(f"{func}: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"{func}: unknown alignment {alignment!r}; expected one of {', '.join(ALIGNMENTS)}")
+    if stage1_ratio == ADAPTIVE:
+        return
+    if isinstance(stage1_ratio, str):
+        raise ValueError(f"{func}: stage1_ratio must be a share in (0, 1] or {ADAPTIVE!r}, got {stage1_ratio!r}")
     if not _is_real(stage1_ratio):
         raise TypeError(f"{func}: stage1_ratio must be a float, got {type(stage1_ratio).__name__}")
     if not 0.0 < stage1_ratio <= 1.0:
@@ -166,7 +175,8 @@ def pick_order(
     keep: Keep = 64,
     *,
     method: str = "trimtokenator",
-    stage1_ratio: float = 0.8,
+    stage1_ratio: Stage1 = 0.8,
+    alignment: str = "l2",
     seed: int = 0,
     backend: Optional[str] = None,
     _func: str = "pick_order",
@@ -177,15 +187,17 @@ def pick_order(
     for ``random`` the draw order; keeping everything gives the ascending order.
     """
     func = _func
-    check_method(func, method, stage1_ratio)
+    check_method(func, method, stage1_ratio, alignment)
     if not _is_int(seed):
         raise TypeError(f"{func}: seed must be an int, got {type(seed).__name__}")
     check_backend(func, backend)
     v, t = _visual_text(func, visual, text)
     k = resolve_keep(func, keep, v.shape[0])
-    args = (v, t, k, getattr(_core.Method, method), float(stage1_ratio), int(seed) % 2**64)
+    adaptive = stage1_ratio == ADAPTIVE
+    args = (v, t, k, getattr(_core.Method, method), 1.0 if adaptive else float(stage1_ratio), int(seed) % 2**64)
+    variant = (getattr(_core.Alignment, alignment), _core.Stage1.adaptive if adaptive else _core.Stage1.ratio)
     order = _run_on(func, backend, v.shape[0],
-                    lambda name: _core_call(func, _core.select, *args, getattr(_core.Backend, name)))
+                    lambda name: _core_call(func, _core.select, *args, getattr(_core.Backend, name), *variant))
     return np.asarray(order, dtype=np.int64)
 
 
@@ -195,7 +207,8 @@ def prune(
     keep: Keep = 64,
     *,
     method: str = "trimtokenator",
-    stage1_ratio: float = 0.8,
+    stage1_ratio: Stage1 = 0.8,
+    alignment: str = "l2",
     seed: int = 0,
     backend: Optional[str] = None,
 ) -> np.ndarray:
@@ -206,7 +219,9 @@ def prune(
         text: M x D text-token embeddings of the question, or None (stage 1 is then skipped).
         keep: how many rows to keep (int >= 1; K >= N keeps all), or a share of N in (0, 1].
         method: "trimtokenator" (default), "align", "divprune", "uniform", "random" or "none".
-        stage1_ratio: share of N that survives the alignment stage, in (0, 1].
+        stage1_ratio: share of N that survives the alignment stage, in (0, 1], or "adaptive":
+            round(sqrt(K N)) rows (ours; ALGORITHM.md).
+        alignment: stage 1's score: "l2" (the paper's) or "cosine" (ours; ALGORITHM.md).
         seed: seed of the "random" method.
         backend: "cpu", "cuda", "metal", or None: a usable GPU from GPU_MIN_ROWS rows up, else
             the CPU; a GPU that fails then falls back to the CPU with a RuntimeWarning.
@@ -216,13 +231,16 @@ def prune(
         RuntimeError: an explicit backend that is not available here or fails.
     """
     order = pick_order(
-        visual, text, keep, method=method, stage1_ratio=stage1_ratio, seed=seed, backend=backend, _func="prune"
+        visual, text, keep, method=method, stage1_ratio=stage1_ratio, alignment=alignment, seed=seed, backend=backend,
+        _func="prune"
     )
     return np.sort(order)
 
 
-def alignment_scores(visual: ArrayLike, text: ArrayLike, *, backend: Optional[str] = None) -> np.ndarray:
-    """The stage-1 scores ``a_i = -(1/M) sum_j ||v_i - t_j||^2`` (float32, one per visual row).
+def alignment_scores(visual: ArrayLike, text: ArrayLike, *, alignment: str = "l2",
+                     backend: Optional[str] = None) -> np.ndarray:
+    """The stage-1 scores (float32, one per visual row): ``a_i = -(1/M) sum_j ||v_i - t_j||^2``, or for
+    ``alignment="cosine"`` the same of the unit rows, ``2 (1/M) sum_j cos(v_i, t_j) - 2``.
 
     Computed with the centroid identity in O((N + M) D); text must have at least one row.
     `backend` as for :func:`prune`.
@@ -230,12 +248,15 @@ def alignment_scores(visual: ArrayLike, text: ArrayLike, *, backend: Optional[st
     func = "alignment_scores"
     if text is None:
         raise ValueError(f"{func}: text is required")
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"{func}: unknown alignment {alignment!r}; expected one of {', '.join(ALIGNMENTS)}")
     check_backend(func, backend)
     v, t = _visual_text(func, visual, text)
     if t is None:
         raise ValueError(f"{func}: text has no rows (M = 0); the scores need at least one")
     return _run_on(func, backend, v.shape[0],
-                   lambda name: _core_call(func, _core.alignment_scores, v, t, getattr(_core.Backend, name)))
+                   lambda name: _core_call(func, _core.alignment_scores, v, t, getattr(_core.Backend, name),
+                                           getattr(_core.Alignment, alignment)))
 
 
 def apportion(sizes: Sequence[int], weights: Sequence[float], total: int) -> list[int]:

@@ -53,7 +53,7 @@ from ..llamacpp import (
     silenced,
     use_view,
 )
-from ..selection import Keep, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
+from ..selection import Keep, Stage1, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
 from .conversation import FOLLOW_UPS, ImageCache, KvRecord, Restart, Reuse
 from .decode import attention, decode_rows, row_ids
 
@@ -98,7 +98,7 @@ def image_target(keep: KeepArg, method: str, rows: int, chunks: int) -> int:
 
 
 def select_image(chunks: list[np.ndarray], text: Optional[np.ndarray], keep: KeepArg, *, method: str,
-                 stage1_ratio: float, backend: Optional[str] = None) -> list[np.ndarray]:
+                 stage1_ratio: Stage1, alignment: str = "l2", backend: Optional[str] = None) -> list[np.ndarray]:
     """Kept rows (ascending) per chunk of one image whose chunks' rows are `chunks` (LLaVA-1.6: the
     slices, then the overview): the image's target split over the chunks with split_budget, each chunk
     pruned with its budget. The patched llama.cpp tools do the same in C++ (csrc/image.cpp)."""
@@ -111,7 +111,7 @@ def select_image(chunks: list[np.ndarray], text: Optional[np.ndarray], keep: Kee
     else:
         budgets = split_budget(chunks, target)
     return [np.arange(rows.shape[0], dtype=np.int64) if budget >= rows.shape[0] else
-            prune(rows, text, budget, method=method, stage1_ratio=stage1_ratio, backend=backend)
+            prune(rows, text, budget, method=method, stage1_ratio=stage1_ratio, alignment=alignment, backend=backend)
             for rows, budget in zip(chunks, budgets)]
 
 
@@ -126,7 +126,8 @@ class Trimming(StockHooks):
         keep: KeepArg = _DEFAULT,
         *,
         method: str = "trimtokenator",
-        stage1_ratio: float = 0.8,
+        stage1_ratio: Stage1 = 0.8,
+        alignment: str = "l2",
         backend: Optional[str] = None,
         follow_ups: str = "keep-rows",
         image_cache_bytes: int = 256 << 20,
@@ -141,10 +142,11 @@ class Trimming(StockHooks):
             raise ValueError(f"{owner}: {error}") from None
         super().__init__(clip_model_path=clip_model_path, verbose=verbose, **kwargs)  # type: ignore[call-arg]
         self.keep = self.DEFAULT_KEEP if keep is _DEFAULT else keep
-        check_method(owner, method, stage1_ratio)
+        check_method(owner, method, stage1_ratio, alignment)
         check_backend(owner, backend)
         self.method = method
-        self.stage1_ratio = float(stage1_ratio)
+        self.stage1_ratio = stage1_ratio if isinstance(stage1_ratio, str) else float(stage1_ratio)
+        self.alignment = alignment
         self.backend = backend
         self._kv = KvRecord()
         self.follow_ups = follow_ups
@@ -432,7 +434,8 @@ class TrimmedMtmd(MtmdView):
         began = time.perf_counter()
         text = self._texts[selection.image] if selection.image < len(self._texts) else None
         selection.indices = select_image(embeddings, text, handler.keep, method=handler.method,
-                                         stage1_ratio=handler.stage1_ratio, backend=handler.backend)
+                                         stage1_ratio=handler.stage1_ratio, alignment=handler.alignment,
+                                         backend=handler.backend)
         for c, rows, kept in zip(group, embeddings, selection.indices):
             self._plans[int(c)] = (selection, rows[kept], kept)
         selection.kept = sum(len(k) for k in selection.indices)

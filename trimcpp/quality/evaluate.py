@@ -37,6 +37,7 @@ from ..bench import machine
 from ..handlers import HANDLERS
 from ..images import image_messages
 from ..llamacpp import load_llama
+from ..selection import ADAPTIVE, METHODS, Stage1
 
 DATA = Path(__file__).parent / "data"
 BUNDLED = {"model": DATA / "minivlm" / "llm.gguf", "mmproj": DATA / "minivlm" / "mmproj.gguf",
@@ -159,6 +160,19 @@ def _load_tsv(path: Path) -> list[Question]:
     return questions
 
 
+MODIFIERS = ("cosine", "adaptive")  # a method spec's variants of stage 1: "trimtokenator+cosine+adaptive"
+
+
+def method_spec(spec: str, stage1_ratio: Stage1 = 0.8) -> tuple[str, str, Stage1]:
+    """(method, alignment, stage1_ratio) of a method spec: a method, then optionally ``+cosine``
+    (alignment) and ``+adaptive`` (stage-1 size); ValueError for anything else."""
+    method, *modifiers = spec.split("+")
+    if method not in METHODS or any(m not in MODIFIERS for m in modifiers) or len(set(modifiers)) < len(modifiers):
+        raise ValueError(f"unknown method {spec!r}: a method ({', '.join(METHODS)}), then optionally "
+                         f"+{' and +'.join(MODIFIERS)}")
+    return method, "cosine" if "cosine" in modifiers else "l2", ADAPTIVE if "adaptive" in modifiers else stage1_ratio
+
+
 def normalise(reply: str) -> str:
     """The first word of a reply, lower-cased, without punctuation."""
     words = re.findall(r"[\w']+", reply.lower())
@@ -168,8 +182,10 @@ def normalise(reply: str) -> str:
 def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequence[str], keeps: Sequence[int], *,
         chat_format: str = "llava-1-5", n_ctx: int = 2048, threads: Optional[int] = None, max_tokens: int = 4,
         on_step: Optional[Callable[[], None]] = None) -> dict[str, Any]:
-    """Asks every question under every (method, keep); `none` runs once (it keeps every row)."""
+    """Asks every question under every (method, keep); `none` runs once (it keeps every row). A method
+    may carry variants of stage 1 (:func:`method_spec`)."""
     handler = HANDLERS[chat_format][1](clip_model_path=mmproj, verbose=False)
+    specs = {m: method_spec(m) for m in methods}
     llama = load_llama(model, handler, n_ctx=n_ctx, threads=threads, seed=0)
     configs = [(m, None) if m == "none" else (m, k) for m in methods for k in ([None] if m == "none" else keeps)]
     right = {c: 0 for c in configs}
@@ -178,7 +194,8 @@ def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequenc
     for q in questions:
         messages = image_messages(q.picture(), q.question)
         for method, keep in configs:
-            handler.method, handler.keep = method, keep
+            handler.method, handler.alignment, handler.stage1_ratio = specs[method]
+            handler.keep = keep
             reply = llama.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
             answer = normalise(reply["choices"][0]["message"]["content"] or "")
             replies[(method, keep)].append(answer)
@@ -199,9 +216,10 @@ def table(result: dict[str, Any]) -> str:
     """Accuracy (and relative to keep-all) per method and budget."""
     keeps = result["keeps"]
     cells = {(r["method"], r["keep"]): r for r in result["results"]}
-    lines = [f"{'method':<14}" + "".join(f"{'keep ' + str(k):>16}" for k in keeps)]
+    width = max(14, *(len(m) + 2 for m in result["methods"]))
+    lines = [f"{'method':<{width}}" + "".join(f"{'keep ' + str(k):>16}" for k in keeps)]
     for method in result["methods"]:
-        row = f"{method:<14}"
+        row = f"{method:<{width}}"
         for keep in keeps:
             r = cells[(method, None if method == "none" else keep)]
             relative = "" if r["relative"] is None else f"({100 * r['relative']:.0f}%)"

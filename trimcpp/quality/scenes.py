@@ -9,6 +9,12 @@ some small, at random places that do not overlap. Questions, each answered by on
 - side:    "Is the red circle on the left or right?"  (a unique colour + kind)   -> left / right
 - height:  "Is the red circle at the top or bottom?"                              -> top / bottom
 
+Two styles of scene (:data:`STYLES`): ``plain``, the figures on a flat background; ``cluttered``,
+where the question matters: 9-14 figures, most of them sharing the colour or the kind of the one a
+question names (one kind occurs only once, so that colour questions still have an answer), on a
+textured background strewn with small marks of every colour that are not figures. There spreading
+the kept rows out (diversity alone) spends them on marks and distractors.
+
 Everything follows from a seed, so train / validation / test splits come from disjoint seed
 ranges. :func:`write_split` writes a split as PNG files plus ``questions.json``, the format
 ``trimcpp eval`` reads: a list of ``{"image": "00000.png", "question": ..., "answer": ...}``.
@@ -31,6 +37,7 @@ KINDS = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three", "four")
 ANSWERS = (*COLORS, "yes", "no", *NUMBERS[1:], "left", "right", "top", "bottom")
 QUESTION_KINDS = ("colour", "exists", "count", "side", "height")
+STYLES = ("plain", "cluttered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +49,62 @@ class Figure:
     r: float  # half the side / radius
 
 
-def scene(rng: np.random.Generator, size: int = 224) -> tuple[Image.Image, list[Figure]]:
-    """A picture and the figures drawn on it."""
+def scene(rng: np.random.Generator, size: int = 224, style: str = "plain") -> tuple[Image.Image, list[Figure]]:
+    """A picture and the figures drawn on it (`style`: one of :data:`STYLES`)."""
+    if style == "cluttered":
+        return _cluttered(rng, size)
+    if style != "plain":
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     background = tuple(int(c) for c in rng.integers(90, 170, 3))  # flat: the test split's PNGs stay small
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
+    figures = _place(rng, size, int(rng.integers(3, 9)), lambda: (str(rng.choice(KINDS)), str(rng.choice(list(COLORS)))))
+    for s in figures:
+        _draw(draw, s, COLORS[s.color])
+    return image, figures
+
+
+def _place(rng: np.random.Generator, size: int, count: int, look) -> list[Figure]:
+    """`count` figures at random places that do not overlap (one that finds no place in 50 tries is
+    left out), each of the (kind, colour) that `look()` draws once it has its place."""
     figures: list[Figure] = []
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(count):
         for _attempt in range(50):
             r = float(rng.choice([rng.uniform(6, 11), rng.uniform(11, 26)]))
             x, y = rng.uniform(r + 2, size - r - 2, 2)
             if all((x - s.x) ** 2 + (y - s.y) ** 2 > (r + s.r + 4) ** 2 for s in figures):
-                figures.append(Figure(str(rng.choice(KINDS)), str(rng.choice(list(COLORS))), float(x), float(y), r))
+                figures.append(Figure(*look(), float(x), float(y), r))
                 break
+    return figures
+
+
+def _cluttered(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[Figure]]:
+    """The ``cluttered`` style: a textured background, small marks, 9-14 figures mostly alike."""
+    base = rng.integers(90, 170, 3).astype(float)
+    y, x = np.mgrid[0:size, 0:size] / size
+    waves = np.sin(2 * np.pi * (rng.uniform(1, 4) * x + rng.uniform(0, 1)))[..., None] * rng.uniform(-25, 25, 3)
+    pixels = base + waves + (y[..., None] - 0.5) * rng.uniform(-40, 40, 3) + rng.normal(0, 8, (size, size, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    colours = list(COLORS)
+    for _ in range(int(rng.integers(25, 45))):  # marks: dots and short strokes, 1-3 px, any colour
+        mx, my = rng.uniform(0, size, 2)
+        fill = COLORS[colours[int(rng.integers(len(colours)))]]
+        if rng.random() < 0.5:
+            r = float(rng.uniform(1.5, 3.5))
+            draw.ellipse([mx - r, my - r, mx + r, my + r], fill=fill)
+        else:
+            dx, dy = rng.uniform(-9, 9, 2)
+            draw.line([mx, my, mx + dx, my + dy], fill=fill, width=int(rng.integers(1, 4)))
+    # Two colours and two kinds make most figures; one kind occurs once.
+    rare, *common = [KINDS[i] for i in rng.permutation(len(KINDS))]
+    palette = [colours[i] for i in rng.permutation(len(colours))]
+    looks = [(rare, str(rng.choice(palette)))]
+    for _ in range(int(rng.integers(8, 14))):
+        color = palette[int(rng.integers(2))] if rng.random() < 0.7 else str(rng.choice(palette))
+        looks.append((str(rng.choice(common)), color))
+    looks = [looks[i] for i in rng.permutation(len(looks))]
+    figures = _place(rng, size, len(looks), iter(looks).__next__)
     for s in figures:
         _draw(draw, s, COLORS[s.color])
     return image, figures
@@ -144,22 +194,33 @@ def evidence(question: str, labels: np.ndarray) -> np.ndarray:
 Scene = tuple[Image.Image, list[Figure], list[tuple[str, str]]]  # picture, figures, (question, answer) pairs
 
 
-def split(seed: int, images: int, size: int = 224, per_image: int = 8) -> Iterator[Scene]:
-    """`images` scenes (picture, figures, questions); scene i comes from seed (seed, i)."""
+def split(seed: int, images: int, size: int = 224, per_image: int = 8, style: str = "plain") -> Iterator[Scene]:
+    """`images` scenes (picture, figures, questions); scene i comes from seed (seed, i) (``cluttered``:
+    seed (seed, i, 1), so the two styles never share a random stream)."""
     for i in range(images):
-        rng = np.random.default_rng([seed, i])
-        image, figures = scene(rng, size)
+        rng = np.random.default_rng([seed, i] if style == "plain" else [seed, i, 1])
+        image, figures = scene(rng, size, style)
         yield image, figures, questions(rng, figures, size, per_image)
 
 
-def write_split(folder: os.PathLike | str, seed: int, images: int, size: int = 224, per_image: int = 3) -> Path:
+def write_split(folder: os.PathLike | str, seed: int, images: int, size: int = 224, per_image: int = 3,
+                style: str = "plain") -> Path:
     """Writes `images` scenes as PNG files and their questions to ``questions.json`` in `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
-    for i, (image, _, pairs) in enumerate(split(seed, images, size, per_image)):
+    for i, (image, _, pairs) in enumerate(split(seed, images, size, per_image, style)):
         name = f"{i:05d}.png"
         image.save(folder / name, optimize=True)
         records += [{"image": name, "question": q, "answer": a} for q, a in pairs]
     (folder / "questions.json").write_text(json.dumps(records, indent=1))
+    (folder / "split.json").write_text(json.dumps({"seed": seed, "images": images, "size": size, "per_image": per_image,
+                                                   "style": style}))
     return folder
+
+
+def split_of(folder: os.PathLike | str, default_seed: int) -> dict:
+    """How a folder's split was written (``split.json``); for a folder without one, the plain split of
+    `default_seed` (the bundled test split predates the file)."""
+    meta = Path(folder) / "split.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {"seed": default_seed, "style": "plain"}

@@ -15,7 +15,8 @@ from .. import scenes
 from ..evaluate import BUNDLED
 from .stages import MINI, SEEDS, STAGES
 
-METHODS = ("random", "uniform", "divprune", "align", "trimtokenator")
+METHODS = ("random", "uniform", "divprune", "align", "align+cosine", "trimtokenator", "trimtokenator+cosine",
+           "trimtokenator+adaptive", "trimtokenator+cosine+adaptive")
 KEEPS = (192, 128, 64, 32)
 
 
@@ -36,10 +37,10 @@ def rebuild(out: Path) -> None:
 
 
 def print_coverage(result: dict) -> None:
-    print(f"{'method':<14}" + "".join(f"{'keep ' + str(k):>16}" for k in KEEPS))
+    print(f"{'method':<31}" + "".join(f"{'keep ' + str(k):>16}" for k in KEEPS))
     for method in dict.fromkeys(name.split()[0] for name in result):
         cells = [result[f"{method} {k}"] for k in KEEPS]
-        print(f"{method:<14}" + "".join(f"{100 * c['evidence_kept']:>9.0f} {100 * c['any_evidence_kept']:>5.0f}%"
+        print(f"{method:<31}" + "".join(f"{100 * c['evidence_kept']:>9.0f} {100 * c['any_evidence_kept']:>5.0f}%"
                                         for c in cells))
     print(f"{next(iter(result.values()))['questions']} questions about a drawn figure; per cell: % of their evidence "
           "rows kept, then % of questions with at least one kept")
@@ -64,9 +65,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     split = commands.add_parser("split", help="write the test split")
     split.add_argument("--data", type=Path, required=True)
     split.add_argument("--images", type=int, default=200, help="scenes in the split")
+    split.add_argument("--style", choices=scenes.STYLES, default="plain",
+                       help="plain (the bundled split) or cluttered (where the question matters)")
     args = parser.parse_args(argv)
     if args.command == "split":
-        scenes.write_split(args.data, SEEDS["test"], args.images, MINI.image_size, per_image=2)
+        scenes.write_split(args.data, SEEDS["test"], args.images, MINI.image_size, per_image=2, style=args.style)
     elif args.command == "train":
         stage = STAGES[args.stage]
         if (stage.start is None) != (args.start is None):

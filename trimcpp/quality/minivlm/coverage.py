@@ -13,7 +13,7 @@ from ...handlers import TrimLlava15ChatHandler
 from ...images import image_messages
 from ...llamacpp import load_llama, quiet_logs
 from .. import scenes
-from ..evaluate import load
+from ..evaluate import load, method_spec
 from .stages import MINI, SEEDS
 
 
@@ -32,19 +32,21 @@ def coverage(out: Path, data: Path, methods: Sequence[str], keeps: Sequence[int]
     quiet_logs(False)
     questions = load(data)
     per_image = sum(q.image == questions[0].image for q in questions)
-    drawn = list(scenes.split(SEEDS["test"], len(questions) // per_image, MINI.image_size, per_image))
+    made = scenes.split_of(data, SEEDS["test"])
+    drawn = list(scenes.split(made["seed"], len(questions) // per_image, MINI.image_size, per_image, made["style"]))
     handler, llama = trimmed_llama(out)
     shares: dict[tuple[str, int], list[float]] = {(m, k): [] for m in methods for k in keeps}
     for q in questions:
         _, figures, pairs = drawn[int(q.image.stem)]
         if q.question not in [question for question, _ in pairs]:
-            raise ValueError(f"{data} is not the split of seed {SEEDS['test']}: {q.image.name} {q.question!r}")
+            raise ValueError(f"{data} is not the {made['style']} split of seed {made['seed']}: {q.image.name} {q.question!r}")
         shown = scenes.evidence(q.question, scenes.patch_labels(figures, MINI.image_size, MINI.patch_size))
         if not shown.any():
             continue
         messages = image_messages(q.image.read_bytes(), q.question)
         for method, keep in shares:
-            handler.method, handler.keep = method, keep
+            handler.method, handler.alignment, handler.stage1_ratio = method_spec(method)
+            handler.keep = keep
             llama.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
             [kept] = handler.last_selection[0].indices
             shares[(method, keep)].append(float(shown[kept].sum() / shown.sum()))

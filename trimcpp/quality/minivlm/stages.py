@@ -41,6 +41,7 @@ class Stage:
     attributes: float = 0.5  # weight of each attribute read among its own words
     position_boost: float = 0.0  # multiple of fixed 2-D position codes added to the encoder's first
     aux: float = 0.5  # weight of the encoder's patch classes and of the rows' readout
+    cluttered: float = 0.0  # share of the training scenes in the cluttered style (scenes.STYLES)
 
 
 STAGES = {
@@ -55,6 +56,8 @@ STAGES = {
     "stage4": Stage("stage4", "stronger encoder position codes, so rows can tell their side and height",
                     minutes=55, lr=1e-3, seed=4, start="stage3", from_checkpoint=True, steps=900,
                     attributes=0.0, position_boost=2.5),
-    "stage5": Stage("stage5", "each attribute of a row also among its own words (the bundled pair)",
+    "stage5": Stage("stage5", "each attribute of a row also among its own words",
                     minutes=58, lr=1e-3, seed=5, start="stage4", from_checkpoint=True),
+    "stage6": Stage("stage6", "cluttered scenes in half the steps, where the question matters (the bundled pair)",
+                    minutes=55, lr=5e-4, seed=6, start="stage5", cluttered=0.5),
 }

@@ -143,15 +143,19 @@ def train(stage: Stage, out: Path, start: Path | None = None, images_per_step: i
     side_pair = torch.tensor([template.answer("left"), template.answer("right")])
     height_pair = torch.tensor([template.answer("top"), template.answer("bottom")])
     rng = np.random.default_rng(stage.seed)
-    validation = [(im, qa) for im, _, qa in scenes.split(SEEDS["validation"], 60, MINI.image_size, 4)]
+    validation = {style: [(im, qa) for im, _, qa in scenes.split(SEEDS["validation"], 60, MINI.image_size, 4, style)]
+                  for style in (("plain", "cluttered") if stage.cluttered else ("plain",))}
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.98))
     began, step, log = time.time(), 0, []
-    train_scenes = scenes.split(SEEDS["train"] + stage.seed, 10**9, MINI.image_size, questions)  # seed < 1000
+    styles = {style: scenes.split(SEEDS["train"] + stage.seed, 10**9, MINI.image_size, questions, style)  # seed < 1000
+              for style in scenes.STYLES}
+    style_rng = np.random.default_rng([stage.seed, 1])  # its own stream: the other draws stay as they were
     while (elapsed := time.time() - began) < stage.minutes * 60 and (stage.steps is None or step < stage.steps):
         fraction = elapsed / (stage.minutes * 60)
         for group in optimizer.param_groups:
             group["lr"] = stage.lr * min(1.0, step / 200) * 0.5 * (1 + math.cos(math.pi * fraction))
-        drawn = [next(train_scenes) for _ in range(images_per_step)]
+        drawn = [next(styles["cluttered" if stage.cluttered and style_rng.random() < stage.cluttered else "plain"])
+                 for _ in range(images_per_step)]
         x, tokens, targets, mask = batch(template, [(im, qa + [description(figures)]) for im, figures, qa in drawn])
         labels = torch.from_numpy(np.stack([scenes.patch_labels(figures, MINI.image_size, MINI.patch_size)
                                             for _, figures, _ in drawn]))
@@ -199,14 +203,18 @@ def train(stage: Stage, out: Path, start: Path | None = None, images_per_step: i
         step += 1
         if step % every == 0:
             model.eval()
-            got = predict(model, template, [(im, [q for q, _ in qa]) for im, qa in validation], before)
-            right = [(scenes.question_kind(q), g == a) for row, (_, qa) in zip(got, validation)
-                     for g, (q, a) in zip(row, qa)]
+            scores = {}
+            for style, items in validation.items():
+                got = predict(model, template, [(im, [q for q, _ in qa]) for im, qa in items], before)
+                right = [(scenes.question_kind(q), g == a) for row, (_, qa) in zip(got, items)
+                         for g, (q, a) in zip(row, qa)]
+                suffix = "" if style == "plain" else "_" + style
+                scores["validation" + suffix] = float(np.mean([ok for _, ok in right]))
+                scores.update({k + suffix: float(np.mean([ok for kind, ok in right if kind == k]))
+                               for k in scenes.QUESTION_KINDS})
             model.train()
             log.append({"step": step, "minutes": elapsed / 60, "loss": answer_loss.item(),
-                        "attend_loss": attend_loss.item() if stage.attend else None,
-                        "validation": float(np.mean([ok for _, ok in right])),
-                        **{k: float(np.mean([ok for kind, ok in right if kind == k])) for k in scenes.QUESTION_KINDS}})
+                        "attend_loss": attend_loss.item() if stage.attend else None, **scores})
             print(json.dumps(log[-1]), flush=True)
             torch.save(model.state_dict(), out / "minivlm.pt")
     torch.save(model.state_dict(), out / "minivlm.pt")
