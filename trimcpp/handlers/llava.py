@@ -26,7 +26,8 @@ class TrimLlava15ChatHandler(Trimming, Llava15ChatHandler):
         keep: rows kept per image: an int, a float share of the image's rows in (0, 1], or None
             to keep every row.
         method: a selection method of :func:`trimcpp.prune` ("trimtokenator" by default).
-        stage1_ratio: share of the rows that survive TrimTokenator's alignment stage.
+        stage1_ratio: share of the rows that survive TrimTokenator's alignment stage, or "adaptive".
+        alignment: stage 1's score, "l2" (the paper's) or "cosine" (see trimcpp.prune).
         backend: selection backend ("cpu", "cuda", "metal"), None to choose by size (see prune).
         verbose: as the stock handler (libmtmd's log and the rendered prompt).
         **kwargs: passed to the stock handler.

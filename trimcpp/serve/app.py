@@ -42,7 +42,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..handlers import HANDLERS
 from ..handlers.mechanism import Trimming
-from ..selection import METHODS
+from ..selection import ALIGNMENTS, METHODS
 from .fetch import ImagePolicy, ImageRefused, localise
 from .settings import TRIM_FORMATS, TrimModelSettings, TrimServerSettings, handler_keep
 
@@ -91,6 +91,7 @@ class TrimOptions(BaseModel):
                                                                   "0 for every row")
     method: Optional[str] = Field(default=None, description=f"one of {', '.join(METHODS)}")
     stage1_ratio: Optional[float] = Field(default=None, gt=0, le=1, description="TrimTokenator's stage-1 share")
+    alignment: Optional[str] = Field(default=None, description=f"stage 1's score, one of {', '.join(ALIGNMENTS)}")
 
     @field_validator("keep")
     @classmethod
@@ -99,11 +100,12 @@ class TrimOptions(BaseModel):
             handler_keep(value)
         return value
 
-    @field_validator("method")
+    @field_validator("method", "alignment")
     @classmethod
-    def _method(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHODS)}")
+    def _known(cls, value: Optional[str], info) -> Optional[str]:
+        known = METHODS if info.field_name == "method" else ALIGNMENTS
+        if value is not None and value not in known:
+            raise ValueError(f"unknown {info.field_name} {value!r}; expected one of {', '.join(known)}")
         return value
 
 

@@ -14,12 +14,12 @@ from pydantic import Field, model_validator
 
 from ..handlers import HANDLERS
 from ..handlers.conversation import FOLLOW_UPS
-from ..selection import METHODS, Keep, check_method
+from ..selection import ALIGNMENTS, METHODS, Keep, check_method
 
 TRIM_PREFIX = "trim-"
 # chat_format of a trimmed model -> the llama-cpp-python chat_format it trims.
 TRIM_FORMATS = {TRIM_PREFIX + name: name for name in HANDLERS}
-TRIM_FIELDS = ("keep", "method", "stage1_ratio", "follow_ups", "image_cache_bytes", "reuse_kv")
+TRIM_FIELDS = ("keep", "method", "stage1_ratio", "alignment", "follow_ups", "image_cache_bytes", "reuse_kv")
 
 
 def handler_keep(value: float) -> Optional[Keep]:
@@ -48,6 +48,7 @@ class TrimModelSettings(ModelSettings):
     )
     method: str = Field(default="trimtokenator", description=f"trim-* formats: selection method, one of {', '.join(METHODS)}")
     stage1_ratio: float = Field(default=0.8, gt=0, le=1, description="trim-* formats: TrimTokenator's stage-1 share")
+    alignment: str = Field(default="l2", description=f"trim-* formats: stage 1's score, one of {', '.join(ALIGNMENTS)}")
     follow_ups: str = Field(default="keep-rows", description=f"trim-* formats: rows of images in earlier turns, "
                                                              f"one of {', '.join(FOLLOW_UPS)}")
     image_cache_bytes: int = Field(default=256 << 20, ge=0,
@@ -69,7 +70,7 @@ class TrimModelSettings(ModelSettings):
             raise ValueError(f"chat_format {self.chat_format}: models are local files here, not hf_model_repo_id")
         if self.keep is not None:
             handler_keep(self.keep)
-        check_method("model settings", self.method, self.stage1_ratio)
+        check_method("model settings", self.method, self.stage1_ratio, self.alignment)
         if self.follow_ups not in FOLLOW_UPS:
             raise ValueError(f"follow_ups must be one of {', '.join(FOLLOW_UPS)}, got {self.follow_ups!r}")
         return self
