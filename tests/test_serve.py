@@ -429,3 +429,21 @@ def test_downloads_do_not_hold_the_model(models, folder, reference):
     assert status == 200
     same_bytes = "data:image/png;base64," + base64.b64encode(data).decode()
     assert json.loads(body)["choices"][0]["message"]["content"] == reference(user(same_bytes, QUESTIONS[1]))[0]
+
+
+def test_bench_server_command(capsys):
+    """trimcpp bench --server on the tiny shape: both servers, both workloads, every request timed."""
+    from trimcpp.bench.server import table
+    from trimcpp.cli import main
+
+    assert main(["bench", "--server", "--shape", "tiny", "--repeat", "2", "--turns", "2", "--keep", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["servers"]) == {"stock", "trimcpp"} and result["keep"] == 8
+    for loads in result["servers"].values():
+        assert [len(loads[w]["ttft_s"]) for w in ("new pictures", "follow-ups")] == [2, 2]
+        assert all(0 < t < 60 for w in loads.values() for t in w["ttft_s"])
+        assert all(w["requests_per_min"] == pytest.approx(60 * 2 / w["wall_s"]) for w in loads.values())
+    lines = table(result).splitlines()
+    assert len(lines) == 5 and lines[2].startswith("| 2 new pictures (median)")
+    assert main(["bench", "--server", "--image", "x.png", "--shape", "tiny"]) == 2
+    assert "leave out --image" in capsys.readouterr().err

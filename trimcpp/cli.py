@@ -13,13 +13,14 @@ Exit status: 0 on success, 2 for bad arguments or unreadable files, 1 when the m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from PIL import Image
 
@@ -204,8 +205,6 @@ def _default_pair(family: str, shape: str, version: str) -> tuple[str, str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .bench import ttft
     from .llamacpp import quiet_logs
     from .testing import demo_image
@@ -239,81 +238,66 @@ def cmd_bench(args: argparse.Namespace) -> int:
     quiet_logs(args.verbose)
     if args.turns:
         return _bench_turns(args, model, mmproj, image, chat_format)
-    total = 1 + args.repeat * (1 + len(args.keep))
+    with _progress(1 + args.repeat * (1 + len(args.keep))) as step:
+        result = ttft.run(model, mmproj, image_messages(image, args.prompt), args.keep, repeat=args.repeat,
+                           chat_format=chat_format, method=args.method, n_ctx=args.n_ctx, threads=args.threads,
+                           on_step=step)
+    width, height = Image.open(io.BytesIO(image)).size
+    result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height})
+    return _report(args, result, f"model   {model}\nmmproj  {mmproj}  ({chat_format})\nimage   "
+                   f"{result['image']['source']} {width}x{height}, prompt {args.prompt!r}",
+                   f"{result['threads']} threads; medians of {args.repeat} interleaved rounds", ttft.table(result))
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar over a benchmark's requests; yields the step callback (the request's label)."""
+    from tqdm import tqdm
+
     with tqdm(total=total, desc="requests", unit="req", leave=False) as bar:
         def step(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update()
 
-        result = ttft.run(model, mmproj, image_messages(image, args.prompt), args.keep, repeat=args.repeat,
-                           chat_format=chat_format, method=args.method, n_ctx=args.n_ctx, threads=args.threads,
-                           on_step=step)
-    width, height = Image.open(io.BytesIO(image)).size
-    result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height},
-                  shape=None if args.model else args.shape)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    m = result["machine"]
-    print(f"model   {model}\nmmproj  {mmproj}  ({chat_format})\nimage   {result['image']['source']} "
-          f"{width}x{height}, prompt {args.prompt!r}\nmachine {m['cpu']}, {m['cores']} cores, {result['threads']} "
-          f"threads; medians of {args.repeat} interleaved rounds\n")
-    print(ttft.table(result))
-    return 0
+        yield step
 
 
-def _bench_turns(args: argparse.Namespace, model: str, mmproj: str, image: bytes, chat_format: str) -> int:
-    from tqdm import tqdm
-
-    from .bench import turns
-
-    keep = min(args.keep)
-    with tqdm(total=args.repeat * args.turns * 3, desc="requests", unit="req", leave=False) as bar:
-        def step(label: str) -> None:
-            bar.set_postfix_str(label)
-            bar.update()
-
-        result = turns.run(model, mmproj, image, args.turns, keep=keep, chat_format=chat_format, method=args.method,
-                           stage1_ratio=args.stage1_ratio,
-                           repeat=args.repeat, answer_tokens=args.answer_tokens, n_ctx=args.n_ctx,
-                           threads=args.threads, on_step=step)
+def _report(args: argparse.Namespace, result: dict[str, Any], head: str, *tables: str) -> int:
+    """A benchmark's result: JSON with --json, else `head`, the machine line and the tables."""
     result.update(shape=None if args.model else args.shape)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     m = result["machine"]
-    print(f"model   {model}\nmmproj  {mmproj}  ({chat_format})\nmachine {m['cpu']}, {m['cores']} cores; "
-          f"{args.turns} questions, answers of up to {args.answer_tokens} tokens appended\n")
-    print(turns.table(result))
-    print("\n".join(turns.describe(result)))
+    print(f"{head}\nmachine {m['cpu']}, {m['cores']} cores; " + tables[0] + "\n")
+    print("\n".join(tables[1:]))
     return 0
 
 
-def _bench_server(args: argparse.Namespace, model: str, mmproj: str, chat_format: str) -> int:
-    from tqdm import tqdm
+def _bench_turns(args: argparse.Namespace, model: str, mmproj: str, image: bytes, chat_format: str) -> int:
+    from .bench import turns
 
+    with _progress(args.repeat * args.turns * 3) as step:
+        result = turns.run(model, mmproj, image, args.turns, keep=min(args.keep), chat_format=chat_format,
+                           method=args.method, stage1_ratio=args.stage1_ratio, repeat=args.repeat,
+                           answer_tokens=args.answer_tokens, n_ctx=args.n_ctx, threads=args.threads, on_step=step)
+    return _report(args, result, f"model   {model}\nmmproj  {mmproj}  ({chat_format})",
+                   f"{args.turns} questions, answers of up to {args.answer_tokens} tokens appended",
+                   turns.table(result), "\n".join(turns.describe(result)))
+
+
+def _bench_server(args: argparse.Namespace, model: str, mmproj: str, chat_format: str) -> int:
     try:
         from .bench import server
     except ImportError as error:
         raise UsageError(f"--server needs the server extra: pip install \"trimcpp[server]\" ({error})") from None
     turns = args.turns or 3
-    with tqdm(total=2 * (args.repeat + turns), desc="requests", unit="req", leave=False) as bar:
-        def step(label: str) -> None:
-            bar.set_postfix_str(label)
-            bar.update()
-
+    with _progress(2 * (args.repeat + turns)) as step:
         result = server.run(model, mmproj, keep=min(args.keep), chat_format=chat_format, pictures=args.repeat,
                             turns=turns, answer_tokens=args.answer_tokens, n_ctx=args.n_ctx, threads=args.threads,
                             on_step=step)
-    result.update(shape=None if args.model else args.shape)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    m = result["machine"]
-    print(f"model   {model}\nmmproj  {mmproj}  ({chat_format}; trimcpp serve --keep {result['keep']})\n"
-          f"machine {m['cpu']}, {m['cores']} cores; one client, streamed, answers of up to {args.answer_tokens} tokens\n")
-    print(server.table(result))
-    return 0
+    return _report(args, result, f"model   {model}\nmmproj  {mmproj}  ({chat_format}; trimcpp serve --keep {result['keep']})",
+                   f"one client, streamed, answers of up to {args.answer_tokens} tokens", server.table(result))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from .stages import MINI, SEEDS, STAGES
 
 METHODS = ("random", "uniform", "divprune", "align", "align+cosine", "trimtokenator", "trimtokenator+cosine",
            "trimtokenator+adaptive", "trimtokenator+cosine+adaptive")
-KEEPS = (192, 128, 64, 32)
+KEEPS = (64, 32, 16)
 
 
 def _needs_torch(command: str) -> None:
