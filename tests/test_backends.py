@@ -40,13 +40,13 @@ class FakeCore:
         if backend == _core.Backend.cuda:
             raise self.error
 
-    def select(self, *args):
+    def select(self, *args, **variant):
         self._maybe_fail(args[-1])
-        return _core.select(*args)
+        return _core.select(*args, **variant)
 
-    def alignment_scores(self, *args):
+    def alignment_scores(self, *args, **variant):
         self._maybe_fail(args[-1])
-        return _core.alignment_scores(*args)
+        return _core.alignment_scores(*args, **variant)
 
 
 @pytest.fixture

@@ -232,7 +232,7 @@ def test_variant_arguments():
     v, t = embeddings(31, 8, 3)
     with pytest.raises(ValueError, match="prune: unknown alignment 'dot'"):
         trimcpp.prune(v, t, 4, alignment="dot")
-    with pytest.raises(ValueError, match="stage1_ratio must be a share in \\(0, 1\\] or 'adaptive'"):
+    with pytest.raises(TypeError, match="prune: stage1_ratio must be a float in \\(0, 1\\] or 'adaptive', got 'auto'"):
         trimcpp.prune(v, t, 4, stage1_ratio="auto")
     with pytest.raises(ValueError, match="alignment_scores: unknown alignment"):
         trimcpp.alignment_scores(v, t, alignment="dot")

@@ -209,7 +209,7 @@ def test_client_gone_mid_stream_lets_go_of_the_model(server, reference):
 def test_cli_refuses_bad_settings(models, tmp_path):
     def serve(*args):
         return subprocess.run([sys.executable, "-m", "trimcpp.cli", "serve", *args], capture_output=True, text=True,
-                              timeout=120, env={k: v for k, v in os.environ.items() if k != "CONFIG_FILE"})
+                              timeout=120, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "CONFIG_FILE"})
 
     run = serve("--model", models["llm"], "--clip_model_path", models["1.5"], "--chat_format", "llava-1-5", "--keep", "8")
     assert run.returncode == 2 and "keep: only for the trim-* chat formats" in run.stderr

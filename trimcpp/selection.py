@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -155,7 +156,7 @@ def check_method(func: str, method: str, stage1_ratio: Stage1, alignment: str = 
     if stage1_ratio == ADAPTIVE:
         return
     if isinstance(stage1_ratio, str):
-        raise ValueError(f"{func}: stage1_ratio must be a share in (0, 1] or {ADAPTIVE!r}, got {stage1_ratio!r}")
+        raise TypeError(f"{func}: stage1_ratio must be a float in (0, 1] or {ADAPTIVE!r}, got {stage1_ratio!r}")
     if not _is_real(stage1_ratio):
         raise TypeError(f"{func}: stage1_ratio must be a float, got {type(stage1_ratio).__name__}")
     if not 0.0 < stage1_ratio <= 1.0:
@@ -195,9 +196,10 @@ def pick_order(
     k = resolve_keep(func, keep, v.shape[0])
     adaptive = stage1_ratio == ADAPTIVE
     args = (v, t, k, getattr(_core.Method, method), 1.0 if adaptive else float(stage1_ratio), int(seed) % 2**64)
-    variant = (getattr(_core.Alignment, alignment), _core.Stage1.adaptive if adaptive else _core.Stage1.ratio)
+    variant = {"alignment": getattr(_core.Alignment, alignment),
+               "stage1": _core.Stage1.adaptive if adaptive else _core.Stage1.ratio}
     order = _run_on(func, backend, v.shape[0],
-                    lambda name: _core_call(func, _core.select, *args, getattr(_core.Backend, name), *variant))
+                    lambda name: _core_call(func, partial(_core.select, **variant), *args, getattr(_core.Backend, name)))
     return np.asarray(order, dtype=np.int64)
 
 
@@ -255,8 +257,8 @@ def alignment_scores(visual: ArrayLike, text: ArrayLike, *, alignment: str = "l2
     if t is None:
         raise ValueError(f"{func}: text has no rows (M = 0); the scores need at least one")
     return _run_on(func, backend, v.shape[0],
-                   lambda name: _core_call(func, _core.alignment_scores, v, t, getattr(_core.Backend, name),
-                                           getattr(_core.Alignment, alignment)))
+                   lambda name: _core_call(func, partial(_core.alignment_scores, alignment=getattr(_core.Alignment, alignment)),
+                                           v, t, getattr(_core.Backend, name)))
 
 
 def apportion(sizes: Sequence[int], weights: Sequence[float], total: int) -> list[int]:

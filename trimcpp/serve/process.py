@@ -69,12 +69,13 @@ class Server:
 def launch(module: str, args: Sequence[str], *, log: str, ready_s: float = 600,
            env: Optional[dict] = None) -> Iterator[Server]:
     """``python -m <module> <args> --host 127.0.0.1 --port <free>`` (also as HOST and PORT, which a
-    config file does not override), until it answers ``GET /v1/models``; stopped (SIGTERM, then SIGKILL)
-    on leaving. RuntimeError with the log's tail if it exits first."""
+    config file does not override), run in the log's folder (so that ``-m`` imports the installed
+    package, not a source tree in the current directory), until it answers ``GET /v1/models``; stopped
+    (SIGTERM, then SIGKILL) on leaving. RuntimeError with the log's tail if it exits first."""
     port = free_port()
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT,
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(log)),
                                    env={**os.environ, **(env or {}), "HOST": "127.0.0.1", "PORT": str(port)})
     server = Server(process, port, log)
     try:
