@@ -262,15 +262,15 @@ def _progress(total: int) -> Iterator[Callable[[str], None]]:
         yield step
 
 
-def _report(args: argparse.Namespace, result: dict[str, Any], head: str, *tables: str) -> int:
-    """A benchmark's result: JSON with --json, else `head`, the machine line and the tables."""
+def _report(args: argparse.Namespace, result: dict[str, Any], head: str, setup: str, *tables: str) -> int:
+    """A benchmark's result: JSON with --json, else `head`, the machine line ending in `setup`, the tables."""
     result.update(shape=None if args.model else args.shape)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     m = result["machine"]
-    print(f"{head}\nmachine {m['cpu']}, {m['cores']} cores; " + tables[0] + "\n")
-    print("\n".join(tables[1:]))
+    print(f"{head}\nmachine {m['cpu']}, {m['cores']} cores; {setup}\n")
+    print("\n".join(tables))
     return 0
 
 

@@ -63,10 +63,9 @@ class TrimLlamaProxy(LlamaProxy):
             llama = super().load_llama_from_model_settings(settings.stock())
             kwargs = settings.chat_template_kwargs
             llama.chat_handler = functools.partial(handler, **kwargs) if kwargs else handler
-        if hasattr(llama.chat_handler, "load_image"):
-            llama.chat_handler.load_image = _data_only  # the route has made every image a data: URI
-        if (trimmed := trimmed_handler(llama)) is not None:
-            trimmed.load_image = _data_only
+        handler = getattr(llama.chat_handler, "func", llama.chat_handler)  # functools.partial: chat_template_kwargs
+        if hasattr(handler, "load_image"):
+            handler.load_image = _data_only  # the route has made every image a data: URI
         return llama
 
 
@@ -78,7 +77,7 @@ def _data_only(url: str) -> bytes:
 
 def trimmed_handler(llama: llama_cpp.Llama) -> Optional[Trimming]:
     """The Llama's trimmed handler, or None for a stock chat format."""
-    handler = getattr(llama.chat_handler, "func", llama.chat_handler)  # functools.partial: chat_template_kwargs
+    handler = getattr(llama.chat_handler, "func", llama.chat_handler)
     return handler if isinstance(handler, Trimming) else None
 
 
