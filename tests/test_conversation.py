@@ -302,6 +302,29 @@ def test_one_handler_two_threads(models):
     assert results == [expected, expected]
 
 
+def test_a_llama_closing_leaves_the_others_calls_alone(models):
+    """One handler, two Llamas: the first closes in the middle of the second's call (as the garbage
+    collector may do, in any thread); the second's libmtmd context is its own, so its answers stand
+    (the stock handler frees its only context, made for the first Llama, under the running call)."""
+    handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], keep=8, verbose=False)
+    expected = [fresh(models, conversation(turns), keep=8) for turns in (1, 2)]
+    first = make(models, handler)
+    assert answer(first, conversation(1))[0] == expected[0]
+    second = make(models, handler)
+    loaded = handler.image_loaded
+
+    def close_first(bitmap, image_bytes) -> None:
+        first.close()
+        loaded(bitmap, image_bytes)
+
+    handler.image_loaded = close_first
+    assert answer(second, conversation(1))[0] == expected[0]
+    del handler.image_loaded
+    assert answer(second, conversation(2))[0] == expected[1]
+    third = make(models, handler)  # a Llama made after the close gets a context of its own too
+    assert answer(third, conversation(2))[0] == expected[1]
+
+
 def test_cache_that_cannot_drop_a_tail_starts_again(models, monkeypatch):
     """When llama.cpp cannot remove the tail of the cache, the call starts over from an empty cache."""
     from trimcpp.handlers import conversation as module

@@ -17,7 +17,8 @@ from trimcpp.quality.minivlm.stages import STAGES
 PACKAGE = Path(trimcpp.__file__).resolve().parent
 MODULES = sorted(PACKAGE.rglob("*.py"))
 # llama-cpp-python's private names that trimcpp needs: confined to this one module.
-LLAMA_PRIVATE = ("_mtmd_cpp", "_init_mtmd_context", "_create_bitmap_from_bytes", "_obj", "_logger", "_utils")
+LLAMA_PRIVATE = ("_mtmd_cpp", "_init_mtmd_context", "_create_bitmap_from_bytes", "_obj", "_logger", "_utils",
+                 "_stack")
 GLUE = PACKAGE / "llamacpp.py"
 
 

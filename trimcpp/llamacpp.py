@@ -5,8 +5,9 @@ reaches into them lives here, and only here:
 
 - a stock handler calls libmtmd through its attribute ``_mtmd_cpp`` (normally the module
   ``llama_cpp.mtmd_cpp``): :func:`use_view` puts an :class:`MtmdView` there for one call;
-- it loads the mmproj in ``_init_mtmd_context`` (:func:`load_mmproj`) and decodes image bytes in
-  ``_create_bitmap_from_bytes``: :class:`StockHooks` wraps both and offers hooks of ours;
+- it loads the mmproj in ``_init_mtmd_context`` (:func:`load_mmproj`), frees it through the
+  Llama's ``_stack`` and decodes image bytes in ``_create_bitmap_from_bytes``: :class:`StockHooks`
+  keeps a context per Llama, wraps the decoding and offers hooks of ours;
 - ``mtmd_helper_eval_chunk_single`` hands the new position back through a ctypes ``byref``
   (:func:`set_out_position`);
 - libmtmd logs through ``llama_cpp._logger`` (:func:`quiet_logs`) and prints through
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import threading
 import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -64,16 +66,56 @@ def load_mmproj(handler: Any, llama: llama_cpp.Llama) -> None:
     handler._init_mtmd_context(llama)
 
 
+class _Owner:
+    """A Llama as the stock ``_init_mtmd_context`` sees it, with an exit stack of its own: the stock
+    code registers there a free of whatever context the handler holds when the Llama closes, which
+    :class:`StockHooks` replaces by a free of the context made for that Llama."""
+
+    def __init__(self, llama: llama_cpp.Llama):
+        self._llama = llama
+        self._stack = contextlib.ExitStack()  # dropped unclosed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llama, name)
+
+
 class StockHooks:
-    """Mixed in before a stock multimodal handler: clear errors where the stock code only logs, and
-    a hook per image. A subclass defines :meth:`explain_mmproj_failure` and may define
-    :meth:`image_loaded`."""
+    """Mixed in before a stock multimodal handler: one libmtmd context per Llama, clear errors where
+    the stock code only logs, and a hook per image. A subclass defines :meth:`explain_mmproj_failure`
+    and may define :meth:`image_loaded`.
+
+    The stock handler keeps one libmtmd context, made with the first Llama it serves (its model's
+    vocabulary and width), and frees it when that Llama closes, even while another Llama's call is
+    using it. Here each Llama gets its own context (the mmproj is loaded once per Llama), freed
+    when that Llama closes; ``mtmd_ctx`` is the current call's."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._contexts: dict[int, Any] = {}  # id(Llama) -> its libmtmd context
+        self._contexts_lock = threading.RLock()  # a Llama may close (and free its context) in any thread
+        super().__init__(*args, **kwargs)
 
     def _init_mtmd_context(self, llama_model: llama_cpp.Llama) -> None:
-        try:
-            super()._init_mtmd_context(llama_model)  # type: ignore[misc]
-        except ValueError:
-            raise ValueError(self.explain_mmproj_failure(llama_model)) from None
+        key = id(llama_model)
+        with self._contexts_lock:
+            if key not in self._contexts:
+                self.mtmd_ctx = None
+                try:
+                    super()._init_mtmd_context(_Owner(llama_model))  # type: ignore[misc]
+                except ValueError:
+                    raise ValueError(self.explain_mmproj_failure(llama_model)) from None
+                self._contexts[key] = self.mtmd_ctx
+                llama_model._stack.callback(self._free_context, key)
+            self.mtmd_ctx = self._contexts[key]
+
+    def _free_context(self, key: int) -> None:
+        with self._contexts_lock:
+            ctx = self._contexts.pop(key, None)
+            if ctx is None:
+                return
+            if self.mtmd_ctx == ctx:
+                self.mtmd_ctx = None
+            with suppress_stdout_stderr(disable=self.verbose):
+                mtmd_cpp.mtmd_free(ctx)
 
     def _create_bitmap_from_bytes(self, image_bytes: bytes):
         try:
