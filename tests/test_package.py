@@ -1,4 +1,4 @@
-"""The package's architecture (README, "Contributing"): what `import trimcpp` loads, which way imports
+"""The package's architecture (trimcpp/README.md): what `import trimcpp` loads, which way imports
 run, where llama-cpp-python's private names may be used, and the configuration that rebuilds the
 bundled mini VLM."""
 
