@@ -78,14 +78,19 @@ def reference(models):
     handler = llama.chat_handler
     answers: dict[str, tuple] = {}
 
-    def answer(messages: list[dict], keep: int = KEEP, max_tokens: int = 6) -> tuple[str, int, list]:
-        key = json.dumps([messages, keep, max_tokens])
+    def answer(messages: list[dict], keep: int = KEEP, max_tokens: int = 6, **options) -> tuple[str, int, list]:
+        key = json.dumps([messages, keep, max_tokens, options])
         if key not in answers:
+            defaults = {name: getattr(handler, name) for name in options}
             handler.keep = keep
+            for name, value in options.items():
+                setattr(handler, name, value)
             body = TrimChatCompletionRequest(messages=messages, max_tokens=max_tokens, temperature=0.0)
             result = llama.create_chat_completion(**completion_kwargs(body))
             rows = [{"kept": s.kept, "rows": s.rows} for s in handler.last_selection]
             answers[key] = (result["choices"][0]["message"]["content"], result["usage"]["prompt_tokens"], rows)
+            for name, value in defaults.items():
+                setattr(handler, name, value)
         return answers[key]
 
     yield answer
@@ -121,6 +126,14 @@ def test_answers_equal_the_python_handler(server, reference):
     assert got.model_extra["trimcpp"] == {"images": rows4} == {"images": [{"kept": 4, "rows": ROWS}]}
     got = client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0)
     assert got.choices[0].message.content == content and got.usage.prompt_tokens == prompt_tokens
+
+    # The stage-1 variants per request (they pick other rows here, so the answer differs).
+    variant = {"stage1_ratio": "adaptive", "alignment": "cosine"}
+    content_v = reference(messages, keep=4, **variant)[0]
+    assert content_v != content4
+    got = client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0,
+                                                 extra_body={"trimcpp": {"keep": 4, **variant}})
+    assert got.choices[0].message.content == content_v
 
 
 def test_stock_model_beside_the_trimmed_one(server, reference):
@@ -160,6 +173,8 @@ def bad_requests(folder) -> dict[str, tuple[object, str]]:
         "bad keep": ({"messages": user(image_url(1), "q"), "trimcpp": {"keep": 2.5}}, "keep must be 0"),
         "unknown option": ({"messages": user(image_url(1), "q"), "trimcpp": {"kep": 2}}, "trimcpp.kep"),
         "unknown method": ({"messages": user(image_url(1), "q"), "trimcpp": {"method": "best"}}, "unknown method"),
+        "bad stage1_ratio": ({"messages": user(image_url(1), "q"), "trimcpp": {"stage1_ratio": 1.5}},
+                             "stage1_ratio must be a share in (0, 1] or 'adaptive', got 1.5"),
         "prompt over n_ctx": ({"messages": user(image_url(1), "hi " * 1200), "max_tokens": 4}, "exceeds n_ctx"),
         "streamed prompt over n_ctx": ({"messages": user(image_url(1), "hi " * 1200), "stream": True}, "exceeds n_ctx"),
         "messages not a list": ({"messages": 3}, "messages"),
@@ -174,8 +189,8 @@ def png_url(pixels: np.ndarray) -> str:
 
 
 BAD = ("corrupt image", "image over max_image_bytes", "image over max_image_pixels", "file outside image_dir",
-       "http image", "bad keep", "unknown option", "unknown method", "prompt over n_ctx", "streamed prompt over n_ctx",
-       "messages not a list", "not JSON")
+       "http image", "bad keep", "unknown option", "unknown method", "bad stage1_ratio", "prompt over n_ctx",
+       "streamed prompt over n_ctx", "messages not a list", "not JSON")
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -218,6 +233,9 @@ def test_cli_refuses_bad_settings(models, tmp_path):
     run = serve("--model", models["llm"], "--clip_model_path", models["1.5"], "--chat_format", "trim-llava-1-5",
                 "--method", "best")
     assert run.returncode == 2 and "unknown method 'best'" in run.stderr
+    run = serve("--model", models["llm"], "--clip_model_path", models["1.5"], "--chat_format", "trim-llava-1-5",
+                "--stage1_ratio", "often")
+    assert run.returncode == 2 and "stage1_ratio must be a share in (0, 1] or 'adaptive', got 'often'" in run.stderr
     (tmp_path / "empty.yaml").write_text("models: []\n")
     run = serve("--config_file", str(tmp_path / "empty.yaml"))
     assert run.returncode == 2 and "lists no models" in run.stderr
@@ -240,6 +258,12 @@ def test_settings_and_options():
     assert stock.chat_format == "qwen2.5-vl" and not hasattr(stock, "keep")
     assert "keep" not in TrimModelSettings(model="m.gguf", clip_model_path="p.gguf",
                                            chat_format="trim-mtmd").handler_options()  # the handler's default
+    for given, taken in (("adaptive", "adaptive"), ("0.5", 0.5), (1, 1.0)):  # a flag arrives as text
+        settings = TrimModelSettings(model="m.gguf", clip_model_path="p.gguf", chat_format="trim-mtmd", stage1_ratio=given)
+        assert settings.handler_options()["stage1_ratio"] == taken
+    for bad in ("sometimes", 0, 1.5):
+        with pytest.raises(ValueError, match=r"stage1_ratio must be a share in \(0, 1\] or 'adaptive'"):
+            TrimModelSettings(model="m.gguf", clip_model_path="p.gguf", chat_format="trim-mtmd", stage1_ratio=bad)
 
 
 def rss_kib(pid: int) -> int:

@@ -44,7 +44,7 @@ from ..handlers import HANDLERS
 from ..handlers.mechanism import Trimming
 from ..selection import ALIGNMENTS, METHODS
 from .fetch import ImagePolicy, ImageRefused, localise
-from .settings import TRIM_FORMATS, TrimModelSettings, TrimServerSettings, handler_keep
+from .settings import STAGE1_HELP, TRIM_FORMATS, Stage1Setting, TrimModelSettings, TrimServerSettings, handler_keep
 
 CHAT_PATH = "/v1/chat/completions"
 ROWS_HEADER = "x-trimcpp-image-rows"
@@ -89,7 +89,7 @@ class TrimOptions(BaseModel):
     keep: Optional[float] = Field(default=None, ge=0, description="rows kept per image: a count, a share in (0, 1), "
                                                                   "0 for every row")
     method: Optional[str] = Field(default=None, description=f"one of {', '.join(METHODS)}")
-    stage1_ratio: Optional[float] = Field(default=None, gt=0, le=1, description="TrimTokenator's stage-1 share")
+    stage1_ratio: Optional[Stage1Setting] = Field(default=None, description=STAGE1_HELP)
     alignment: Optional[str] = Field(default=None, description=f"stage 1's score, one of {', '.join(ALIGNMENTS)}")
 
     @field_validator("keep")

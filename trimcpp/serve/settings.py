@@ -7,19 +7,37 @@ llama-cpp-python's server; the config file's ``models`` may mix trimmed and stoc
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+import math
+from typing import Annotated, Any, List, Optional, Union
 
 from llama_cpp.server.settings import ModelSettings, ServerSettings
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from ..handlers import HANDLERS
 from ..handlers.conversation import FOLLOW_UPS
-from ..selection import ALIGNMENTS, METHODS, Keep, check_method
+from ..selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, check_method
 
 TRIM_PREFIX = "trim-"
 # chat_format of a trimmed model -> the llama-cpp-python chat_format it trims.
 TRIM_FORMATS = {TRIM_PREFIX + name: name for name in HANDLERS}
 TRIM_FIELDS = ("keep", "method", "stage1_ratio", "alignment", "follow_ups", "image_cache_bytes", "reuse_kv")
+STAGE1_HELP = f"TrimTokenator's stage-1 share in (0, 1], or {ADAPTIVE} (round(sqrt(K N)) rows)"
+
+
+def _stage1(value: Union[str, float]) -> Stage1:
+    """A settings or request ``stage1_ratio`` (a flag arrives as text) as a handler takes it."""
+    if value == ADAPTIVE:
+        return ADAPTIVE
+    try:
+        share = float(value)
+    except ValueError:
+        share = math.nan
+    if not 0 < share <= 1:
+        raise ValueError(f"stage1_ratio must be a share in (0, 1] or {ADAPTIVE!r}, got {value!r}")
+    return share
+
+
+Stage1Setting = Annotated[Union[str, float], AfterValidator(_stage1)]
 
 
 def handler_keep(value: float) -> Optional[Keep]:
@@ -47,7 +65,7 @@ class TrimModelSettings(ModelSettings):
                     "(default: 64 for LLaVA-1.5, 320 for LLaVA-1.6, 1/9 of each image's rows otherwise)",
     )
     method: str = Field(default="trimtokenator", description=f"trim-* formats: selection method, one of {', '.join(METHODS)}")
-    stage1_ratio: float = Field(default=0.8, gt=0, le=1, description="trim-* formats: TrimTokenator's stage-1 share")
+    stage1_ratio: Stage1Setting = Field(default=0.8, description=f"trim-* formats: {STAGE1_HELP}")
     alignment: str = Field(default="l2", description=f"trim-* formats: stage 1's score, one of {', '.join(ALIGNMENTS)}")
     follow_ups: str = Field(default="keep-rows", description=f"trim-* formats: rows of images in earlier turns, "
                                                              f"one of {', '.join(FOLLOW_UPS)}")
