@@ -26,7 +26,7 @@ from PIL import Image
 
 from . import images
 from .images import image_messages
-from .selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1
+from .selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, stage1_from_text
 
 # Synthetic pairs per family (trimcpp.testing), with what writing them costs once.
 SHAPE_NOTES = {
@@ -67,10 +67,8 @@ def parse_keep(text: str) -> Optional[Keep]:
 
 def parse_stage1(text: str) -> Stage1:
     """A share in (0, 1] or 'adaptive'."""
-    if text == ADAPTIVE:
-        return text
     try:
-        return float(text)
+        return stage1_from_text(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a share in (0, 1] or {ADAPTIVE!r}, got {text!r}") from None
 

@@ -163,6 +163,12 @@ def check_method(func: str, method: str, stage1_ratio: Stage1, alignment: str = 
         raise ValueError(f"{func}: stage1_ratio must be in (0, 1], got {stage1_ratio}")
 
 
+def stage1_from_text(value: Union[str, float]) -> Stage1:
+    """A stage1_ratio as a flag or a setting gives it (text or a number): "adaptive" or a float; not
+    range-checked (:func:`check_method` does that). ValueError for text that is neither."""
+    return ADAPTIVE if value == ADAPTIVE else float(value)
+
+
 def _core_call(func: str, call, *args):
     try:
         return call(*args)

@@ -76,6 +76,14 @@ class ImageSelection:
     decode_seconds: float = 0.0
 
 
+def image_parts(messages: list[Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(message index, part) of each ``image_url`` part of the user messages, in prompt order: where
+    the stock handlers find a prompt's images."""
+    return [(i, part) for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"
+            and isinstance(m.get("content"), list)
+            for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url"]
+
+
 def user_texts(messages: list[Any]) -> list[str]:
     """The text parts of the user messages (ALGORITHM.md: no template boilerplate)."""
     texts = []
@@ -237,8 +245,7 @@ class Trimming(StockHooks):
         text (`everything`, the text_rows of all messages); with "keep-rows" the user text up to and
         including the message the image came in, so an image's rows stay those chosen in the turn it
         arrived (ALGORITHM.md, conversations)."""
-        owners = [i for i, m in enumerate(messages) if m.get("role") == "user" and isinstance(m.get("content"), list)
-                  for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url"]
+        owners = [i for i, _ in image_parts(messages)]
         if self.follow_ups == "reselect":
             return [everything] * len(owners)
         texts: dict[int, np.ndarray] = {}

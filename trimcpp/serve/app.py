@@ -63,7 +63,7 @@ class TrimLlamaProxy(LlamaProxy):
             llama = super().load_llama_from_model_settings(settings.stock())
             kwargs = settings.chat_template_kwargs
             llama.chat_handler = functools.partial(handler, **kwargs) if kwargs else handler
-        handler = getattr(llama.chat_handler, "func", llama.chat_handler)  # functools.partial: chat_template_kwargs
+        handler = chat_handler(llama)
         if hasattr(handler, "load_image"):
             handler.load_image = _data_only  # the route has made every image a data: URI
         return llama
@@ -75,9 +75,14 @@ def _data_only(url: str) -> bytes:
     return base64.b64decode(url.split(",", 1)[1])
 
 
+def chat_handler(llama: llama_cpp.Llama) -> Any:
+    """The Llama's chat handler (inside the functools.partial that carries chat_template_kwargs)."""
+    return getattr(llama.chat_handler, "func", llama.chat_handler)
+
+
 def trimmed_handler(llama: llama_cpp.Llama) -> Optional[Trimming]:
     """The Llama's trimmed handler, or None for a stock chat format."""
-    handler = getattr(llama.chat_handler, "func", llama.chat_handler)
+    handler = chat_handler(llama)
     return handler if isinstance(handler, Trimming) else None
 
 

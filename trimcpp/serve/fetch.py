@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from ..handlers.mechanism import image_parts
+
 # What libmtmd's decoder (stb_image) reads as is; other pillow formats are converted to PNG.
 LIBMTMD_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp"}
 
@@ -59,17 +61,10 @@ class ImagePolicy:
                    max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
 
 
-def image_parts(messages: list[Any]) -> list[dict[str, Any]]:
-    """The ``image_url`` content parts of the user messages, where the stock handlers look for them."""
-    return [part for message in messages if isinstance(message, dict) and message.get("role") == "user"
-            and isinstance(message.get("content"), list)
-            for part in message["content"] if isinstance(part, dict) and part.get("type") == "image_url"]
-
-
 def localise(messages: list[Any], policy: ImagePolicy) -> list[Any]:
     """A copy of `messages` whose image URLs are ``data:`` URIs of checked bytes (ImageRefused if not)."""
     messages = copy.deepcopy(messages)
-    for i, part in enumerate(image_parts(messages)):
+    for i, (_, part) in enumerate(image_parts(messages)):
         url = part["image_url"]
         if isinstance(url, dict):
             url = url.get("url")

@@ -15,7 +15,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from ..handlers import HANDLERS
 from ..handlers.conversation import FOLLOW_UPS
-from ..selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, check_method
+from ..selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, check_method, stage1_from_text
 
 TRIM_PREFIX = "trim-"
 # chat_format of a trimmed model -> the llama-cpp-python chat_format it trims.
@@ -26,15 +26,13 @@ STAGE1_HELP = f"TrimTokenator's stage-1 share in (0, 1], or {ADAPTIVE} (round(sq
 
 def _stage1(value: Union[str, float]) -> Stage1:
     """A settings or request ``stage1_ratio`` (a flag arrives as text) as a handler takes it."""
-    if value == ADAPTIVE:
-        return ADAPTIVE
     try:
-        share = float(value)
+        stage1 = stage1_from_text(value)
     except ValueError:
-        share = math.nan
-    if not 0 < share <= 1:
+        stage1 = math.nan
+    if stage1 != ADAPTIVE and not 0 < stage1 <= 1:
         raise ValueError(f"stage1_ratio must be a share in (0, 1] or {ADAPTIVE!r}, got {value!r}")
-    return share
+    return stage1
 
 
 Stage1Setting = Annotated[Union[str, float], AfterValidator(_stage1)]
