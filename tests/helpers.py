@@ -73,3 +73,8 @@ def png(tmp_path, width=168, height=84, seed=0, name="image.png") -> str:
     path = tmp_path / name
     Image.fromarray(pixels).save(path)
     return str(path)
+
+
+# The encoder settings of llama-cpp-python's stock handlers on a Llama with its default flash_attn
+# (off): keep-all trimmed handlers given these are bit-identical to the stock handler.
+STOCK_ENCODER = {"encoder_flash_attn": False}

@@ -29,7 +29,8 @@ from trimcpp.testing import SHAPES, write_mmproj
 
 from helpers import ROWS, png
 
-COLUMNS = ["image rows", "encode s", "select ms", "prefill s", "first token s", "speedup"]
+COLUMNS = ["image rows", "encode s", "select ms", "prefill s", "first token s", "vs stock", "vs same encoder"]
+STOCKS = ["stock-plain", "stock", "stock-encoder"]
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -57,7 +58,8 @@ def test_bench_default_models_go_to_the_user_cache(capsys, tmp_path, monkeypatch
     assert result["shape"] == "tiny" and result["repeat"] == 2 and result["chat_format"] == "llava-1-5"
     assert result["image"] == {"source": "synthetic", "width": 640, "height": 480}
     assert [(e["handler"], e["keep"], e["rows"], e["kept"]) for e in result["results"]] == [
-        ("stock", None, ROWS, ROWS), ("trimmed", 16, ROWS, 16), ("trimmed", 8, ROWS, 8)]
+        *((name, None, ROWS, ROWS) for name in STOCKS), ("trimmed", 16, ROWS, 16), ("trimmed", 8, ROWS, 8)]
+    stock, same = result["results"][1]["ttft_s"], result["results"][2]["ttft_s"]
     for entry in result["results"]:
         assert len(entry["runs"]) == 2
         for key in ("encode_s", "prefill_s", "ttft_s"):
@@ -65,8 +67,14 @@ def test_bench_default_models_go_to_the_user_cache(capsys, tmp_path, monkeypatch
             assert entry[key] == pytest.approx(np.median([run[key] for run in entry["runs"]]))
         assert entry["ttft_s"] == pytest.approx(np.median([r["encode_s"] + r["select_ms"] / 1e3 + r["prefill_s"]
                                                            for r in entry["runs"]]))
-        assert entry["speedup"] == pytest.approx(result["results"][0]["ttft_s"] / entry["ttft_s"])
-    assert result["results"][0]["select_ms"] == 0 and result["results"][1]["select_ms"] > 0
+        assert entry["speedup"] == pytest.approx(stock / entry["ttft_s"])
+        assert entry["speedup_same_settings"] == pytest.approx(same / entry["ttft_s"])
+    assert [e["select_ms"] == 0 for e in result["results"]] == [True] * 3 + [False] * 2
+    assert result["plain_threads"] == max(os.cpu_count() // 2, 1) and result["threads"] == os.cpu_count()
+    assert result["encoder"] == {"flash_attn": "auto", "threads": None, "image_min_tokens": None, "image_max_tokens": None}
+    cold = result["cold"]
+    assert cold["keep"] == 8 and cold["stock_warm_s"] == stock and cold["trimmed_warm_s"] == result["results"][-1]["ttft_s"]
+    assert cold["stock_s"] > 0 and cold["trimmed_s"] > 0
     assert result["machine"]["cores"] >= 1
 
 
@@ -76,11 +84,14 @@ def test_bench_table_on_the_users_files(capsys, models, tmp_path):
                        "--repeat", "1", "--keep", "20")
     assert code == 0
     lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if "speedup" in line)
+    header = next(i for i, line in enumerate(lines) if "vs stock" in line)
     assert [c for c in COLUMNS if c in lines[header]] == COLUMNS
-    stock, trimmed = (line.split() for line in lines[header + 1:])
-    assert stock[:2] == ["36", "(stock)"] and stock[-1] == "1.00x" and len(stock) == 7
-    assert trimmed[:3] == ["20", "of", "36"] and trimmed[-1].endswith("x") and len(trimmed) == 8
+    plain, stock, same, trimmed = (line.split() for line in lines[header + 1: header + 5])
+    assert plain[:3] == ["stock,", "plain", "Llama()"] and plain[3:6] == ["36", "of", "36"]
+    assert stock[:4] == ["stock", "36", "of", "36"] and stock[-2] == "1.00x"
+    assert same[:3] == ["stock,", "our", "encoder"] and same[-1] == "1.00x"
+    assert trimmed[:4] == ["trimmed", "20", "of", "36"] and trimmed[-1].endswith("x") and len(trimmed) == 10
+    assert "first request of a fresh handler (cold)" in out
     assert "168x84" in out and "What color is the square?" in out
 
 
@@ -90,8 +101,8 @@ def test_bench_llava16(capsys, models, tmp_path):
     assert code == 0
     result = json.loads(out)
     assert result["chat_format"] == "llava-1-6"
-    stock, trimmed = result["results"]
-    assert stock["rows"] == 3 * ROWS and (trimmed["rows"], trimmed["kept"]) == (3 * ROWS, 30)
+    *stocks, trimmed = result["results"]
+    assert [s["rows"] for s in stocks] == [3 * ROWS] * 3 and (trimmed["rows"], trimmed["kept"]) == (3 * ROWS, 30)
 
 
 @pytest.mark.parametrize("args", [

@@ -23,7 +23,7 @@ from trimcpp import TrimMTMDChatHandler, TrimQwen25VLChatHandler
 from trimcpp.handlers import mechanism
 from trimcpp.testing import write_pair
 
-from helpers import image_url
+from helpers import STOCK_ENCODER, image_url
 
 QWEN_ROWS, QWEN_NX, QWEN_NY = 48, 8, 6
 GEMMA_ROWS = 64
@@ -59,6 +59,7 @@ def make(pairs, case, handler, **kwargs) -> Llama:
 def handlers(pairs, case, **trim):
     stock, trimmed, _ = CASES[case]
     mmproj = str(pairs[case][1])
+    trim = {**STOCK_ENCODER, **trim}  # the stock handler's encoder settings unless a test says otherwise
     return stock(clip_model_path=mmproj, verbose=False), trimmed(clip_model_path=mmproj, verbose=False, **trim)
 
 
@@ -389,12 +390,12 @@ def test_bench_and_chat_commands(pairs, capsys, tmp_path, monkeypatch, case):
                  "--image", png(tmp_path, 224, 168)])
     result = json.loads(capsys.readouterr().out)
     # Every request encodes the picture, a first question (the image cache is off in this benchmark):
-    # the warm-up, then stock, 16 and 8.
-    assert len(encodes) == 4
+    # the warm-up, the cold stock and trimmed requests, then the three stocks, 16 and 8.
+    assert len(encodes) == 8
     monkeypatch.undo()
     assert code == 0 and result["chat_format"] == ("qwen2.5-vl" if case == "qwen" else "mtmd")
     rows = CASES[case][2]
-    assert [(e["kept"], e["rows"]) for e in result["results"]] == [(rows, rows), (16, rows), (8, rows)]
+    assert [(e["kept"], e["rows"]) for e in result["results"]] == [(rows, rows)] * 3 + [(16, rows), (8, rows)]
     code = main(["chat", "--model", llm, "--mmproj", mmproj, "--image", png(tmp_path, 224, 168), "--max-tokens", "3",
                  "What is in the image?"])
     out = capsys.readouterr().out

@@ -19,7 +19,7 @@ import trimcpp
 from trimcpp import TrimLlava15ChatHandler, TrimLlava16ChatHandler
 from trimcpp.testing import SHAPES, write_mmproj
 
-from helpers import ROWS, image_url
+from helpers import ROWS, STOCK_ENCODER, image_url
 
 STOCK = {"1.5": Llava15ChatHandler, "1.6": Llava16ChatHandler}
 TRIM = {"1.5": TrimLlava15ChatHandler, "1.6": TrimLlava16ChatHandler}
@@ -49,9 +49,9 @@ def run(llm: Llama, messages, max_tokens: int = 4, **kwargs):
 def test_keep_all_is_bit_identical_to_stock(models, version, keep_all):
     stock = STOCK[version](clip_model_path=models[version], verbose=False)
     if keep_all == "method-none":
-        trimmed = TRIM[version](clip_model_path=models[version], keep=4, method="none", verbose=False)
+        trimmed = TRIM[version](clip_model_path=models[version], keep=4, method="none", verbose=False, **STOCK_ENCODER)
     else:
-        trimmed = TRIM[version](clip_model_path=models[version], keep=keep_all, verbose=False)
+        trimmed = TRIM[version](clip_model_path=models[version], keep=keep_all, verbose=False, **STOCK_ENCODER)
     llm = make_llama(models, stock)
     expected, expected_logits = run(llm, ask(), max_tokens=6)
     llm.chat_handler = trimmed

@@ -2,7 +2,7 @@
 
     trimcpp bench [--family llava|qwen2.5-vl|gemma3] [--shape ...] [--model M --mmproj P] [--image I] [--keep 192,128,64]
                   [--turns N] [--server]
-    trimcpp chat  --model M --mmproj P --image I [--keep 64|0.25|all] [--method ...] "question"
+    trimcpp chat  --model M --mmproj P --image I [--keep 64|0.25|all] [--method ...] ["question"]
     trimcpp show  --model M --mmproj P --image I [--keep ...] [--out kept.png] "question"
     trimcpp eval  [--model M --mmproj P --data DIR|F.jsonl|F.tsv] [--keep 576,192,128,64,32] [--methods ...]
     trimcpp serve --model M --clip_model_path P --chat_format trim-llava-1-5 [--keep 64] [...]  (trimcpp.serve)
@@ -83,6 +83,30 @@ def parse_budgets(text: str) -> list[int]:
     return budgets
 
 
+def parse_flash_attn(text: str):
+    """auto, on or off, as a handler's encoder_flash_attn ("auto", True, False)."""
+    values = {"auto": "auto", "on": True, "off": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+    return values[text.lower()]
+
+
+def parse_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def encoder_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The trimmed handler's encoder arguments from the command line."""
+    return {"encoder_flash_attn": args.encoder_flash_attn, "encoder_threads": args.encoder_threads,
+            "image_min_tokens": args.image_min_tokens, "image_max_tokens": args.image_max_tokens}
+
+
 def _existing(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path!r} does not exist")
@@ -116,7 +140,7 @@ def _session(args: argparse.Namespace):
         options = {"keep": args.keep} if hasattr(args, "keep") else {}  # else the handler's default
         handler = HANDLERS[chat_format][1](clip_model_path=args.mmproj, method=args.method,
                                        stage1_ratio=args.stage1_ratio, alignment=args.alignment,
-                                       verbose=args.verbose, **options)
+                                       verbose=args.verbose, **options, **encoder_options(args))
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
     quiet_logs(args.verbose)
@@ -134,9 +158,23 @@ def _counts(handler: Any) -> tuple[int, int]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.question is None and args.image == "-":
+        raise UsageError("with --image - (the picture on standard input), give the question as an argument")
     llama, handler, image, _ = _session(args)
+    question = args.question
+    if question is None:  # encode the picture while the question is typed (or read)
+        handler.preload(image, llama=llama)
+        if sys.stdin.isatty():
+            sys.stderr.write("[trimcpp] encoding the picture; your question: ")
+            sys.stderr.flush()
+            question = sys.stdin.readline()
+        else:
+            question = sys.stdin.read()
+        question = question.strip()
+        if not question:
+            raise UsageError("no question (give it as an argument, type it, or pipe it on standard input)")
     began, first = time.perf_counter(), None
-    stream = llama.create_chat_completion(messages=image_messages(image, args.question), stream=True,
+    stream = llama.create_chat_completion(messages=image_messages(image, question), stream=True,
                                           max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     for chunk in stream:
         if first is None:
@@ -147,7 +185,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     kept, rows = _counts(handler)
     first_text = "no token" if first is None else f"{first:.2f} s"
-    print(f"\n[trimcpp] image rows kept {kept} / {rows} ({handler.method}); time to first token {first_text}")
+    encoded = " (the picture was encoded before the question)" if any(i.preloaded for i in handler.last_selection) else ""
+    print(f"\n[trimcpp] image rows kept {kept} / {rows} ({handler.method}); time to first token {first_text}{encoded}")
     return 0
 
 
@@ -236,15 +275,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     quiet_logs(args.verbose)
     if args.turns:
         return _bench_turns(args, model, mmproj, image, chat_format)
-    with _progress(1 + args.repeat * (1 + len(args.keep))) as step:
+    from .handlers.encoder import EncoderSettings
+
+    try:  # --image-max-tokens adds rows to the table (stock and trimmed with that budget)
+        encoder = EncoderSettings(args.encoder_flash_attn, args.encoder_threads,
+                                  args.image_min_tokens).check("trimcpp bench", mmproj)
+        if args.image_max_tokens:
+            EncoderSettings(image_min_tokens=args.image_min_tokens,
+                            image_max_tokens=args.image_max_tokens).check("trimcpp bench", mmproj)
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error)) from None
+    rows = 3 + len(args.keep) + (args.attach_lead is not None) + 2 * bool(args.image_max_tokens)
+    with _progress(1 + args.repeat * rows) as step:
         result = ttft.run(model, mmproj, image_messages(image, args.prompt), args.keep, repeat=args.repeat,
-                           chat_format=chat_format, method=args.method, n_ctx=args.n_ctx, threads=args.threads,
-                           on_step=step)
+                          chat_format=chat_format, method=args.method, n_ctx=args.n_ctx, threads=args.threads,
+                          encoder=encoder, attach_lead=args.attach_lead, image_max_tokens=args.image_max_tokens,
+                          image=image, on_step=step)
     width, height = Image.open(io.BytesIO(image)).size
     result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height})
+    flash = {True: "on", False: "off"}.get(encoder.flash_attn, encoder.flash_attn)
     return _report(args, result, f"model   {model}\nmmproj  {mmproj}  ({chat_format})\nimage   "
                    f"{result['image']['source']} {width}x{height}, prompt {args.prompt!r}",
-                   f"{result['threads']} threads; medians of {args.repeat} interleaved rounds", ttft.table(result))
+                   f"LLM {result['threads']} threads (plain Llama(): {result['plain_threads']}); our encoder: flash "
+                   f"attention {flash}, {encoder.threads or 'n_threads_batch'} threads; medians of {args.repeat} "
+                   "interleaved rounds", ttft.table(result))
 
 
 @contextlib.contextmanager
@@ -320,7 +374,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     steps = len(questions) * sum(1 if m == "none" else len(args.keep) for m in methods)
     with tqdm(total=steps, desc="questions x (method, keep)", unit="req", leave=False) as bar:
         result = evaluate.run(paths["model"], paths["mmproj"], questions, methods, args.keep, chat_format=chat_format,
-                              n_ctx=args.n_ctx, threads=args.threads, on_step=bar.update)
+                              n_ctx=args.n_ctx, threads=args.threads, encoder=encoder_options(args), on_step=bar.update)
     result["data"] = paths["data"]
     if args.json:
         print(json.dumps(result, indent=2))
@@ -357,7 +411,18 @@ def _parser() -> argparse.ArgumentParser:
         if method:  # eval takes several, as --methods
             sub.add_argument("--method", choices=METHODS, default="trimtokenator", help="selection method")
         sub.add_argument("--n-ctx", type=int, default=4096, help="context size (default 4096)")
-        sub.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+        sub.add_argument("--threads", type=int, help="CPU threads of the LLM (default: all cores)")
+        sub.add_argument("--encoder-flash-attn", type=parse_flash_attn, default="auto", metavar="{auto,on,off}",
+                         help="flash attention in the image encoder (default auto: libmtmd's and llama-server's "
+                              "default, on where the backend supports it); the LLM's own is not changed")
+        sub.add_argument("--encoder-threads", type=parse_count,
+                         help="CPU threads of the image encoder (default: the LLM's batch threads, all cores)")
+        sub.add_argument("--image-max-tokens", type=parse_count,
+                         help="dynamic-resolution encoders (Qwen2-VL, Qwen2.5-VL): at most this many rows per image "
+                              "(the picture is scaled down; fewer patches, less detail; default: the model's)")
+        sub.add_argument("--image-min-tokens", type=parse_count,
+                         help="dynamic-resolution encoders: at least this many rows per image (upstream advises "
+                              "1024 for Qwen-VL grounding; default: the model's)")
         sub.add_argument("--verbose", action="store_true", help="llama.cpp's and libmtmd's logs")
 
     bench = commands.add_parser("bench", help="time to first token, stock vs trimmed",
@@ -385,6 +450,9 @@ def _parser() -> argparse.ArgumentParser:
                        "(default 16)")
     bench.add_argument("--stage1-ratio", type=parse_stage1, default=0.8, help="with --turns: TrimTokenator's stage-1 share "
                        "(default 0.8)")
+    bench.add_argument("--attach-lead", type=float, metavar="SECONDS",
+                       help="also time trimmed at the smallest --keep with the picture attached (preloaded) this many "
+                            "seconds before the question; the time runs from the question")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     common(bench)
     bench.set_defaults(run=cmd_bench)
@@ -392,7 +460,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("chat", "answer a question about an image, streaming"),
                        ("show", "draw which patches of the image the LLM still sees")):
         sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        sub.add_argument("question")
+        if name == "chat":
+            sub.add_argument("question", nargs="?", help="the question (default: asked for, or read from standard "
+                                                         "input, while the picture is encoded)")
+        else:
+            sub.add_argument("question")
         sub.add_argument("--model", required=True, help="LLM GGUF")
         sub.add_argument("--mmproj", required=True, help="mmproj GGUF")
         sub.add_argument("--image", required=True, help="image path, '-' (standard input) or data: URI")
@@ -461,6 +533,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--turns must be in 1..6 (0: off) and --answer-tokens >= 1")
     if getattr(args, "limit", None) is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if getattr(args, "attach_lead", None) is not None and not 0 <= args.attach_lead <= 600:
+        parser.error("--attach-lead must be in 0..600 seconds")
     try:
         return args.run(args)
     except UsageError as error:

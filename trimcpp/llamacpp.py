@@ -48,12 +48,43 @@ class MtmdView:
 
 @contextlib.contextmanager
 def use_view(handler: Any, view: Any) -> Iterator[None]:
-    """Within the block, the stock `handler` calls libmtmd through `view`."""
+    """Within the block, the stock `handler` calls libmtmd through `view` (then through what it used before)."""
+    previous = vars(handler).get("_mtmd_cpp", mtmd_cpp)
     handler._mtmd_cpp = view
     try:
         yield
     finally:
-        handler._mtmd_cpp = mtmd_cpp
+        handler._mtmd_cpp = previous
+
+
+# The encoder's flash attention as libmtmd takes it ("auto": libmtmd's own default, llama-server's).
+FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+              False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+
+
+class EncoderParams(MtmdView):
+    """``llama_cpp.mtmd_cpp`` whose ``mtmd_init_from_file`` sets fields of ``mtmd_context_params``
+    (``flash_attn_type``, ``n_threads``, ``image_min_tokens``, ...) after the stock handler filled them:
+    the stock ``_init_mtmd_context`` takes the encoder's threads and flash attention from the Llama
+    and never sets the image token limits."""
+
+    def __init__(self, **fields: Any):
+        unknown = set(fields) - {name for name, _ in mtmd_cpp.mtmd_context_params._fields_}
+        if unknown:
+            raise TypeError(f"EncoderParams: mtmd_context_params has no field {', '.join(sorted(unknown))}")
+        self.fields = fields
+
+    def mtmd_init_from_file(self, path, model, params):
+        for name, value in self.fields.items():
+            setattr(params, name, value)
+        return mtmd_cpp.mtmd_init_from_file(path, model, params)
+
+
+def configure_encoder(handler: Any, llama: llama_cpp.Llama, **fields: Any) -> None:
+    """Loads a stock `handler`'s mmproj for `llama` now, with these ``mtmd_context_params`` fields
+    (see :class:`EncoderParams`); its later calls keep that context."""
+    with use_view(handler, EncoderParams(**fields)):
+        handler._init_mtmd_context(llama)
 
 
 def set_view(handler: Any, view: Any) -> None:
@@ -80,42 +111,72 @@ class _Owner:
 
 
 class StockHooks:
-    """Mixed in before a stock multimodal handler: one libmtmd context per Llama, clear errors where
-    the stock code only logs, and a hook per image. A subclass defines :meth:`explain_mmproj_failure`
-    and may define :meth:`image_loaded`.
+    """Mixed in before a stock multimodal handler: one libmtmd context per Llama, made with the
+    encoder settings of :meth:`encoder_fields`, clear errors where the stock code only logs, and a
+    hook per image. A subclass defines :meth:`explain_mmproj_failure` and may define
+    :meth:`encoder_fields` and :meth:`image_loaded`.
 
     The stock handler keeps one libmtmd context, made with the first Llama it serves (its model's
     vocabulary and width), and frees it when that Llama closes, even while another Llama's call is
-    using it. Here each Llama gets its own context (the mmproj is loaded once per Llama), freed
-    when that Llama closes; ``mtmd_ctx`` is the current call's."""
+    using it. Here each Llama gets its own context (the mmproj is loaded once per Llama, and again
+    when the encoder settings change), freed when that Llama closes. ``mtmd_ctx`` is the context of
+    the Llama this thread last loaded for (a thread's own: an encode in the background does not move
+    a running call's); :attr:`encoder_lock` is held around every use of a context's encoder and
+    around loading and freeing one."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        self._contexts: dict[int, Any] = {}  # id(Llama) -> its libmtmd context
-        self._contexts_lock = threading.RLock()  # a Llama may close (and free its context) in any thread
+        self._contexts: dict[int, tuple[dict[str, Any], Any]] = {}  # id(Llama) -> (its settings, its context)
+        self.encoder_lock = threading.RLock()  # a Llama may close (and free its context) in any thread
+        self._local = threading.local()
         super().__init__(*args, **kwargs)
 
+    @property
+    def mtmd_ctx(self) -> Any:
+        return getattr(self._local, "ctx", None)
+
+    @mtmd_ctx.setter
+    def mtmd_ctx(self, value: Any) -> None:
+        self._local.ctx = value
+
+    def encoder_fields(self, llama: llama_cpp.Llama) -> dict[str, Any]:
+        """The ``mtmd_context_params`` fields set over the stock handler's for `llama` ({}: the stock ones)."""
+        return {}
+
     def _init_mtmd_context(self, llama_model: llama_cpp.Llama) -> None:
-        key = id(llama_model)
-        with self._contexts_lock:
-            if key not in self._contexts:
+        key, fields = id(llama_model), self.encoder_fields(llama_model)
+        entry = self._contexts.get(key)
+        if entry is not None and entry[0] == fields:  # loaded: no wait for an encode in flight
+            self.mtmd_ctx = entry[1]
+            return
+        with self.encoder_lock:
+            entry = self._contexts.get(key)
+            if entry is not None and entry[0] != fields:  # new settings: a new context
+                self._free_context(key)
+                entry = None
+            if entry is None:
                 self.mtmd_ctx = None
                 try:
-                    super()._init_mtmd_context(_Owner(llama_model))  # type: ignore[misc]
+                    with use_view(self, EncoderParams(**fields)):
+                        super()._init_mtmd_context(_Owner(llama_model))  # type: ignore[misc]
                 except ValueError:
                     raise ValueError(self.explain_mmproj_failure(llama_model)) from None
-                self._contexts[key] = self.mtmd_ctx
-                llama_model._stack.callback(self._free_context, key)
-            self.mtmd_ctx = self._contexts[key]
+                entry = self._contexts[key] = (fields, self.mtmd_ctx)
+                if not getattr(llama_model, "_trimcpp_frees", None):
+                    llama_model._trimcpp_frees = weakref.WeakSet()
+                if self not in llama_model._trimcpp_frees:
+                    llama_model._trimcpp_frees.add(self)
+                    llama_model._stack.callback(self._free_context, key)
+            self.mtmd_ctx = entry[1]
 
     def _free_context(self, key: int) -> None:
-        with self._contexts_lock:
-            ctx = self._contexts.pop(key, None)
-            if ctx is None:
+        with self.encoder_lock:
+            entry = self._contexts.pop(key, None)
+            if entry is None:
                 return
-            if self.mtmd_ctx == ctx:
+            if self.mtmd_ctx == entry[1]:
                 self.mtmd_ctx = None
             with suppress_stdout_stderr(disable=self.verbose):
-                mtmd_cpp.mtmd_free(ctx)
+                mtmd_cpp.mtmd_free(entry[1])
 
     def _create_bitmap_from_bytes(self, image_bytes: bytes):
         try:
@@ -234,6 +295,39 @@ def encoded_rows(ctx: Any, chunk: Any, n_embd: int) -> Optional[np.ndarray]:
     return np.ctypeslib.as_array(mtmd_cpp.mtmd_get_output_embd(ctx), shape=(n * n_embd,)).reshape(n, n_embd).copy()
 
 
+def _encode_bitmap(ctx: Any, bitmap: Any, n_embd: int) -> list[np.ndarray]:
+    """The rows of each image chunk libmtmd makes of `bitmap` on its own (a prompt of just its marker)."""
+    chunks = mtmd_cpp.mtmd_input_chunks_init()
+    try:
+        marker = mtmd_cpp.mtmd_default_marker()
+        text = mtmd_cpp.mtmd_input_text(marker, len(marker), False, True)
+        if mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (ctypes.c_void_p * 1)(bitmap), 1) != 0:
+            raise RuntimeError("libmtmd could not tokenise the image")
+        rows = []
+        for chunk in filter(is_image, input_chunks(chunks)):
+            encoded = encoded_rows(ctx, chunk, n_embd)
+            if encoded is None:
+                raise RuntimeError("libmtmd could not encode the image")
+            rows.append(encoded)
+        return rows
+    finally:
+        mtmd_cpp.mtmd_input_chunks_free(chunks)
+
+
+def encode_picture(ctx: Any, image_bytes: bytes, n_embd: int) -> list[np.ndarray]:
+    """The rows libmtmd's context `ctx` makes of a picture file's bytes, per chunk, as a chat prompt
+    with that picture gets them (ValueError when the bytes are not a picture libmtmd reads)."""
+    buffer = (ctypes.c_uint8 * len(image_bytes)).from_buffer_copy(image_bytes)
+    bitmap = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(ctx, buffer, len(image_bytes), False)
+    if not bitmap:
+        raise ValueError(f"could not decode an image ({len(image_bytes)} bytes): not a PNG, JPEG, BMP, GIF or "
+                         "other format libmtmd reads, or a corrupt file")
+    try:
+        return _encode_bitmap(ctx, bitmap, n_embd)
+    finally:
+        mtmd_cpp.mtmd_bitmap_free(bitmap)
+
+
 def encode_image(llama: llama_cpp.Llama, mmproj: str, pixels: np.ndarray) -> list[np.ndarray]:
     """The image rows libmtmd makes of `pixels` (H x W x 3 uint8) with `mmproj` for `llama`'s LLM, per
     chunk: a context of its own (one thread, CPU), freed before returning."""
@@ -245,22 +339,9 @@ def encode_image(llama: llama_cpp.Llama, mmproj: str, pixels: np.ndarray) -> lis
     pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
     bitmap = mtmd_cpp.mtmd_bitmap_init(pixels.shape[1], pixels.shape[0],
                                        pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
-    chunks = mtmd_cpp.mtmd_input_chunks_init()
     try:
-        marker = mtmd_cpp.mtmd_default_marker()
-        text = mtmd_cpp.mtmd_input_text(marker, len(marker), False, True)
-        if mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (ctypes.c_void_p * 1)(bitmap), 1) != 0:
-            raise RuntimeError("libmtmd could not tokenise the image")
-        n_embd = llama_cpp.llama_model_n_embd_inp(llama.model)
-        rows = []
-        for chunk in filter(is_image, input_chunks(chunks)):
-            encoded = encoded_rows(ctx, chunk, n_embd)
-            if encoded is None:
-                raise RuntimeError("libmtmd could not encode the image")
-            rows.append(encoded)
-        return rows
+        return _encode_bitmap(ctx, bitmap, llama_cpp.llama_model_n_embd_inp(llama.model))
     finally:
-        mtmd_cpp.mtmd_input_chunks_free(chunks)
         mtmd_cpp.mtmd_bitmap_free(bitmap)
         mtmd_cpp.mtmd_free(ctx)
 

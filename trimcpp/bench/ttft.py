@@ -1,11 +1,26 @@
 """Time to first token: a llama-cpp-python stock handler against its trimmed counterpart, side by side.
 
-One ``Llama`` serves both handlers. Each round runs the stock handler, then the trimmed handler at
-every budget (interleaved, so drifts in machine speed hit all of them alike); the table holds the
-medians over the rounds. A request is the user's image and question with ``max_tokens=1``, so its
-wall time is the time to the first answer token. Its parts:
+Each round runs every configuration once (interleaved, so drifts in machine speed hit all of them
+alike); the table holds the medians over the rounds. A request is the user's image and question with
+``max_tokens=1``, so its wall time is the time to the first answer token. The configurations:
 
-- encode: libmtmd's image encoder (the same work for both handlers);
+- stock, plain ``Llama(...)``: the stock handler on a Llama made with llama-cpp-python's defaults, as a
+  user gets it (``n_threads`` half the cores, which the stock handler gives its encoder);
+- stock: the stock handler on the benchmark's Llama (every core; the stock handler's encoder
+  settings: flash attention off, ``n_threads``); the ratio trimcpp claims is against this one;
+- stock, trimcpp's encoder settings: the same, with the encoder settings the trimmed handler uses
+  (flash attention ``auto``, every core): what pruning alone earns is the ratio against this one;
+- trimmed at each budget (every request a first question: no image cache, no KV reuse);
+- with ``attach_lead``: trimmed at the smallest budget, the picture preloaded that many seconds
+  before the question (``handler.preload``); the time runs from the question;
+- with ``image_max_tokens``: stock with trimcpp's encoder settings and trimmed at the smallest
+  budget, both with that token budget for the encoder.
+
+Before the rounds, the first request of a fresh stock and a fresh trimmed handler are timed
+(``cold``: loading the mmproj and, for trimmed, opening the token-embedding table included).
+A request's parts:
+
+- encode: libmtmd's image encoder (with a lead: the encode still running when the question came);
 - select: trimcpp's row selection (stock: none);
 - prefill: the rest, i.e. the LLM's work on the text and image rows and the first token.
 
@@ -26,16 +41,18 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd_cpp
 
 from ..handlers import HANDLERS
-from ..llamacpp import MtmdView, is_image, load_llama, load_mmproj, set_view
+from ..handlers.encoder import EncoderSettings
+from ..llamacpp import EncoderParams, configure_encoder, is_image, load_llama, load_mmproj, set_view
 from . import machine
 
 Step = Callable[[str], None]  # called once per finished request, with what ran
 
 
-class EncodeTimer(MtmdView):
+class EncodeTimer(EncoderParams):
     """``llama_cpp.mtmd_cpp`` for the stock handler, with the image step split to time the encode."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.encode_seconds = 0.0
         self.rows = 0
 
@@ -99,63 +116,136 @@ def request(llama: llama_cpp.Llama, handler: Any, messages: list[dict]) -> Sampl
         timer = handler.timer
         return Sample(timer.rows, timer.rows, timer.encode_seconds, 0.0, ttft)
     images = handler.last_selection
-    return Sample(sum(i.rows for i in images), sum(i.kept for i in images), sum(i.encode_seconds for i in images),
-                  sum(i.select_seconds for i in images), ttft)
+    return Sample(sum(i.rows for i in images), sum(i.kept for i in images),
+                  sum(i.encode_seconds + i.wait_seconds for i in images), sum(i.select_seconds for i in images), ttft)
+
+
+def attached_request(llama: llama_cpp.Llama, handler: Any, messages: list[dict], image: bytes, lead: float) -> Sample:
+    """The picture preloaded (`handler.preload`), the question `lead` seconds later: the time from the question."""
+    handler.image_cache.clear()
+    handler.preload(image, llama=llama)
+    time.sleep(lead)
+    return request(llama, handler, messages)
+
+
+@dataclasses.dataclass
+class Config:
+    """One row of the table."""
+
+    name: str  # stock-plain, stock, stock-encoder, trimmed, trimmed-attached
+    handler: Any
+    llama: llama_cpp.Llama
+    keep: Optional[int] = None
+    image_max_tokens: Optional[int] = None
+    lead: Optional[float] = None
+
+    def run(self, messages: list[dict], image: bytes) -> Sample:
+        if self.keep is not None:
+            self.handler.keep = self.keep
+        if self.lead is not None:
+            return attached_request(self.llama, self.handler, messages, image, self.lead)
+        return request(self.llama, self.handler, messages)
+
+    def label(self) -> str:
+        text = {"stock-plain": "stock, plain Llama()", "stock": "stock", "stock-encoder": "stock, our encoder",
+                "trimmed": "trimmed", "trimmed-attached": f"trimmed, {self.lead or 0:g} s lead"}[self.name]
+        return text + ("" if self.image_max_tokens is None else f", max {self.image_max_tokens}")
 
 
 def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, repeat: int = 3,
-        chat_format: str = "llava-1-5",
-        method: str = "trimtokenator", n_ctx: int = 2048, threads: Optional[int] = None,
+        chat_format: str = "llava-1-5", method: str = "trimtokenator", n_ctx: int = 2048, threads: Optional[int] = None,
+        encoder: Optional[EncoderSettings] = None, attach_lead: Optional[float] = None,
+        image_max_tokens: Optional[int] = None, image: Optional[bytes] = None,
         on_step: Optional[Step] = None) -> dict[str, Any]:
-    """Measures the stock handler and the trimmed one at each of `keeps`, `repeat` rounds, interleaved.
+    """Measures every configuration of the module doc, `repeat` rounds, interleaved. `encoder`: the
+    trimmed handler's encoder settings (default: its defaults); `image`: the picture of `messages`
+    (its bytes, for the preload of `attach_lead`). Returns the settings, the machine, the cold
+    requests and one entry per configuration with the medians and every run."""
+    encoder = encoder or EncoderSettings()
+    trimmed_type = HANDLERS[chat_format][1]
+    options = dict(clip_model_path=mmproj, method=method, verbose=False, encoder_flash_attn=encoder.flash_attn,
+                   encoder_threads=encoder.threads, image_min_tokens=encoder.image_min_tokens)
 
-    Before the rounds: both handlers load the mmproj, and one untimed trimmed request (the smallest
-    budget) pages the model files in. Returns the settings, the machine, and one entry per handler
-    with the medians and every run.
-    """
-    stock = timed_stock(chat_format, mmproj, verbose=False)
-    # Every request is a first question: no image cache, no KV reuse (`--turns` measures those).
-    trimmed = HANDLERS[chat_format][1](clip_model_path=mmproj, keep=min(keeps), method=method, image_cache_bytes=0,
-                                       reuse_kv=False, verbose=False)
-    llama = load_llama(model, stock, n_ctx=n_ctx, threads=threads)
-    for handler in (stock, trimmed):
-        load_mmproj(handler, llama)
-    request(llama, trimmed, messages)
+    def trimmed(max_tokens: Optional[int] = encoder.image_max_tokens, cache: int = 0):
+        # Every request a first question: no KV reuse, no image cache (but the preload's).
+        return trimmed_type(keep=min(keeps), image_cache_bytes=cache, reuse_kv=False, image_max_tokens=max_tokens,
+                            **options)
+
+    def stock_with(settings: EncoderSettings) -> TimedStock:
+        handler = timed_stock(chat_format, mmproj, verbose=False)
+        configure_encoder(handler, llama, **settings.fields(llama))
+        return handler
+
+    plain = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, verbose=False, chat_handler=timed_stock(chat_format, mmproj,
+                                                                                                  verbose=False))
+    llama = load_llama(model, None, n_ctx=n_ctx, threads=threads)
+    configs = [Config("stock-plain", plain.chat_handler, plain), Config("stock", timed_stock(chat_format, mmproj,
+                                                                                            verbose=False), llama),
+               Config("stock-encoder", stock_with(encoder), llama)]
+    main = trimmed()
+    configs += [Config("trimmed", main, llama, keep) for keep in keeps]
+    if attach_lead is not None:
+        if image is None:
+            raise ValueError("attach_lead needs the picture's bytes (image)")
+        configs.append(Config("trimmed-attached", trimmed(cache=256 << 20), llama, min(keeps), lead=attach_lead))
+    if image_max_tokens is not None:
+        limited = dataclasses.replace(encoder, image_max_tokens=image_max_tokens)
+        configs += [Config("stock-encoder", stock_with(limited), llama, image_max_tokens=image_max_tokens),
+                    Config("trimmed", trimmed(image_max_tokens), llama, min(keeps), image_max_tokens=image_max_tokens)]
+
+    # The plain Llama's request pages the model in; then a fresh stock and a fresh trimmed handler's
+    # first requests (cold), then every other handler loads its mmproj before the rounds.
+    request(plain, plain.chat_handler, messages)
+    cold = {"stock": configs[1].run(messages, image or b"").ttft_s}
+    first_trimmed = next(c for c in configs if c.name == "trimmed" and c.keep == min(keeps))
+    cold["trimmed"] = first_trimmed.run(messages, image or b"").ttft_s
+    for config in configs:
+        load_mmproj(config.handler, config.llama)
     if on_step:
-        on_step("warm-up")
-    configs: list[Optional[int]] = [None, *keeps]  # None: stock
-    samples: dict[Optional[int], list[Sample]] = {c: [] for c in configs}
+        on_step("warm-up and cold requests")
+    samples: list[list[Sample]] = [[] for _ in configs]
     for round_ in range(repeat):
-        for keep in configs:
-            if keep is not None:
-                trimmed.keep = keep
-            samples[keep].append(request(llama, stock if keep is None else trimmed, messages))
+        for config, runs in zip(configs, samples):
+            runs.append(config.run(messages, image or b""))
             if on_step:
-                on_step(f"{'stock' if keep is None else f'keep {keep}'}, round {round_ + 1}/{repeat}")
-    base = statistics.median(s.ttft_s for s in samples[None])
+                on_step(f"{config.label()}{'' if config.keep is None else f' {config.keep}'}, round {round_ + 1}/{repeat}")
+    median = lambda runs, key: statistics.median(getattr(s, key) for s in runs)  # noqa: E731
+    base = median(samples[1], "ttft_s")
+    same = {c.image_max_tokens: median(runs, "ttft_s") for c, runs in zip(configs, samples) if c.name == "stock-encoder"}
+    plain_s = median(samples[0], "ttft_s")
     entries = []
-    for keep in configs:
-        runs = samples[keep]
-        ttft = statistics.median(s.ttft_s for s in runs)
+    for config, runs in zip(configs, samples):
+        ttft = median(runs, "ttft_s")
         entries.append({
-            "handler": "stock" if keep is None else "trimmed", "keep": keep,
+            "handler": config.name, "label": config.label(), "keep": config.keep,
+            "image_max_tokens": config.image_max_tokens, "attach_lead_s": config.lead,
             "rows": runs[0].rows, "kept": runs[0].kept,
-            "encode_s": statistics.median(s.encode_s for s in runs),
-            "select_ms": 1e3 * statistics.median(s.select_s for s in runs),
-            "prefill_s": statistics.median(s.prefill_s for s in runs),
-            "ttft_s": ttft, "speedup": base / ttft,
+            "encode_s": median(runs, "encode_s"), "select_ms": 1e3 * median(runs, "select_s"),
+            "prefill_s": statistics.median(s.prefill_s for s in runs), "ttft_s": ttft,
+            "speedup": base / ttft, "speedup_same_settings": same[config.image_max_tokens] / ttft,
+            "speedup_plain": plain_s / ttft,
             "runs": [{"encode_s": s.encode_s, "select_ms": 1e3 * s.select_s, "prefill_s": s.prefill_s,
                       "ttft_s": s.ttft_s} for s in runs],
         })
+    warm_trimmed = next(e["ttft_s"] for e in entries if e["handler"] == "trimmed" and e["keep"] == min(keeps)
+                        and e["image_max_tokens"] == encoder.image_max_tokens)
     return {"model": model, "mmproj": mmproj, "chat_format": chat_format, "method": method, "repeat": repeat, "n_ctx": n_ctx,
-            "threads": llama.n_threads, "machine": machine(), "results": entries}
+            "threads": llama.n_threads, "plain_threads": plain.n_threads,
+            "encoder": dataclasses.asdict(encoder), "attach_lead_s": attach_lead, "machine": machine(),
+            "cold": {"stock_s": cold["stock"], "stock_warm_s": base, "trimmed_s": cold["trimmed"],
+                     "trimmed_warm_s": warm_trimmed, "keep": min(keeps)},
+            "results": entries}
 
 
 def table(result: dict[str, Any]) -> str:
-    """The medians as a text table."""
-    lines = [f"{'image rows':>14}  {'encode s':>8}  {'select ms':>9}  {'prefill s':>9}  {'first token s':>13}  {'speedup':>7}"]
+    """The medians as a text table, then the cold requests."""
+    lines = [f"{'':<28} {'image rows':>11}  {'encode s':>8}  {'select ms':>9}  {'prefill s':>9}  {'first token s':>13}  "
+             f"{'vs stock':>8}  {'vs same encoder':>15}"]
     for e in result["results"]:
-        label = f"{e['kept']} (stock)" if e["handler"] == "stock" else f"{e['kept']} of {e['rows']}"
-        lines.append(f"{label:>14}  {e['encode_s']:8.2f}  {e['select_ms']:9.1f}  {e['prefill_s']:9.2f}  "
-                     f"{e['ttft_s']:13.2f}  {e['speedup']:6.2f}x")
+        rows = f"{e['kept']} of {e['rows']}"
+        lines.append(f"{e['label']:<28} {rows:>11}  {e['encode_s']:8.2f}  {e['select_ms']:9.1f}  {e['prefill_s']:9.2f}  "
+                     f"{e['ttft_s']:13.2f}  {e['speedup']:7.2f}x  {e['speedup_same_settings']:14.2f}x")
+    c = result["cold"]
+    lines.append(f"\nfirst request of a fresh handler (cold) vs the median above: stock {c['stock_s']:.2f} s "
+                 f"({c['stock_warm_s']:.2f} s), trimmed keep {c['keep']} {c['trimmed_s']:.2f} s ({c['trimmed_warm_s']:.2f} s)")
     return "\n".join(lines)

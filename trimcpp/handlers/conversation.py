@@ -1,8 +1,10 @@
 """Follow-up questions without redoing the work: the image cache and KV reuse of a trimmed handler.
 
 - :class:`ImageCache`: the rows libmtmd encoded for each picture (before selection), per handler,
-  keyed by the mmproj file and the picture's bytes (sha256), bounded by bytes, least recently used
-  out first. A hit skips ``mtmd_encode_chunk``.
+  keyed by the mmproj file, the encoder settings that change rows and the picture's bytes (sha256),
+  bounded by bytes, least recently used out first. A hit skips ``mtmd_encode_chunk``. It also knows
+  the encodes in flight (``handler.preload``), so that a request for that picture waits for one
+  instead of encoding it again.
 - :class:`KvRecord`: the prompt this handler last left in a ``Llama``'s KV cache. The next call
   keeps the longest common prefix of the old and the new prompt (token ids, and for an image the
   digest ids of the rows that were decoded, :func:`.decode.row_ids`), whole images only, and always
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 import threading
 import weakref
@@ -28,7 +31,8 @@ FOLLOW_UPS = ("keep-rows", "reselect")
 
 
 class ImageCache:
-    """Encoded rows per (mmproj, picture, chunk), at most `limit` bytes of them (0: off)."""
+    """Encoded rows per picture key (a list, one array per chunk), at most `limit` bytes of them
+    (0: off), and the encodes in flight per picture key."""
 
     def __init__(self, limit: int):
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
@@ -37,33 +41,62 @@ class ImageCache:
         self.bytes = 0
         self.hits = 0
         self._rows: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+        self._pending: dict[tuple, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(mmproj: str, picture: str, chunk: int) -> tuple:
-        """The mmproj file as it is now (path, size, modification time), the picture's sha256, the chunk."""
+    def picture_key(mmproj: str, encoder: tuple, picture: str) -> tuple:
+        """The mmproj file as it is now (path, size, modification time), the encoder settings that
+        change rows, the picture's sha256."""
         stat = os.stat(mmproj)
-        return os.path.realpath(mmproj), stat.st_size, stat.st_mtime_ns, picture, chunk
+        return os.path.realpath(mmproj), stat.st_size, stat.st_mtime_ns, encoder, picture
 
-    def get(self, key: tuple) -> Optional[np.ndarray]:
+    def in_flight(self, picture: tuple) -> tuple[concurrent.futures.Future, bool]:
+        """The future of the encode of `picture` in flight, and False; or a new one, and True: the
+        caller then encodes, and calls :meth:`landed` when the future is done."""
         with self._lock:
-            rows = self._rows.get(key)
-            if rows is not None:
-                self._rows.move_to_end(key)
-                self.hits += 1
-            return rows
+            future = self._pending.get(picture)
+            if future is not None:
+                return future, False
+            future = self._pending[picture] = concurrent.futures.Future()
+            return future, True
 
-    def put(self, key: tuple, rows: np.ndarray) -> None:
-        if rows.nbytes > self.limit:
+    def pending(self, picture: tuple) -> Optional[concurrent.futures.Future]:
+        """The future of an encode of `picture` in flight, if there is one."""
+        with self._lock:
+            return self._pending.get(picture)
+
+    def landed(self, picture: tuple) -> None:
+        with self._lock:
+            self._pending.pop(picture, None)
+
+    def clear(self) -> None:
+        """Forgets every picture (encodes in flight go on)."""
+        with self._lock:
+            self._rows.clear()
+            self.bytes = 0
+
+    def get(self, picture: tuple) -> Optional[list[np.ndarray]]:
+        """The rows of each chunk of a picture, or None."""
+        with self._lock:
+            chunks = self._rows.get(picture)
+            if chunks is not None:
+                self._rows.move_to_end(picture)
+                self.hits += 1
+            return chunks
+
+    def put(self, picture: tuple, chunks: list[np.ndarray]) -> None:
+        size = sum(rows.nbytes for rows in chunks)
+        if size > self.limit:
             return
         with self._lock:
-            if key in self._rows:
-                self.bytes -= self._rows.pop(key).nbytes
-            self._rows[key] = rows
-            self.bytes += rows.nbytes
+            if picture in self._rows:
+                self.bytes -= sum(rows.nbytes for rows in self._rows.pop(picture))
+            self._rows[picture] = chunks
+            self.bytes += size
             while self.bytes > self.limit:
                 _, old = self._rows.popitem(last=False)
-                self.bytes -= old.nbytes
+                self.bytes -= sum(rows.nbytes for rows in old)
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -24,16 +24,22 @@ Where the kept rows sit is the model's business, asked of libmtmd at run time
 
 Everything else is the stock code path. The view also reports the kept count as the chunk's
 token count, so the stock ``n_ctx`` check counts what the LLM will really see.
+
+The encoder runs with the handler's own settings (:mod:`.encoder`: flash attention ``auto`` and
+every core by default, the image token budget), and :meth:`Trimming.preload` encodes a picture in
+the background before its question comes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import os
 import threading
 import time
-from typing import Any, Optional
+import weakref
+from typing import Any, Optional, Union
 
 import gguf
 import llama_cpp
@@ -44,6 +50,7 @@ from ..embeddings import TokenEmbeddings
 from ..llamacpp import (
     MtmdView,
     StockHooks,
+    encode_picture,
     encoded_rows,
     input_chunks,
     is_image,
@@ -56,6 +63,7 @@ from ..llamacpp import (
 from ..selection import Keep, Stage1, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
 from .conversation import FOLLOW_UPS, ImageCache, KvRecord, Restart, Reuse
 from .decode import attention, decode_rows, row_ids
+from .encoder import EncoderSettings, FlashAttn
 
 KeepArg = Optional[Keep]
 KEEP_SHARE = 1 / 9  # default share of an image's rows where the count varies: the paper's 64 of 576
@@ -71,9 +79,22 @@ class ImageSelection:
     kept: int  # rows the LLM saw
     chunk_rows: list[int]  # rows per chunk (LLaVA-1.5: one; 1.6: the slices, then the overview)
     indices: list[np.ndarray]  # kept row indices per chunk, ascending
-    encode_seconds: float = 0.0
+    encode_seconds: float = 0.0  # this call's encoder time (0 for a picture found in the image cache)
     select_seconds: float = 0.0
     decode_seconds: float = 0.0
+    wait_seconds: float = 0.0  # time this call waited for a preload of the picture that was still encoding
+    preloaded: bool = False  # the rows came from the image cache or a preload: this call encoded nothing
+
+
+@dataclasses.dataclass
+class Preloaded:
+    """A picture encoded by :meth:`Trimming.preload` (the result of its future)."""
+
+    digest: str  # sha256 of the picture's bytes
+    rows: int  # image rows libmtmd produced (all chunks)
+    chunk_rows: list[int]
+    encode_seconds: float  # 0 when the picture was already in the image cache
+    chunks: list[np.ndarray] = dataclasses.field(repr=False)  # the encoder's rows per chunk
 
 
 def image_parts(messages: list[Any]) -> list[tuple[int, dict[str, Any]]]:
@@ -140,6 +161,10 @@ class Trimming(StockHooks):
         follow_ups: str = "keep-rows",
         image_cache_bytes: int = 256 << 20,
         reuse_kv: bool = True,
+        encoder_flash_attn: FlashAttn = "auto",
+        encoder_threads: Optional[int] = None,
+        image_min_tokens: Optional[int] = None,
+        image_max_tokens: Optional[int] = None,
         verbose: bool = True,
         **kwargs: Any,
     ):
@@ -149,6 +174,9 @@ class Trimming(StockHooks):
         except ValueError as error:
             raise ValueError(f"{owner}: {error}") from None
         super().__init__(clip_model_path=clip_model_path, verbose=verbose, **kwargs)  # type: ignore[call-arg]
+        self._encoder = EncoderSettings(encoder_flash_attn, encoder_threads, image_min_tokens,
+                                        image_max_tokens).check(owner, clip_model_path)
+        self._llama: Optional[weakref.ref] = None  # the Llama of the last call or preload
         self.keep = self.DEFAULT_KEEP if keep is _DEFAULT else keep
         check_method(owner, method, stage1_ratio, alignment)
         check_backend(owner, backend)
@@ -198,6 +226,53 @@ class Trimming(StockHooks):
         self._reuse_kv = value
         if not value:
             self._kv.drop()
+
+    @property
+    def encoder(self) -> EncoderSettings:
+        """The encoder's settings (set them through the four properties below)."""
+        return self._encoder
+
+    def _set_encoder(self, **change: Any) -> None:
+        self._encoder = dataclasses.replace(self._encoder, **change).check(type(self).__name__, self.clip_model_path)  # type: ignore[attr-defined]
+
+    @property
+    def encoder_flash_attn(self) -> FlashAttn:
+        """The encoder's flash attention: "auto" (libmtmd's default: on where supported), True or False."""
+        return self._encoder.flash_attn
+
+    @encoder_flash_attn.setter
+    def encoder_flash_attn(self, value: FlashAttn) -> None:
+        self._set_encoder(flash_attn=value)
+
+    @property
+    def encoder_threads(self) -> Optional[int]:
+        """The encoder's CPU threads (None: the Llama's n_threads_batch)."""
+        return self._encoder.threads
+
+    @encoder_threads.setter
+    def encoder_threads(self, value: Optional[int]) -> None:
+        self._set_encoder(threads=value)
+
+    @property
+    def image_min_tokens(self) -> Optional[int]:
+        """Fewest rows a dynamic-resolution encoder makes of an image (None: the model's own)."""
+        return self._encoder.image_min_tokens
+
+    @image_min_tokens.setter
+    def image_min_tokens(self, value: Optional[int]) -> None:
+        self._set_encoder(image_min_tokens=value)
+
+    @property
+    def image_max_tokens(self) -> Optional[int]:
+        """Most rows a dynamic-resolution encoder makes of an image (None: the model's own)."""
+        return self._encoder.image_max_tokens
+
+    @image_max_tokens.setter
+    def image_max_tokens(self, value: Optional[int]) -> None:
+        self._set_encoder(image_max_tokens=value)
+
+    def encoder_fields(self, llama: llama_cpp.Llama) -> dict[str, Any]:
+        return self._encoder.fields(llama)
 
     def explain_mmproj_failure(self, llama: llama_cpp.Llama) -> str:
         """Why libmtmd refused the mmproj, in words (it only logs the reason)."""
@@ -258,8 +333,88 @@ class Trimming(StockHooks):
         """The stock handler's ``__call__``."""
         return super().__call__(**kwargs)  # type: ignore[misc]
 
+    def picture_key(self, digest: str) -> tuple:
+        """The image cache's key of a picture (its sha256) under the current encoder settings."""
+        return ImageCache.picture_key(self.clip_model_path, self._encoder.rows_key(), digest)  # type: ignore[attr-defined]
+
+    def preload(self, image: Union[bytes, str, os.PathLike], *,
+                llama: Optional[llama_cpp.Llama] = None) -> concurrent.futures.Future:
+        """Starts encoding a picture into the image cache in a background thread, so that a request
+        about it later finds the encoder's rows ready (or waits for the encode in flight instead of
+        encoding again). Returns a future whose result is a :class:`Preloaded` (already done when
+        the picture is cached) and whose exception is the encode's error (the request then raises it).
+
+        `image`: the picture file's bytes, a path, or a URL as a message's ``image_url`` gives it
+        (loaded with this handler's ``load_image``, so a request's own picture has the same bytes).
+        `llama`: the Llama the requests will use (default: the one of this handler's last call or
+        preload). The picture is encoded with the encoder settings of this moment; needs the image
+        cache (``image_cache_bytes`` > 0)."""
+        owner = f"{type(self).__name__}.preload"
+        if llama is None:
+            llama = self._llama() if self._llama is not None else None
+            if llama is None:
+                raise ValueError(f"{owner}: pass llama= (this handler has not served a Llama yet)")
+        if not isinstance(llama, llama_cpp.Llama):
+            raise TypeError(f"{owner}: llama must be a llama_cpp.Llama, got {type(llama).__name__}")
+        if not self._cache.limit:
+            raise ValueError(f"{owner}: the image cache is off (image_cache_bytes=0), so nothing would keep the rows")
+        data = self._picture_bytes(owner, image)
+        self._llama = weakref.ref(llama)
+        digest = hashlib.sha256(data).hexdigest()
+        key = self.picture_key(digest)
+        future, mine = self._cache.in_flight(key)
+        if mine:
+            settings = self._encoder
+            threading.Thread(target=self._preload, args=(future, key, llama, data, digest, settings),
+                             name="trimcpp-preload", daemon=True).start()
+        return future
+
+    def _picture_bytes(self, owner: str, image: Union[bytes, str, os.PathLike]) -> bytes:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            data = bytes(image)
+        elif isinstance(image, os.PathLike):
+            try:
+                with open(image, "rb") as f:
+                    data = f.read()
+            except OSError as error:
+                raise ValueError(f"{owner}: cannot read {os.fspath(image)!r}: {error.strerror or error}") from None
+        elif isinstance(image, str):
+            data = self.load_image(image)  # type: ignore[attr-defined]
+        else:
+            raise TypeError(f"{owner}: image must be bytes, a path or a URL string, got {type(image).__name__}")
+        if not data:
+            raise ValueError(f"{owner}: the picture is empty (0 bytes)")
+        return data
+
+    def _preload(self, future: concurrent.futures.Future, key: tuple, llama: llama_cpp.Llama, data: bytes,
+                 digest: str, settings: EncoderSettings) -> None:
+        """The background thread of :meth:`preload`."""
+        try:
+            if not future.set_running_or_notify_cancel():
+                return
+            cached = self._cache.get(key)
+            seconds = 0.0
+            if cached is None:
+                with self.encoder_lock:
+                    if self._encoder != settings:
+                        raise RuntimeError("the handler's encoder settings changed before the preload could start")
+                    load_mmproj(self, llama)
+                    began = time.perf_counter()
+                    with silenced(self.verbose):  # type: ignore[attr-defined]
+                        cached = encode_picture(self.mtmd_ctx, data, llama_cpp.llama_model_n_embd_inp(llama.model))
+                    seconds = time.perf_counter() - began
+                self._cache.put(key, cached)
+            future.set_result(Preloaded(digest, sum(c.shape[0] for c in cached), [c.shape[0] for c in cached],
+                                        seconds, cached))
+        except BaseException as error:  # noqa: BLE001 - the future carries it to whoever waits
+            if not future.done():
+                future.set_exception(error)
+        finally:
+            self._cache.landed(key)
+
     def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
         with self._lock:
+            self._llama = weakref.ref(llama)
             load_mmproj(self, llama)
             everything = self.text_rows(llama, messages)
             texts = self.image_texts(llama, messages, everything)
@@ -419,23 +574,34 @@ class TrimmedMtmd(MtmdView):
         group = [c for c in self._image_chunks() if mtmd_cpp.mtmd_input_chunk_get_id(c) == image_id] or [chunk]
         n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
         selection = ImageSelection(image=len(self.selections), rows=0, kept=0, chunk_rows=[], indices=[])
-        embeddings = []
         picture = (image_id or b"").decode().split("-")[-1]
         cache = handler.image_cache
-        began = time.perf_counter()
-        for j, c in enumerate(group):
-            cached = cache.key(handler.clip_model_path, picture, j) if cache.limit else None  # type: ignore[attr-defined]
-            rows = cache.get(cached) if cached else None
-            if rows is None:
-                with silenced(handler.verbose):  # type: ignore[attr-defined]
+        stored = handler.picture_key(picture) if cache.limit else None
+        embeddings = None
+        if stored is not None:
+            pending = cache.pending(stored)  # a preload still encoding this picture: wait for it
+            if pending is not None:
+                began = time.perf_counter()
+                embeddings = pending.result().chunks  # its error is this call's
+                selection.wait_seconds = time.perf_counter() - began
+            else:
+                embeddings = cache.get(stored)
+            if embeddings is not None and len(embeddings) != len(group):
+                embeddings = None  # not this libmtmd's chunks of the picture: encode
+        selection.preloaded = embeddings is not None
+        if embeddings is None:
+            embeddings = []
+            began = time.perf_counter()
+            with handler.encoder_lock, silenced(handler.verbose):  # type: ignore[attr-defined]
+                for c in group:
                     rows = encoded_rows(ctx, c, n_embd)
-                if rows is None:
-                    raise RuntimeError(f"libmtmd failed to encode image {selection.image}")
-                if cached:
-                    cache.put(cached, rows)
-            embeddings.append(rows)
-            selection.chunk_rows.append(rows.shape[0])
-        selection.encode_seconds = time.perf_counter() - began
+                    if rows is None:
+                        raise RuntimeError(f"libmtmd failed to encode image {selection.image}")
+                    embeddings.append(rows)
+            selection.encode_seconds = time.perf_counter() - began
+            if stored is not None:
+                cache.put(stored, embeddings)
+        selection.chunk_rows = [rows.shape[0] for rows in embeddings]
         selection.rows = sum(selection.chunk_rows)
 
         began = time.perf_counter()

@@ -181,10 +181,10 @@ def normalise(reply: str) -> str:
 
 def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequence[str], keeps: Sequence[int], *,
         chat_format: str = "llava-1-5", n_ctx: int = 2048, threads: Optional[int] = None, max_tokens: int = 4,
-        on_step: Optional[Callable[[], None]] = None) -> dict[str, Any]:
+        encoder: Optional[dict[str, Any]] = None, on_step: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     """Asks every question under every (method, keep); `none` runs once (it keeps every row). A method
-    may carry variants of stage 1 (:func:`method_spec`)."""
-    handler = HANDLERS[chat_format][1](clip_model_path=mmproj, verbose=False)
+    may carry variants of stage 1 (:func:`method_spec`). `encoder`: the handler's encoder arguments."""
+    handler = HANDLERS[chat_format][1](clip_model_path=mmproj, verbose=False, **(encoder or {}))
     specs = {m: method_spec(m) for m in methods}
     llama = load_llama(model, handler, n_ctx=n_ctx, threads=threads, seed=0)
     configs = [(m, None) if m == "none" else (m, k) for m in methods for k in ([None] if m == "none" else keeps)]

@@ -13,18 +13,23 @@ model) and error format. trimcpp changes three things:
   ``x-trimcpp-image-rows``);
 - a request the server cannot serve as asked (invalid body, an image refused, a prompt over
   ``n_ctx``, a bad ``keep``: any ValueError of the chat call) is HTTP 400 in OpenAI's error format;
-  the stock server answers 422 or 500.
+  the stock server answers 422 or 500;
+- ``POST /v1/trimcpp/preload`` (:func:`preload`) takes one image part, resolves it under the same
+  policy and starts encoding it into the model's image cache (``handler.preload``), so that the
+  request that asks about it later finds its rows ready: a client sends the picture when the user
+  attaches it, the question when it is typed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import functools
 import json
 import os
 import time
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 import anyio
 import llama_cpp
@@ -41,12 +46,13 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..handlers import HANDLERS
-from ..handlers.mechanism import Trimming
+from ..handlers.mechanism import Preloaded, Trimming
 from ..selection import ALIGNMENTS, METHODS
 from .fetch import ImagePolicy, ImageRefused, localise
 from .settings import STAGE1_HELP, TRIM_FORMATS, Stage1Setting, TrimModelSettings, TrimServerSettings, handler_keep
 
 CHAT_PATH = "/v1/chat/completions"
+PRELOAD_PATH = "/v1/trimcpp/preload"
 ROWS_HEADER = "x-trimcpp-image-rows"
 
 
@@ -96,6 +102,10 @@ class TrimOptions(BaseModel):
     method: Optional[str] = Field(default=None, description=f"one of {', '.join(METHODS)}")
     stage1_ratio: Optional[Stage1Setting] = Field(default=None, description=STAGE1_HELP)
     alignment: Optional[str] = Field(default=None, description=f"stage 1's score, one of {', '.join(ALIGNMENTS)}")
+    image_min_tokens: Optional[int] = Field(default=None, ge=1, description="dynamic-resolution encoders: fewest rows "
+                                            "per image (a value other than the model's reloads its mmproj)")
+    image_max_tokens: Optional[int] = Field(default=None, ge=1, description="dynamic-resolution encoders: most rows "
+                                            "per image (a value other than the model's reloads its mmproj)")
 
     @field_validator("keep")
     @classmethod
@@ -245,6 +255,60 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
     return HeldStream(events(), hold.aclose, sep="\n", ping_message_factory=ping, headers=headers)
 
 
+class ImageURL(BaseModel):
+    url: str
+
+
+class PreloadRequest(BaseModel):
+    """``POST /v1/trimcpp/preload``: one image part of a chat message, and which model will be asked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = Field(default=None, description="the model the question will go to (default: the default one)")
+    type: Optional[str] = Field(default=None, description="\"image_url\" (optional: the body is an image part)")
+    image_url: Union[str, ImageURL] = Field(description="the picture, as a chat message's image_url part gives it")
+    wait: bool = Field(default=True, description="answer when the picture is encoded (200), else at once (202)")
+
+    @field_validator("type")
+    @classmethod
+    def _image_part(cls, value: Optional[str]) -> Optional[str]:
+        if value not in (None, "image_url"):
+            raise ValueError(f"a preload takes an image_url part, got type {value!r}")
+        return value
+
+
+def preloaded(result: Preloaded) -> dict[str, Any]:
+    return {"status": "ready", "digest": result.digest, "rows": result.rows, "chunk_rows": result.chunk_rows,
+            "encode_seconds": round(result.encode_seconds, 3), "cached": result.encode_seconds == 0}
+
+
+@router.post(PRELOAD_PATH, summary="Preload an image", dependencies=[Depends(stock_app.authenticate)], tags=["trimcpp"])
+async def preload(body: PreloadRequest):
+    """Encodes a picture into a trim-* model's image cache before the question about it comes.
+
+    With ``wait`` (the default) the answer comes when the encode is done: 200 with ``rows``,
+    ``chunk_rows``, ``encode_seconds`` (0 and ``cached`` when the picture was already encoded) and
+    ``digest``, or the encode's error (400 for a picture that is refused or not an image). Without,
+    202 at once with ``status`` "encoding" (or "ready"). The images policy is the chat route's; a
+    request being answered is waited for before the encode starts."""
+    server: TrimServerSettings = next(stock_app.get_server_settings())
+    url = body.image_url if isinstance(body.image_url, str) else body.image_url.url
+    part = {"type": "image_url", "image_url": {"url": url}}
+    [message] = await run_in_threadpool(localise, [{"role": "user", "content": [part]}], ImagePolicy.from_settings(server))
+    async with contextlib.asynccontextmanager(stock_app.get_llama_proxy)() as proxy:
+        if proxy is None:
+            raise HTTPException(status_code=503, detail="Service is not available")
+        llama = proxy(body.model)
+        handler = trimmed_handler(llama)
+        if handler is None:
+            raise ValueError(f"model {body.model or 'default'!r} does not prune images: preload is for trim-* chat formats")
+        future = handler.preload(_data_only(message["content"][0]["image_url"]["url"]), llama=llama)
+    if not body.wait:
+        done = future.done() and future.exception() is None
+        return JSONResponse({"status": "ready" if done else "encoding"}, status_code=202)
+    return preloaded(await asyncio.wrap_future(future))
+
+
 @contextlib.contextmanager
 def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
     saved = getattr(module, name)
@@ -262,6 +326,8 @@ def create_app(server_settings: TrimServerSettings, model_settings: list[TrimMod
     every app includes: FastAPI may copy its routes or refer to it."""
     routes = stock_app.router.routes
     routes[next(i for i, route in enumerate(routes) if getattr(route, "path", None) == CHAT_PATH)] = router.routes[0]
+    if not any(getattr(route, "path", None) == PRELOAD_PATH for route in routes):
+        routes.append(router.routes[1])
     config_file = os.environ.pop("CONFIG_FILE", None)  # read by trimcpp.serve.main, with trimcpp's settings
     try:
         with _replaced(stock_app, "LlamaProxy", TrimLlamaProxy):

@@ -20,7 +20,9 @@ from ..selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, check_metho
 TRIM_PREFIX = "trim-"
 # chat_format of a trimmed model -> the llama-cpp-python chat_format it trims.
 TRIM_FORMATS = {TRIM_PREFIX + name: name for name in HANDLERS}
-TRIM_FIELDS = ("keep", "method", "stage1_ratio", "alignment", "follow_ups", "image_cache_bytes", "reuse_kv")
+TRIM_FIELDS = ("keep", "method", "stage1_ratio", "alignment", "follow_ups", "image_cache_bytes", "reuse_kv",
+               "encoder_flash_attn", "encoder_threads", "image_min_tokens", "image_max_tokens")
+FLASH_ATTN = {"auto": "auto", "on": True, "off": False}  # a setting's text -> the handler's encoder_flash_attn
 STAGE1_HELP = f"TrimTokenator's stage-1 share in (0, 1], or {ADAPTIVE} (round(sqrt(K N)) rows)"
 
 
@@ -71,6 +73,14 @@ class TrimModelSettings(ModelSettings):
                                    description="trim-* formats: encoded rows of recent pictures kept, in bytes (0: off)")
     reuse_kv: bool = Field(default=True, description="trim-* formats: reuse the KV cache of the previous request's "
                                                      "common prefix (follow-up questions)")
+    encoder_flash_attn: str = Field(default="auto", description="trim-* formats: flash attention in the image encoder, "
+                                                                "auto (libmtmd's default), on or off; the LLM's is flash_attn")
+    encoder_threads: Optional[int] = Field(default=None, ge=1, description="trim-* formats: image encoder threads "
+                                                                           "(default: n_threads_batch)")
+    image_min_tokens: Optional[int] = Field(default=None, ge=1, description="trim-* formats, dynamic-resolution "
+                                            "encoders (Qwen2-VL, 2.5-VL): fewest rows per image (default: the model's)")
+    image_max_tokens: Optional[int] = Field(default=None, ge=1, description="trim-* formats, dynamic-resolution "
+                                            "encoders: most rows per image (default: the model's)")
 
     @model_validator(mode="after")
     def _check_trim(self) -> TrimModelSettings:
@@ -89,11 +99,14 @@ class TrimModelSettings(ModelSettings):
         check_method("model settings", self.method, self.stage1_ratio, self.alignment)
         if self.follow_ups not in FOLLOW_UPS:
             raise ValueError(f"follow_ups must be one of {', '.join(FOLLOW_UPS)}, got {self.follow_ups!r}")
+        if self.encoder_flash_attn not in FLASH_ATTN:
+            raise ValueError(f"encoder_flash_attn must be one of {', '.join(FLASH_ATTN)}, got {self.encoder_flash_attn!r}")
         return self
 
     def handler_options(self) -> dict[str, Any]:
         """The trimmed handler's keyword arguments (keep only when set: else the handler's default)."""
         options: dict[str, Any] = {name: getattr(self, name) for name in TRIM_FIELDS if name != "keep"}
+        options["encoder_flash_attn"] = FLASH_ATTN[self.encoder_flash_attn]
         if self.keep is not None:
             options["keep"] = handler_keep(self.keep)
         return options
