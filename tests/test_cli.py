@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 
+import llama_cpp.mtmd_cpp as mtmd_cpp
 import numpy as np
 import pytest
 from llama_cpp import Llama
@@ -200,6 +201,55 @@ def test_chat_argument_errors(capsys, models, tmp_path):
             main(["chat", *files(models), "--image", image, *args, "hi"])
         assert stop.value.code == 2
     capsys.readouterr()
+
+
+def test_chat_without_a_question_encodes_while_it_is_read(capsys, models, tmp_path, monkeypatch):
+    image = png(tmp_path)
+    code, expected, _ = cli(capsys, "chat", *files(models), "--image", image, "--max-tokens", "4", "What is in the image?")
+    assert code == 0
+    encodes = []
+    encode = mtmd_cpp.mtmd_encode_chunk
+    monkeypatch.setattr(mtmd_cpp, "mtmd_encode_chunk", lambda *args: encodes.append(1) or encode(*args))
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is in the image?\n"))
+    code, out, _ = cli(capsys, "chat", *files(models), "--image", image, "--max-tokens", "4")
+    assert code == 0 and len(encodes) == 1
+    assert "(the picture was encoded before the question)" in chat_line(out)
+    assert out[: out.index("\n[trimcpp]")] == expected[: expected.index("\n[trimcpp]")]
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    code, _, err = cli(capsys, "chat", *files(models), "--image", image)
+    assert code == 2 and "no question" in err
+    code, _, err = cli(capsys, "chat", *files(models), "--image", "-")
+    assert code == 2 and "give the question as an argument" in err
+
+
+def test_encoder_options_errors(capsys, models, tmp_path):
+    image = png(tmp_path)
+    code, _, err = cli(capsys, "chat", *files(models), "--image", image, "--image-max-tokens", "64", "hi")
+    assert code == 2 and "makes a fixed number of rows per image" in err
+    code, _, err = cli(capsys, "bench", *files(models), "--image", image, "--image-max-tokens", "64")
+    assert code == 2 and "makes a fixed number of rows per image" in err
+    for args in (["--encoder-flash-attn", "maybe"], ["--encoder-threads", "0"], ["--image-max-tokens", "x"],
+                 ["--attach-lead", "-1"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["bench", *files(models), *args])
+        assert stop.value.code == 2
+    capsys.readouterr()
+
+
+def test_bench_attach_lead_preloads_the_picture(capsys, models, tmp_path, monkeypatch):
+    encodes = []
+    encode = mtmd_cpp.mtmd_encode_chunk
+    monkeypatch.setattr(mtmd_cpp, "mtmd_encode_chunk", lambda *args: encodes.append(1) or encode(*args))
+    code, out, _ = cli(capsys, "bench", *files(models), "--image", png(tmp_path), "--repeat", "2", "--keep", "8",
+                       "--attach-lead", "0.2", "--encoder-flash-attn", "off", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert [(e["handler"], e["keep"], e["attach_lead_s"]) for e in result["results"]] == [
+        *((name, None, None) for name in STOCKS), ("trimmed", 8, None), ("trimmed-attached", 8, 0.2)]
+    assert result["encoder"]["flash_attn"] is False and result["attach_lead_s"] == 0.2
+    # warm-up and the two cold requests, then per round three stocks, trimmed, and the preload (the
+    # attached request itself encodes nothing).
+    assert len(encodes) == 3 + 2 * 5
 
 
 # show

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from trimcpp.embeddings import TokenEmbeddings
+from trimcpp.embeddings import GGUFHeader, TokenEmbeddings
 from trimcpp.testing import SHAPES, WEIGHT_TYPES, write_llm
 
 # A one-layer tiny LLM is enough: only token_embd.weight is read.
@@ -55,3 +55,36 @@ def test_not_a_gguf(tmp_path):
     path.write_bytes(b"not a gguf file at all")
     with pytest.raises(ValueError, match="cannot read GGUF"):
         TokenEmbeddings(path)
+
+
+def test_the_table_is_found_without_parsing_the_vocabulary(table, monkeypatch):
+    """A fresh handler's first request must not pay gguf.GGUFReader's parse of every metadata field
+    (1 to 10 s for real vocabularies): the header is walked, arrays skipped by their lengths."""
+    _, path = table
+    expected = full_table(path)
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kwargs: pytest.fail("GGUFReader was used"))
+    header = GGUFHeader.read(path)
+    assert header.values["general.architecture"] == "llama"
+    assert "tokenizer.ggml.tokens" not in header.values  # the vocabulary: skipped, not read
+    assert header.tensors["token_embd.weight"][0] == (SHAPE.n_embd, SHAPE.n_vocab)
+    assert np.array_equal(TokenEmbeddings(path).rows(range(SHAPE.n_vocab)), expected)
+
+
+def test_vocabulary_is_in_the_file_skipped(table):
+    """The control for the test above: the file does carry a string-array vocabulary."""
+    _, path = table
+    field = gguf.GGUFReader(str(path)).get_field("tokenizer.ggml.tokens")
+    assert field is not None and len(field.data) == SHAPE.n_vocab
+
+
+@pytest.mark.parametrize("keep_bytes", [3, 20, 400, "table"])
+def test_truncated_gguf(table, tmp_path, keep_bytes):
+    _, path = table
+    data = open(path, "rb").read()
+    if keep_bytes == "table":  # cut inside token_embd.weight
+        header = GGUFHeader.read(path)
+        keep_bytes = header.data_start + header.tensors["token_embd.weight"][2] + 10
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:keep_bytes])
+    with pytest.raises(ValueError, match="cannot read GGUF file|does not fit the file"):
+        TokenEmbeddings(cut)

@@ -175,6 +175,10 @@ def bad_requests(folder) -> dict[str, tuple[object, str]]:
         "unknown method": ({"messages": user(image_url(1), "q"), "trimcpp": {"method": "best"}}, "unknown method"),
         "bad stage1_ratio": ({"messages": user(image_url(1), "q"), "trimcpp": {"stage1_ratio": 1.5}},
                              "stage1_ratio must be a share in (0, 1] or 'adaptive', got 1.5"),
+        "image_max_tokens on LLaVA": ({"messages": user(image_url(1), "q"), "trimcpp": {"image_max_tokens": 16}},
+                                      "makes a fixed number of rows per image"),
+        "image_max_tokens 0": ({"messages": user(image_url(1), "q"), "trimcpp": {"image_max_tokens": 0}},
+                               "trimcpp.image_max_tokens"),
         "prompt over n_ctx": ({"messages": user(image_url(1), "hi " * 1200), "max_tokens": 4}, "exceeds n_ctx"),
         "streamed prompt over n_ctx": ({"messages": user(image_url(1), "hi " * 1200), "stream": True}, "exceeds n_ctx"),
         "messages not a list": ({"messages": 3}, "messages"),
@@ -189,7 +193,8 @@ def png_url(pixels: np.ndarray) -> str:
 
 
 BAD = ("corrupt image", "image over max_image_bytes", "image over max_image_pixels", "file outside image_dir",
-       "http image", "bad keep", "unknown option", "unknown method", "bad stage1_ratio", "prompt over n_ctx",
+       "http image", "bad keep", "unknown option", "unknown method", "bad stage1_ratio", "image_max_tokens on LLaVA",
+       "image_max_tokens 0", "prompt over n_ctx",
        "streamed prompt over n_ctx", "messages not a list", "not JSON")
 
 
@@ -206,6 +211,67 @@ def test_client_mistakes_are_400(server, folder, case):
         assert error["code"] == "context_length_exceeded"
     status, _, _ = server.request("POST", "/v1/chat/completions", {"messages": user(image_url(1), "q"), "max_tokens": 1})
     assert status == 200  # and the server goes on
+
+
+def test_preload_route_then_the_question(server, reference):
+    url = image_url(31)
+    body = {"model": "trim", "image_url": {"url": url}}
+    status, _, answer = server.request("POST", "/v1/trimcpp/preload", body)
+    result = json.loads(answer)
+    assert status == 200 and result["status"] == "ready" and (result["rows"], result["chunk_rows"]) == (ROWS, [ROWS])
+    assert result["encode_seconds"] > 0 and not result["cached"] and len(result["digest"]) == 64
+    status, _, answer = server.request("POST", "/v1/trimcpp/preload", {"type": "image_url", "image_url": url})
+    assert status == 200 and json.loads(answer)["cached"] and json.loads(answer)["encode_seconds"] == 0
+    status, _, answer = server.request("POST", "/v1/trimcpp/preload", {"image_url": image_url(32), "wait": False})
+    assert status == 202 and json.loads(answer)["status"] in ("encoding", "ready")
+    messages = user(url, QUESTIONS[0])
+    got = client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0)
+    assert got.choices[0].message.content == reference(messages)[0]
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"image_url": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}, "not an image"),
+    ({"image_url": "http://127.0.0.1:9/a.png"}, "http(s) image URLs are off"),
+    ({"model": "stock", "image_url": image_url(1)}, "does not prune images: preload is for trim-* chat formats"),
+    ({"image_url": image_url(1), "keep": 3}, "keep"),
+    ({"type": "text", "image_url": image_url(1)}, "a preload takes an image_url part"),
+    ({}, "image_url"),
+])
+def test_preload_route_mistakes_are_400(server, body, says):
+    status, _, answer = server.request("POST", "/v1/trimcpp/preload", body)
+    assert status == 400, answer[:300]
+    assert says in json.loads(answer)["error"]["message"]
+
+
+def test_encoder_settings_per_model_and_per_request(tmp_path):
+    from trimcpp.serve.app import TrimOptions, request_options
+    from trimcpp.testing import write_pair
+
+    llm, mmproj = (str(p) for p in write_pair(tmp_path, "tiny", family="qwen2.5-vl"))
+    settings = TrimModelSettings(model=llm, clip_model_path=mmproj, chat_format="trim-qwen2.5-vl", n_ctx=N_CTX,
+                                 verbose=False, encoder_flash_attn="off", encoder_threads=1, image_max_tokens=32)
+    proxy = TrimLlamaProxy([settings])
+    try:
+        llama = proxy()
+        handler = llama.chat_handler
+        assert (handler.encoder_flash_attn, handler.encoder_threads, handler.image_max_tokens) == (False, 1, 32)
+        messages = user(image_url(0, (224, 168)), "q")
+        with request_options(handler, TrimOptions(image_max_tokens=16), "default"):
+            llama.create_chat_completion(messages=messages, max_tokens=1)
+            limited = handler.last_selection[0].rows
+        assert handler.image_max_tokens == 32
+        llama.create_chat_completion(messages=messages, max_tokens=1)
+        assert limited < 16 < handler.last_selection[0].rows <= 32
+        with pytest.raises(ValueError, match="image_min_tokens 64 > image_max_tokens 32"):
+            with request_options(handler, TrimOptions(image_min_tokens=64), "default"):
+                pass
+        assert handler.image_min_tokens is None
+    finally:
+        proxy.free()
+    with pytest.raises(ValueError, match="encoder_flash_attn must be one of auto, on, off"):
+        TrimModelSettings(model=llm, clip_model_path=mmproj, chat_format="trim-qwen2.5-vl", encoder_flash_attn="yes")
+    with pytest.raises(ValueError, match="encoder_threads"):
+        TrimModelSettings(model=llm, clip_model_path=mmproj, chat_format="llava-1-5", encoder_threads=2)
 
 
 def test_client_gone_mid_stream_lets_go_of_the_model(server, reference):
@@ -239,6 +305,9 @@ def test_cli_refuses_bad_settings(models, tmp_path):
     (tmp_path / "empty.yaml").write_text("models: []\n")
     run = serve("--config_file", str(tmp_path / "empty.yaml"))
     assert run.returncode == 2 and "lists no models" in run.stderr
+    run = serve("--model", models["llm"], "--clip_model_path", models["1.5"], "--chat_format", "trim-llava-1-5",
+                "--image_max_tokens", "256")
+    assert run.returncode == 2 and "makes a fixed number of rows per image" in run.stderr
     run = serve("--model", str(tmp_path / "missing.gguf"))
     assert run.returncode == 2 and "missing.gguf" in run.stderr
 

@@ -6,6 +6,7 @@ from .selection import alignment_scores, available_backends, prune, split_budget
 
 __all__ = [
     "ImageSelection",
+    "Preloaded",
     "TrimGemma4ChatHandler",
     "TrimLlama3VisionAlphaChatHandler",
     "TrimLlava15ChatHandler",
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .handlers import (
         ImageSelection,
+        Preloaded,
         TrimGemma4ChatHandler,
         TrimLlama3VisionAlphaChatHandler,
         TrimLlava15ChatHandler,

@@ -107,6 +107,16 @@ def encoder_options(args: argparse.Namespace) -> dict[str, Any]:
             "image_min_tokens": args.image_min_tokens, "image_max_tokens": args.image_max_tokens}
 
 
+def serve_flags(options: dict[str, Any]) -> list[str]:
+    """trimcpp serve's flags for the encoder options that are set."""
+    flags = []
+    for name, value in options.items():
+        if value is not None and value != "auto":
+            text = {True: "on", False: "off"}.get(value, value) if name == "encoder_flash_attn" else value
+            flags += [f"--{name}", str(text)]
+    return flags
+
+
 def _existing(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path!r} does not exist")
@@ -332,7 +342,8 @@ def _bench_turns(args: argparse.Namespace, model: str, mmproj: str, image: bytes
     with _progress(args.repeat * args.turns * 3) as step:
         result = turns.run(model, mmproj, image, args.turns, keep=min(args.keep), chat_format=chat_format,
                            method=args.method, stage1_ratio=args.stage1_ratio, repeat=args.repeat,
-                           answer_tokens=args.answer_tokens, n_ctx=args.n_ctx, threads=args.threads, on_step=step)
+                           answer_tokens=args.answer_tokens, n_ctx=args.n_ctx, threads=args.threads,
+                           encoder=encoder_options(args), on_step=step)
     return _report(args, result, f"model   {model}\nmmproj  {mmproj}  ({chat_format})",
                    f"{args.turns} questions, answers of up to {args.answer_tokens} tokens appended",
                    turns.table(result), "\n".join(turns.describe(result)))
@@ -347,7 +358,7 @@ def _bench_server(args: argparse.Namespace, model: str, mmproj: str, chat_format
     with _progress(2 * (args.repeat + turns)) as step:
         result = server.run(model, mmproj, keep=min(args.keep), chat_format=chat_format, pictures=args.repeat,
                             turns=turns, answer_tokens=args.answer_tokens, n_ctx=args.n_ctx, threads=args.threads,
-                            on_step=step)
+                            trim_args=serve_flags(encoder_options(args)), on_step=step)
     return _report(args, result, f"model   {model}\nmmproj  {mmproj}  ({chat_format}; trimcpp serve --keep {result['keep']})",
                    f"one client, streamed, answers of up to {args.answer_tokens} tokens", server.table(result))
 

@@ -154,6 +154,7 @@ class StockHooks:
                 self._free_context(key)
                 entry = None
             if entry is None:
+                route_logs()  # an encode in the background must not print (nor silence the process's stderr)
                 self.mtmd_ctx = None
                 try:
                     with use_view(self, EncoderParams(**fields)):
@@ -346,10 +347,16 @@ def encode_image(llama: llama_cpp.Llama, mmproj: str, pixels: np.ndarray) -> lis
         mtmd_cpp.mtmd_free(ctx)
 
 
-def quiet_logs(verbose: bool) -> None:
-    """libmtmd logs to stderr on its own; send it through llama-cpp-python's logger (silent unless verbose)."""
-    llama_logger.set_verbose(verbose)
+def route_logs() -> None:
+    """libmtmd logs to stderr on its own; send it through llama-cpp-python's logger, which is silent
+    unless the last Llama made (or :func:`quiet_logs`) asked for its logs."""
     mtmd_cpp.mtmd_helper_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def quiet_logs(verbose: bool) -> None:
+    """llama.cpp's and libmtmd's logs on stderr only if `verbose`."""
+    llama_logger.set_verbose(verbose)
+    route_logs()
 
 
 def silenced(verbose: bool) -> contextlib.AbstractContextManager:

@@ -22,7 +22,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from ..serve.process import Server, launch
 from ..testing import demo_image
@@ -80,15 +80,16 @@ def workloads(server: Server, *, pictures: int, turns: int, answer_tokens: int,
 
 
 def run(model: str, mmproj: str, *, keep: int, chat_format: str = "llava-1-5", pictures: int = 3, turns: int = 3,
-        answer_tokens: int = 16, n_ctx: int = 4096, threads: Optional[int] = None,
+        answer_tokens: int = 16, n_ctx: int = 4096, threads: Optional[int] = None, trim_args: Sequence[str] = (),
         on_step: Optional[Step] = None) -> dict[str, Any]:
     """Both servers through both workloads; returns the settings, the machine and per server and
-    workload the times of every request, the wall time and requests per minute."""
+    workload the times of every request, the wall time and requests per minute. `trim_args`: more
+    flags for trimcpp serve (its encoder settings)."""
     common = ["--model", model, "--clip_model_path", mmproj, "--n_ctx", str(n_ctx), "--verbose", "false"]
     if threads:
         common += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
     servers = {"stock": ("llama_cpp.server", ["--chat_format", chat_format]),
-               "trimcpp": ("trimcpp.serve", ["--chat_format", "trim-" + chat_format, "--keep", str(keep)])}
+               "trimcpp": ("trimcpp.serve", ["--chat_format", "trim-" + chat_format, "--keep", str(keep), *trim_args])}
     result: dict[str, Any] = {"model": os.path.basename(model), "mmproj": os.path.basename(mmproj), "keep": keep,
                               "chat_format": chat_format, "answer_tokens": answer_tokens, "machine": machine(),
                               "servers": {}}

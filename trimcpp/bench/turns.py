@@ -43,10 +43,12 @@ def turn(llama: Any, messages: list[dict], answer_tokens: int) -> tuple[float, s
 
 def run(model: str, mmproj: str, image: bytes, turns: int, *, keep: int, chat_format: str = "llava-1-5",
         method: str = "trimtokenator", stage1_ratio: float = 0.8, repeat: int = 3, answer_tokens: int = 16, n_ctx: int = 4096,
-        threads: Optional[int] = None, on_step: Optional[Step] = None) -> dict[str, Any]:
+        threads: Optional[int] = None, encoder: Optional[dict[str, Any]] = None,
+        on_step: Optional[Step] = None) -> dict[str, Any]:
     """Plays the conversation `repeat` times through the stock handler and the trimmed one in each
     follow-up mode (KV reuse and image cache on); returns the settings, the machine and, per handler,
-    the median time to first token of each turn and every run."""
+    the median time to first token of each turn and every run. `encoder`: the trimmed handlers' encoder
+    arguments (the stock handler keeps its own)."""
     if not 1 <= turns <= len(QUESTIONS):
         raise ValueError(f"turns must be in 1..{len(QUESTIONS)}, got {turns}")
     stock, trimmed = HANDLERS[chat_format]
@@ -57,7 +59,7 @@ def run(model: str, mmproj: str, image: bytes, turns: int, *, keep: int, chat_fo
     for round_ in range(repeat):
         handlers = {"stock": stock(clip_model_path=mmproj, verbose=False)}
         handlers.update({mode: trimmed(clip_model_path=mmproj, keep=keep, method=method, stage1_ratio=stage1_ratio,
-                                       follow_ups=mode, verbose=False) for mode in MODES})
+                                       follow_ups=mode, verbose=False, **(encoder or {})) for mode in MODES})
         llamas = {name: load_llama(model, handler, n_ctx=n_ctx, threads=threads) for name, handler in handlers.items()}
         for name, handler in handlers.items():
             load_mmproj(handler, llamas[name])

@@ -2,6 +2,7 @@
 
 - :mod:`.mechanism`: what every trimmed handler shares (encode, select, place and decode the kept rows);
 - :mod:`.decode`: the kept rows into the LLM, and the token ids that stand for them;
+- :mod:`.encoder`: the image encoder's settings (flash attention, threads, image token budget);
 - one module per family of stock handlers: :mod:`.llava` (``Llava15ChatHandler`` and the handlers
   that only change its template), :mod:`.qwen` (Qwen2.5-VL), :mod:`.mtmd` (the GGUF's own template:
   Gemma 3 and any other model libmtmd runs).
@@ -9,6 +10,7 @@
 
 from llama_cpp import llama_chat_format as stock
 
+from .encoder import EncoderSettings
 from .llava import (
     TrimLlama3VisionAlphaChatHandler,
     TrimLlava15ChatHandler,
@@ -18,7 +20,7 @@ from .llava import (
     TrimNanoLlavaChatHandler,
     TrimObsidianChatHandler,
 )
-from .mechanism import KEEP_SHARE, ImageSelection
+from .mechanism import KEEP_SHARE, ImageSelection, Preloaded
 from .mtmd import TrimGemma4ChatHandler, TrimMTMDChatHandler
 from .qwen import TrimQwen25VLChatHandler
 
@@ -39,7 +41,9 @@ HANDLERS = {
 __all__ = [
     "HANDLERS",
     "KEEP_SHARE",
+    "EncoderSettings",
     "ImageSelection",
+    "Preloaded",
     "TrimGemma4ChatHandler",
     "TrimLlama3VisionAlphaChatHandler",
     "TrimLlava15ChatHandler",

@@ -29,11 +29,18 @@ class TrimLlava15ChatHandler(Trimming, Llava15ChatHandler):
         stage1_ratio: share of the rows that survive TrimTokenator's alignment stage, or "adaptive".
         alignment: stage 1's score, "l2" (the paper's) or "cosine" (see trimcpp.prune).
         backend: selection backend ("cpu", "cuda", "metal"), None to choose by size (see prune).
+        follow_ups, image_cache_bytes, reuse_kv: conversations (README, "Conversations").
+        encoder_flash_attn: flash attention in the image encoder: "auto" (libmtmd's default: on where
+            the backend supports it), True or False; the LLM's own is the Llama's ``flash_attn``.
+        encoder_threads: the image encoder's CPU threads (None: the Llama's ``n_threads_batch``).
+        image_min_tokens, image_max_tokens: fewest / most rows per image for dynamic-resolution
+            encoders (Qwen2-VL, Qwen2.5-VL, ...; None: the model's own); an error for others.
         verbose: as the stock handler (libmtmd's log and the rendered prompt).
         **kwargs: passed to the stock handler.
 
-    After each call, ``last_selection`` holds one :class:`ImageSelection` per image. Every trimmed
-    handler takes these arguments; only the default ``keep`` differs.
+    After each call, ``last_selection`` holds one :class:`ImageSelection` per image;
+    :meth:`preload` encodes a picture before its question comes. Every trimmed handler takes these
+    arguments; only the default ``keep`` differs.
     """
 
     DEFAULT_KEEP = 64

@@ -400,8 +400,9 @@ class Trimming(StockHooks):
                         raise RuntimeError("the handler's encoder settings changed before the preload could start")
                     load_mmproj(self, llama)
                     began = time.perf_counter()
-                    with silenced(self.verbose):  # type: ignore[attr-defined]
-                        cached = encode_picture(self.mtmd_ctx, data, llama_cpp.llama_model_n_embd_inp(llama.model))
+                    # Not silenced(): that swaps the process's stdout and stderr, under whatever runs meanwhile;
+                    # libmtmd's logs go through llama-cpp-python's logger (StockHooks).
+                    cached = encode_picture(self.mtmd_ctx, data, llama_cpp.llama_model_n_embd_inp(llama.model))
                     seconds = time.perf_counter() - began
                 self._cache.put(key, cached)
             future.set_result(Preloaded(digest, sum(c.shape[0] for c in cached), [c.shape[0] for c in cached],
