@@ -82,9 +82,20 @@ class EncoderParams(MtmdView):
 
 def configure_encoder(handler: Any, llama: llama_cpp.Llama, **fields: Any) -> None:
     """Loads a stock `handler`'s mmproj for `llama` now, with these ``mtmd_context_params`` fields
-    (see :class:`EncoderParams`); its later calls keep that context."""
+    (see :class:`EncoderParams`); its later calls keep that context. A context it holds already is
+    freed first (see :func:`free_encoder`)."""
+    free_encoder(handler)
     with use_view(handler, EncoderParams(**fields)):
         handler._init_mtmd_context(llama)
+
+
+def free_encoder(handler: Any) -> None:
+    """Frees a stock handler's libmtmd context now (the stock free, registered on the Llama it was
+    loaded for, then finds none); its next call loads the mmproj again."""
+    if handler.mtmd_ctx is not None:
+        with suppress_stdout_stderr(disable=handler.verbose):
+            mtmd_cpp.mtmd_free(handler.mtmd_ctx)
+        handler.mtmd_ctx = None
 
 
 def set_view(handler: Any, view: Any) -> None:

@@ -4,8 +4,9 @@ Each round runs every configuration once (interleaved, so drifts in machine spee
 alike); the table holds the medians over the rounds. A request is the user's image and question with
 ``max_tokens=1``, so its wall time is the time to the first answer token. The configurations:
 
-- stock, plain ``Llama(...)``: the stock handler on a Llama made with llama-cpp-python's defaults, as a
-  user gets it (``n_threads`` half the cores, which the stock handler gives its encoder);
+- stock, plain ``Llama(...)``: the stock handler as on a Llama made with llama-cpp-python's defaults,
+  as a user gets it: its encoder on ``n_threads``, half the cores, flash attention off (the LLM's
+  prefill runs on ``n_threads_batch``, every core, as on the benchmark's Llama, which it shares);
 - stock: the stock handler on the benchmark's Llama (every core; the stock handler's encoder
   settings: flash attention off, ``n_threads``); the ratio trimcpp claims is against this one;
 - stock, trimcpp's encoder settings: the same, with the encoder settings the trimmed handler uses
@@ -16,8 +17,10 @@ alike); the table holds the medians over the rounds. A request is the user's ima
 - with ``image_max_tokens``: stock with trimcpp's encoder settings and trimmed at the smallest
   budget, both with that token budget for the encoder.
 
-Before the rounds, the first request of a fresh stock and a fresh trimmed handler are timed
-(``cold``: loading the mmproj and, for trimmed, opening the token-embedding table included).
+One stock and one trimmed handler serve every row, set up before each request (untimed), so that the
+process holds two mmproj contexts (a 7B Qwen tower's is over a GB). Before the rounds, the first
+request of the fresh stock and trimmed handlers are timed (``cold``: loading the mmproj and, for
+trimmed, opening the token-embedding table included).
 A request's parts:
 
 - encode: libmtmd's image encoder (with a lead: the encode still running when the question came);
@@ -33,6 +36,7 @@ encode can be timed; the test suite checks that its logits stay bit-identical to
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import statistics
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -42,7 +46,7 @@ import llama_cpp.mtmd_cpp as mtmd_cpp
 
 from ..handlers import HANDLERS
 from ..handlers.encoder import EncoderSettings
-from ..llamacpp import EncoderParams, configure_encoder, is_image, load_llama, load_mmproj, set_view
+from ..llamacpp import EncoderParams, configure_encoder, free_encoder, is_image, load_llama, load_mmproj, set_view
 from . import machine
 
 Step = Callable[[str], None]  # called once per finished request, with what ran
@@ -122,7 +126,6 @@ def request(llama: llama_cpp.Llama, handler: Any, messages: list[dict]) -> Sampl
 
 def attached_request(llama: llama_cpp.Llama, handler: Any, messages: list[dict], image: bytes, lead: float) -> Sample:
     """The picture preloaded (`handler.preload`), the question `lead` seconds later: the time from the question."""
-    handler.image_cache.clear()
     handler.preload(image, llama=llama)
     time.sleep(lead)
     return request(llama, handler, messages)
@@ -130,26 +133,51 @@ def attached_request(llama: llama_cpp.Llama, handler: Any, messages: list[dict],
 
 @dataclasses.dataclass
 class Config:
-    """One row of the table."""
+    """One row of the table: which handler, set up how (before the request, untimed)."""
 
     name: str  # stock-plain, stock, stock-encoder, trimmed, trimmed-attached
-    handler: Any
-    llama: llama_cpp.Llama
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)  # a stock handler's encoder fields
     keep: Optional[int] = None
     image_max_tokens: Optional[int] = None
     lead: Optional[float] = None
 
-    def run(self, messages: list[dict], image: bytes) -> Sample:
-        if self.keep is not None:
-            self.handler.keep = self.keep
-        if self.lead is not None:
-            return attached_request(self.llama, self.handler, messages, image, self.lead)
-        return request(self.llama, self.handler, messages)
+    @property
+    def stock(self) -> bool:
+        return self.name.startswith("stock")
 
     def label(self) -> str:
         text = {"stock-plain": "stock, plain Llama()", "stock": "stock", "stock-encoder": "stock, our encoder",
                 "trimmed": "trimmed", "trimmed-attached": f"trimmed, {self.lead or 0:g} s lead"}[self.name]
         return text + ("" if self.image_max_tokens is None else f", max {self.image_max_tokens}")
+
+
+class Bench:
+    """One stock and one trimmed handler on one Llama, set up for each configuration in turn (a
+    stock handler's context is made again when its settings change; so is the trimmed handler's):
+    one mmproj context each, whatever the number of rows in the table."""
+
+    def __init__(self, llama: llama_cpp.Llama, stock: TimedStock, trimmed: Any, messages: list[dict], image: bytes):
+        self.llama, self.stock, self.trimmed, self.messages, self.image = llama, stock, trimmed, messages, image
+        self._fields: Optional[dict[str, Any]] = None
+
+    def prepare(self, config: Config) -> None:
+        if config.stock:
+            if self._fields != config.fields:
+                configure_encoder(self.stock, self.llama, **config.fields)
+                self._fields = config.fields
+            return
+        handler = self.trimmed
+        handler.keep, handler.image_max_tokens = config.keep, config.image_max_tokens
+        load_mmproj(handler, self.llama)  # a new context now if the token limit changed
+        handler.image_cache.clear()  # every request a first question
+
+    def run(self, config: Config) -> Sample:
+        self.prepare(config)
+        if config.stock:
+            return request(self.llama, self.stock, self.messages)
+        if config.lead is not None:
+            return attached_request(self.llama, self.trimmed, self.messages, self.image, config.lead)
+        return request(self.llama, self.trimmed, self.messages)
 
 
 def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, repeat: int = 3,
@@ -162,51 +190,46 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
     (its bytes, for the preload of `attach_lead`). Returns the settings, the machine, the cold
     requests and one entry per configuration with the medians and every run."""
     encoder = encoder or EncoderSettings()
-    trimmed_type = HANDLERS[chat_format][1]
-    options = dict(clip_model_path=mmproj, method=method, verbose=False, encoder_flash_attn=encoder.flash_attn,
-                   encoder_threads=encoder.threads, image_min_tokens=encoder.image_min_tokens)
-
-    def trimmed(max_tokens: Optional[int] = encoder.image_max_tokens, cache: int = 0):
-        # Every request a first question: no KV reuse, no image cache (but the preload's).
-        return trimmed_type(keep=min(keeps), image_cache_bytes=cache, reuse_kv=False, image_max_tokens=max_tokens,
-                            **options)
-
-    def stock_with(settings: EncoderSettings) -> TimedStock:
-        handler = timed_stock(chat_format, mmproj, verbose=False)
-        configure_encoder(handler, llama, **settings.fields(llama))
-        return handler
-
-    plain = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, verbose=False, chat_handler=timed_stock(chat_format, mmproj,
-                                                                                                  verbose=False))
+    if attach_lead is not None and image is None:
+        raise ValueError("attach_lead needs the picture's bytes (image)")
     llama = load_llama(model, None, n_ctx=n_ctx, threads=threads)
-    configs = [Config("stock-plain", plain.chat_handler, plain), Config("stock", timed_stock(chat_format, mmproj,
-                                                                                            verbose=False), llama),
-               Config("stock-encoder", stock_with(encoder), llama)]
-    main = trimmed()
-    configs += [Config("trimmed", main, llama, keep) for keep in keeps]
+    # A default Llama(...): n_threads half the cores, flash attention off; the stock handler gives its
+    # encoder both. (Its LLM prefill runs on n_threads_batch, every core, as the benchmark's Llama.)
+    plain_threads = max(multiprocessing.cpu_count() // 2, 1)
+    off = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    stock_fields = {"flash_attn_type": off, "n_threads": llama.n_threads}  # what the stock handler sets here
+    configs = [Config("stock-plain", {"flash_attn_type": off, "n_threads": plain_threads}),
+               Config("stock", stock_fields), Config("stock-encoder", encoder.fields(llama))]
+    configs += [Config("trimmed", keep=keep, image_max_tokens=encoder.image_max_tokens) for keep in keeps]
     if attach_lead is not None:
-        if image is None:
-            raise ValueError("attach_lead needs the picture's bytes (image)")
-        configs.append(Config("trimmed-attached", trimmed(cache=256 << 20), llama, min(keeps), lead=attach_lead))
+        configs.append(Config("trimmed-attached", keep=min(keeps), image_max_tokens=encoder.image_max_tokens,
+                              lead=attach_lead))
     if image_max_tokens is not None:
         limited = dataclasses.replace(encoder, image_max_tokens=image_max_tokens)
-        configs += [Config("stock-encoder", stock_with(limited), llama, image_max_tokens=image_max_tokens),
-                    Config("trimmed", trimmed(image_max_tokens), llama, min(keeps), image_max_tokens=image_max_tokens)]
+        configs += [Config("stock-encoder", limited.fields(llama), image_max_tokens=image_max_tokens),
+                    Config("trimmed", keep=min(keeps), image_max_tokens=image_max_tokens)]
 
-    # The plain Llama's request pages the model in; then a fresh stock and a fresh trimmed handler's
-    # first requests (cold), then every other handler loads its mmproj before the rounds.
-    request(plain, plain.chat_handler, messages)
-    cold = {"stock": configs[1].run(messages, image or b"").ttft_s}
-    first_trimmed = next(c for c in configs if c.name == "trimmed" and c.keep == min(keeps))
-    cold["trimmed"] = first_trimmed.run(messages, image or b"").ttft_s
-    for config in configs:
-        load_mmproj(config.handler, config.llama)
+    stock = timed_stock(chat_format, mmproj, verbose=False)
+    trimmed = HANDLERS[chat_format][1](clip_model_path=mmproj, keep=min(keeps), method=method, verbose=False,
+                                       reuse_kv=False, encoder_flash_attn=encoder.flash_attn,
+                                       encoder_threads=encoder.threads, image_min_tokens=encoder.image_min_tokens,
+                                       image_max_tokens=encoder.image_max_tokens)
+    bench = Bench(llama, stock, trimmed, messages, image or b"")
+    # A throwaway stock handler's request pages the model files in; then the first requests of the
+    # fresh stock and trimmed handlers (cold: their mmproj load, and the token table, included).
+    throwaway = timed_stock(chat_format, mmproj, verbose=False)
+    request(llama, throwaway, messages)
+    free_encoder(throwaway)
+    bench._fields = stock_fields  # the stock handler's own first load is the cold request's
+    cold = {"stock": request(llama, stock, messages).ttft_s}
+    trimmed.image_cache.clear()
+    cold["trimmed"] = request(llama, trimmed, messages).ttft_s
     if on_step:
         on_step("warm-up and cold requests")
     samples: list[list[Sample]] = [[] for _ in configs]
     for round_ in range(repeat):
         for config, runs in zip(configs, samples):
-            runs.append(config.run(messages, image or b""))
+            runs.append(bench.run(config))
             if on_step:
                 on_step(f"{config.label()}{'' if config.keep is None else f' {config.keep}'}, round {round_ + 1}/{repeat}")
     median = lambda runs, key: statistics.median(getattr(s, key) for s in runs)  # noqa: E731
@@ -230,7 +253,7 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
     warm_trimmed = next(e["ttft_s"] for e in entries if e["handler"] == "trimmed" and e["keep"] == min(keeps)
                         and e["image_max_tokens"] == encoder.image_max_tokens)
     return {"model": model, "mmproj": mmproj, "chat_format": chat_format, "method": method, "repeat": repeat, "n_ctx": n_ctx,
-            "threads": llama.n_threads, "plain_threads": plain.n_threads,
+            "threads": llama.n_threads, "plain_threads": plain_threads,
             "encoder": dataclasses.asdict(encoder), "attach_lead_s": attach_lead, "machine": machine(),
             "cold": {"stock_s": cold["stock"], "stock_warm_s": base, "trimmed_s": cold["trimmed"],
                      "trimmed_warm_s": warm_trimmed, "keep": min(keeps)},
