@@ -88,3 +88,30 @@ def test_truncated_gguf(table, tmp_path, keep_bytes):
     cut.write_bytes(data[:keep_bytes])
     with pytest.raises(ValueError, match="cannot read GGUF file|does not fit the file"):
         TokenEmbeddings(cut)
+
+
+def _gguf(path, alignment: int, shape: tuple[int, ...]):
+    """A hand-made GGUF v3: one uint32 key (general.alignment), token_embd.weight (F32) of `shape`."""
+    import struct
+
+    key, name = b"general.alignment", b"token_embd.weight"
+    blob = b"GGUF" + struct.pack("<IQQ", 3, 1, 1)
+    blob += struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, alignment)  # 4: uint32
+    blob += struct.pack("<Q", len(name)) + name + struct.pack(f"<I{len(shape)}QIQ", len(shape), *shape, 0, 0)
+    path.write_bytes(blob + bytes(64 + 4 * int(np.prod(shape))))
+    return path
+
+
+@pytest.mark.parametrize("alignment, shape, says", [
+    (0, (4, 8), "general.alignment must be a positive integer, got 0"),
+    (32, (32,), "token_embd.weight must be 2-D"),
+])
+def test_malformed_headers_are_value_errors(tmp_path, alignment, shape, says):
+    with pytest.raises(ValueError, match=says):
+        TokenEmbeddings(_gguf(tmp_path / "bad.gguf", alignment, shape))
+
+
+def test_hand_made_gguf_reads(tmp_path):
+    """The control for the test above: the same file with sane values is a 4 x 8 table of zeros."""
+    rows = TokenEmbeddings(_gguf(tmp_path / "good.gguf", 32, (4, 8))).rows([0, 7])
+    assert rows.shape == (2, 4) and not rows.any()

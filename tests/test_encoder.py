@@ -18,7 +18,7 @@ from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler, Qwen25VLChatHandler
 
 from trimcpp import TrimLlava15ChatHandler, TrimQwen25VLChatHandler
-from trimcpp.handlers.mechanism import Preloaded
+from trimcpp.handlers.mechanism import Preloaded, PreloadSuperseded
 from trimcpp.llamacpp import configure_encoder
 from trimcpp.testing import write_pair
 
@@ -213,12 +213,74 @@ def test_two_concurrent_requests_for_one_picture_encode_once(models, monkeypatch
 def test_a_corrupt_preload_fails_cleanly_and_the_handler_still_answers(models):
     handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], verbose=False)
     llama = make(models["llm"], handler)
-    future = handler.preload(b"\x89PNG not really a picture", llama=llama)
+    bad = b"\x89PNG not really a picture"
+    future = handler.preload(bad, llama=llama)
     with pytest.raises(ValueError, match="could not decode an image"):
         future.result(timeout=60)
-    assert handler.image_cache.pending(handler.picture_key("x")) is None and len(handler.image_cache) == 0
+    key = handler.picture_key(hashlib.sha256(bad).hexdigest())
+    assert handler.image_cache.pending(key) is None and handler.image_cache.get(key) is None
     response, _ = run(llama, ask(image_url(1)), max_tokens=2)
     assert response["usage"]["completion_tokens"] >= 1 and handler.last_selection[0].rows == ROWS
+
+
+def test_a_request_encodes_itself_when_the_preload_it_waits_for_gives_up(models, monkeypatch):
+    """The settings change while a preload waits to start: it gives up (PreloadSuperseded), and the
+    request that was waiting for it encodes the picture instead of failing."""
+    encodes = Encodes(monkeypatch)
+    handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], verbose=False)
+    llama = make(models["llm"], handler)
+    url = image_url(8)
+    answers, errors = [], []
+
+    def ask_once():
+        try:
+            answers.append(run(llama, ask(url), max_tokens=2)[0])
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    with handler.encoder_lock:  # the preload's thread waits here
+        future = handler.preload(url, llama=llama)
+        handler.encoder_threads = 1  # same rows (the picture key is the same), other settings
+        asking = threading.Thread(target=ask_once)
+        asking.start()
+        time.sleep(0.3)
+    asking.join(60)
+    with pytest.raises(PreloadSuperseded, match="encoder settings changed"):
+        future.result(timeout=60)
+    assert not errors and len(answers) == 1 and answers[0]["usage"]["completion_tokens"] >= 1
+    [image] = handler.last_selection
+    assert encodes.count == 1 and not image.preloaded and image.encode_seconds > 0 and image.rows == ROWS
+
+
+def test_a_preload_for_a_llama_closed_meanwhile_gives_up(models, monkeypatch):
+    encodes = Encodes(monkeypatch)
+    handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], verbose=False)
+    llama = make(models["llm"], handler)
+    with handler.encoder_lock:
+        future = handler.preload(picture(9), llama=llama)
+        llama.close()  # frees the model and the handler's context (the lock is this thread's)
+    with pytest.raises(PreloadSuperseded, match="the Llama was closed"):
+        future.result(timeout=60)
+    assert encodes.count == 0
+    with pytest.raises(ValueError, match="the Llama is closed"):
+        handler.preload(picture(10), llama=llama)
+    other = make(models["llm"], handler)  # the handler serves a new Llama
+    response, _ = run(other, ask(image_url(9)), max_tokens=1)
+    assert response["usage"]["completion_tokens"] == 1 and handler.last_selection[0].rows == ROWS
+
+
+def test_cached_rows_that_do_not_fit_the_chunks_are_encoded_again(models, monkeypatch):
+    encodes = Encodes(monkeypatch)
+    handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], verbose=False)
+    llama = make(models["llm"], handler)
+    url = image_url(11)
+    digest = hashlib.sha256(base64.b64decode(url.split(",")[1])).hexdigest()
+    n_embd = llama_cpp.llama_model_n_embd_inp(llama.model)
+    handler.image_cache.put(handler.picture_key(digest), [np.zeros((5, n_embd), np.float32)])
+    run(llama, ask(url), max_tokens=1)
+    [image] = handler.last_selection
+    assert encodes.count == 1 and not image.preloaded and image.rows == ROWS
+    assert [c.shape[0] for c in handler.image_cache.get(handler.picture_key(digest))] == [ROWS]
 
 
 def test_preload_arguments(models, tmp_path):

@@ -266,6 +266,11 @@ def test_encoder_settings_per_model_and_per_request(tmp_path):
             with request_options(handler, TrimOptions(image_min_tokens=64), "default"):
                 pass
         assert handler.image_min_tokens is None
+        # min and max together: each alone against the model's max 32 would be refused (40 > 32)
+        with request_options(handler, TrimOptions(image_min_tokens=40, image_max_tokens=48), "default"):
+            llama.create_chat_completion(messages=messages, max_tokens=1)
+            both = handler.last_selection[0].rows
+        assert 40 <= both <= 48 and (handler.image_min_tokens, handler.image_max_tokens) == (None, 32)
     finally:
         proxy.free()
     with pytest.raises(ValueError, match="encoder_flash_attn must be one of auto, on, off"):

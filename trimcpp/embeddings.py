@@ -68,7 +68,9 @@ class GGUFHeader:
             shape = self._unpack(f"<{n_dims}Q")
             kind, offset = self._unpack("<IQ")
             self.tensors[name] = (shape, kind, offset)
-        alignment = int(self.values.get("general.alignment", 32))
+        alignment = self.values.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise ValueError(f"general.alignment must be a positive integer, got {alignment!r}")
         self.data_start = -(-self._at // alignment) * alignment
 
     def _take(self, n: int) -> bytes:
@@ -127,6 +129,8 @@ class TokenEmbeddings:
         if TABLE not in header.tensors:
             raise ValueError(f"{self.path!r} has no {TABLE} tensor")
         shape, kind, offset = header.tensors[TABLE]
+        if len(shape) != 2:
+            raise ValueError(f"{self.path!r}: {TABLE} must be 2-D (n_embd x n_vocab), got shape {list(shape)}")
         try:
             self.qtype = gguf.GGMLQuantizationType(kind)
         except ValueError:

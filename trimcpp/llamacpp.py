@@ -103,6 +103,12 @@ def set_view(handler: Any, view: Any) -> None:
     handler._mtmd_cpp = view
 
 
+def llama_closed(llama: llama_cpp.Llama) -> bool:
+    """Whether `llama` was closed (``Llama.close()``: its model is freed, or being freed)."""
+    model = getattr(llama, "_model", None)
+    return bool(getattr(llama, "_trimcpp_closed", False)) or model is None or getattr(model, "model", None) is None
+
+
 def load_mmproj(handler: Any, llama: llama_cpp.Llama) -> None:
     """Loads the handler's mmproj for `llama` now (the stock handler does it on its first call)."""
     handler._init_mtmd_context(llama)
@@ -160,6 +166,8 @@ class StockHooks:
             self.mtmd_ctx = entry[1]
             return
         with self.encoder_lock:
+            if llama_closed(llama_model):
+                raise ValueError("the Llama is closed: its model is freed (make a new Llama)")
             entry = self._contexts.get(key)
             if entry is not None and entry[0] != fields:  # new settings: a new context
                 self._free_context(key)
@@ -177,8 +185,16 @@ class StockHooks:
                     llama_model._trimcpp_frees = weakref.WeakSet()
                 if self not in llama_model._trimcpp_frees:
                     llama_model._trimcpp_frees.add(self)
-                    llama_model._stack.callback(self._free_context, key)
+                    llama_model._stack.callback(self._llama_closing, weakref.ref(llama_model), key)
             self.mtmd_ctx = entry[1]
+
+    def _llama_closing(self, llama: weakref.ref, key: int) -> None:
+        # Marked under the lock, before the model is freed (the Llama's exit stack runs this first):
+        # a preload waiting for the lock then finds the Llama closed instead of loading on a freed model.
+        with self.encoder_lock:
+            if llama() is not None:
+                llama()._trimcpp_closed = True
+            self._free_context(key)
 
     def _free_context(self, key: int) -> None:
         with self.encoder_lock:

@@ -54,6 +54,7 @@ from ..llamacpp import (
     encoded_rows,
     input_chunks,
     is_image,
+    llama_closed,
     load_mmproj,
     prompt_hooks,
     set_out_position,
@@ -95,6 +96,11 @@ class Preloaded:
     chunk_rows: list[int]
     encode_seconds: float  # 0 when the picture was already in the image cache
     chunks: list[np.ndarray] = dataclasses.field(repr=False)  # the encoder's rows per chunk
+
+
+class PreloadSuperseded(RuntimeError):
+    """A preload that did not encode because what it was for went away (the encoder settings
+    changed, the Llama closed): a request waiting for it encodes the picture itself."""
 
 
 def image_parts(messages: list[Any]) -> list[tuple[int, dict[str, Any]]]:
@@ -232,8 +238,15 @@ class Trimming(StockHooks):
         """The encoder's settings (set them through the four properties below)."""
         return self._encoder
 
-    def _set_encoder(self, **change: Any) -> None:
-        self._encoder = dataclasses.replace(self._encoder, **change).check(type(self).__name__, self.clip_model_path)  # type: ignore[attr-defined]
+    def set_encoder(self, **change: Any) -> None:
+        """Changes several encoder settings at once (``flash_attn``, ``threads``, ``image_min_tokens``,
+        ``image_max_tokens``), checked together: a ValueError leaves all of them as they were. Waits
+        for a call in progress and for an encode in flight (a call's settings do not move under it)."""
+        changed = lambda: dataclasses.replace(self._encoder, **change).check(type(self).__name__, self.clip_model_path)  # type: ignore[attr-defined]  # noqa: E731
+        if changed() == self._encoder:
+            return  # nothing to wait for
+        with self._lock, self.encoder_lock:  # type: ignore[attr-defined]
+            self._encoder = changed()
 
     @property
     def encoder_flash_attn(self) -> FlashAttn:
@@ -242,7 +255,7 @@ class Trimming(StockHooks):
 
     @encoder_flash_attn.setter
     def encoder_flash_attn(self, value: FlashAttn) -> None:
-        self._set_encoder(flash_attn=value)
+        self.set_encoder(flash_attn=value)
 
     @property
     def encoder_threads(self) -> Optional[int]:
@@ -251,7 +264,7 @@ class Trimming(StockHooks):
 
     @encoder_threads.setter
     def encoder_threads(self, value: Optional[int]) -> None:
-        self._set_encoder(threads=value)
+        self.set_encoder(threads=value)
 
     @property
     def image_min_tokens(self) -> Optional[int]:
@@ -260,7 +273,7 @@ class Trimming(StockHooks):
 
     @image_min_tokens.setter
     def image_min_tokens(self, value: Optional[int]) -> None:
-        self._set_encoder(image_min_tokens=value)
+        self.set_encoder(image_min_tokens=value)
 
     @property
     def image_max_tokens(self) -> Optional[int]:
@@ -269,7 +282,7 @@ class Trimming(StockHooks):
 
     @image_max_tokens.setter
     def image_max_tokens(self, value: Optional[int]) -> None:
-        self._set_encoder(image_max_tokens=value)
+        self.set_encoder(image_max_tokens=value)
 
     def encoder_fields(self, llama: llama_cpp.Llama) -> dict[str, Any]:
         return self._encoder.fields(llama)
@@ -348,7 +361,9 @@ class Trimming(StockHooks):
         (loaded with this handler's ``load_image``, so a request's own picture has the same bytes).
         `llama`: the Llama the requests will use (default: the one of this handler's last call or
         preload). The picture is encoded with the encoder settings of this moment; needs the image
-        cache (``image_cache_bytes`` > 0)."""
+        cache (``image_cache_bytes`` > 0). If the handler has no mmproj context for `llama` yet, it
+        is loaded here, in the caller's thread (llama-cpp-python silences the process's output while
+        it loads one), and waits for an encode in flight; else this returns at once."""
         owner = f"{type(self).__name__}.preload"
         if llama is None:
             llama = self._llama() if self._llama is not None else None
@@ -359,14 +374,20 @@ class Trimming(StockHooks):
         if not self._cache.limit:
             raise ValueError(f"{owner}: the image cache is off (image_cache_bytes=0), so nothing would keep the rows")
         data = self._picture_bytes(owner, image)
+        load_mmproj(self, llama)
         self._llama = weakref.ref(llama)
         digest = hashlib.sha256(data).hexdigest()
-        key = self.picture_key(digest)
+        settings = self._encoder  # read once: the key and the encode are of the same settings
+        key = ImageCache.picture_key(self.clip_model_path, settings.rows_key(), digest)  # type: ignore[attr-defined]
         future, mine = self._cache.in_flight(key)
         if mine:
-            settings = self._encoder
-            threading.Thread(target=self._preload, args=(future, key, llama, data, digest, settings),
-                             name="trimcpp-preload", daemon=True).start()
+            try:
+                threading.Thread(target=self._preload, args=(future, key, llama, data, digest, settings),
+                                 name="trimcpp-preload", daemon=True).start()
+            except BaseException as error:  # no thread (e.g. the process is at its limit): nobody waits forever
+                self._cache.landed(key)
+                future.set_exception(error)
+                raise
         return future
 
     def _picture_bytes(self, owner: str, image: Union[bytes, str, os.PathLike]) -> bytes:
@@ -388,30 +409,35 @@ class Trimming(StockHooks):
 
     def _preload(self, future: concurrent.futures.Future, key: tuple, llama: llama_cpp.Llama, data: bytes,
                  digest: str, settings: EncoderSettings) -> None:
-        """The background thread of :meth:`preload`."""
+        """The background thread of :meth:`preload`. The key leaves the in-flight table before the
+        future is done, so whoever its result wakes finds the rows cached (or no encode in flight)."""
         try:
             if not future.set_running_or_notify_cancel():
+                self._cache.landed(key)
                 return
-            cached = self._cache.get(key)
-            seconds = 0.0
+            cached, seconds = self._cache.get(key), 0.0
             if cached is None:
-                with self.encoder_lock:
+                with self.encoder_lock:  # settings cannot change while it is held (set_encoder takes it)
+                    if llama_closed(llama):
+                        raise PreloadSuperseded("the Llama was closed before the preload could start")
                     if self._encoder != settings:
-                        raise RuntimeError("the handler's encoder settings changed before the preload could start")
-                    load_mmproj(self, llama)
-                    began = time.perf_counter()
-                    # Not silenced(): that swaps the process's stdout and stderr, under whatever runs meanwhile;
-                    # libmtmd's logs go through llama-cpp-python's logger (StockHooks).
-                    cached = encode_picture(self.mtmd_ctx, data, llama_cpp.llama_model_n_embd_inp(llama.model))
-                    seconds = time.perf_counter() - began
+                        raise PreloadSuperseded("the handler's encoder settings changed before the preload could start")
+                    cached = self._cache.get(key)  # encoded by a call meanwhile
+                    if cached is None:
+                        load_mmproj(self, llama)  # loaded by preload() for these settings: no reload here
+                        began = time.perf_counter()
+                        # Not silenced(): that swaps the process's stdout and stderr, under whatever runs
+                        # meanwhile; libmtmd's logs go through llama-cpp-python's logger (StockHooks).
+                        cached = encode_picture(self.mtmd_ctx, data, llama_cpp.llama_model_n_embd_inp(llama.model))
+                        seconds = time.perf_counter() - began
                 self._cache.put(key, cached)
-            future.set_result(Preloaded(digest, sum(c.shape[0] for c in cached), [c.shape[0] for c in cached],
-                                        seconds, cached))
+            result = Preloaded(digest, sum(c.shape[0] for c in cached), [c.shape[0] for c in cached], seconds, cached)
         except BaseException as error:  # noqa: BLE001 - the future carries it to whoever waits
-            if not future.done():
-                future.set_exception(error)
-        finally:
             self._cache.landed(key)
+            future.set_exception(error)
+        else:
+            self._cache.landed(key)
+            future.set_result(result)
 
     def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
         with self._lock:
@@ -573,35 +599,9 @@ class TrimmedMtmd(MtmdView):
         ctx = handler.mtmd_ctx  # type: ignore[attr-defined]
         image_id = mtmd_cpp.mtmd_input_chunk_get_id(chunk)
         group = [c for c in self._image_chunks() if mtmd_cpp.mtmd_input_chunk_get_id(c) == image_id] or [chunk]
-        n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
         selection = ImageSelection(image=len(self.selections), rows=0, kept=0, chunk_rows=[], indices=[])
         picture = (image_id or b"").decode().split("-")[-1]
-        cache = handler.image_cache
-        stored = handler.picture_key(picture) if cache.limit else None
-        embeddings = None
-        if stored is not None:
-            pending = cache.pending(stored)  # a preload still encoding this picture: wait for it
-            if pending is not None:
-                began = time.perf_counter()
-                embeddings = pending.result().chunks  # its error is this call's
-                selection.wait_seconds = time.perf_counter() - began
-            else:
-                embeddings = cache.get(stored)
-            if embeddings is not None and len(embeddings) != len(group):
-                embeddings = None  # not this libmtmd's chunks of the picture: encode
-        selection.preloaded = embeddings is not None
-        if embeddings is None:
-            embeddings = []
-            began = time.perf_counter()
-            with handler.encoder_lock, silenced(handler.verbose):  # type: ignore[attr-defined]
-                for c in group:
-                    rows = encoded_rows(ctx, c, n_embd)
-                    if rows is None:
-                        raise RuntimeError(f"libmtmd failed to encode image {selection.image}")
-                    embeddings.append(rows)
-            selection.encode_seconds = time.perf_counter() - began
-            if stored is not None:
-                cache.put(stored, embeddings)
+        embeddings = self._encoded(ctx, group, picture, selection)
         selection.chunk_rows = [rows.shape[0] for rows in embeddings]
         selection.rows = sum(selection.chunk_rows)
 
@@ -616,6 +616,59 @@ class TrimmedMtmd(MtmdView):
         selection.select_seconds = time.perf_counter() - began
         self.selections.append(selection)
         return self._plans[key]
+
+    def _encoded(self, ctx: Any, group: list[Any], picture: str, selection: ImageSelection) -> list[np.ndarray]:
+        """The encoder's rows of each chunk of one image: from the image cache, from a preload in
+        flight (waited for; ``wait_seconds``), or encoded here (``encode_seconds``), in flight
+        meanwhile so that a preload of the same picture waits instead of encoding again."""
+        handler = self._handler
+        cache = handler.image_cache
+        fits = lambda chunks: chunks is not None and len(chunks) == len(group) and all(  # noqa: E731
+            rows.shape[0] == mtmd_cpp.mtmd_input_chunk_get_n_tokens(c) for rows, c in zip(chunks, group))
+        key, future = (handler.picture_key(picture) if cache.limit else None), None
+        for _ in range(2) if key is not None else ():
+            chunks = cache.get(key)
+            if fits(chunks):
+                selection.preloaded = True
+                return chunks
+            future, mine = cache.in_flight(key)
+            if mine:
+                break
+            began = time.perf_counter()  # a preload is encoding this picture: wait for it
+            try:
+                chunks = future.result().chunks  # its error is this call's
+            except (concurrent.futures.CancelledError, PreloadSuperseded):
+                continue  # it gave up: encode here (it has left the in-flight table)
+            finally:
+                selection.wait_seconds += time.perf_counter() - began
+                future = None
+            if fits(chunks):
+                selection.preloaded = True
+                return chunks
+            break  # not this libmtmd's chunks of the picture: encode, not in flight
+        n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
+        began = time.perf_counter()
+        try:
+            with handler.encoder_lock, silenced(handler.verbose):  # type: ignore[attr-defined]
+                chunks = []
+                for c in group:
+                    rows = encoded_rows(ctx, c, n_embd)
+                    if rows is None:
+                        raise RuntimeError(f"libmtmd failed to encode image {selection.image}")
+                    chunks.append(rows)
+            selection.encode_seconds = time.perf_counter() - began
+            if key is not None:
+                cache.put(key, chunks)
+        except BaseException as error:
+            if future is not None:
+                cache.landed(key)
+                future.set_exception(error)
+            raise
+        if future is not None:
+            cache.landed(key)
+            future.set_result(Preloaded(picture, sum(r.shape[0] for r in chunks), [r.shape[0] for r in chunks],
+                                        selection.encode_seconds, chunks))
+        return chunks
 
     def _image_chunks(self) -> list[Any]:
         return [] if self._chunks is None else [c for c in input_chunks(self._chunks) if is_image(c)]

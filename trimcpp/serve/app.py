@@ -133,6 +133,9 @@ def completion_kwargs(body: CreateChatCompletionRequest) -> dict[str, Any]:
     return body.model_dump(exclude={"n", "logit_bias_type", "user", "min_tokens", "trimcpp"})
 
 
+ENCODER_OPTIONS = {"image_min_tokens": "image_min_tokens", "image_max_tokens": "image_max_tokens"}  # option: field
+
+
 @contextlib.contextmanager
 def request_options(handler: Optional[Trimming], options: Optional[TrimOptions], model: str) -> Iterator[None]:
     """The handler with this request's pruning options, its own settings back afterwards."""
@@ -142,14 +145,20 @@ def request_options(handler: Optional[Trimming], options: Optional[TrimOptions],
         return
     if handler is None:
         raise ValueError(f"model {model!r} does not prune images: \"trimcpp\" options are for trim-* chat formats")
+    encoder = {ENCODER_OPTIONS[name]: given.pop(name) for name in list(given) if name in ENCODER_OPTIONS}
     saved = {name: getattr(handler, name) for name in given}
+    saved_encoder = handler.encoder
     try:
+        if encoder:  # checked together (image_min_tokens against image_max_tokens)
+            handler.set_encoder(**encoder)
         for name, value in given.items():
             setattr(handler, name, handler_keep(value) if name == "keep" else value)
         yield
     finally:
         for name, value in saved.items():
             setattr(handler, name, value)
+        if handler.encoder != saved_encoder:
+            handler.set_encoder(**{field: getattr(saved_encoder, field) for field in encoder})
 
 
 def image_rows(handler: Optional[Trimming]) -> Optional[list[dict[str, int]]]:
@@ -228,10 +237,15 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
     try:
         llama = stock_app.prepare_request_resources(body, proxy, body.model, kwargs)
         handler = trimmed_handler(llama)
-        with request_options(handler, body.trimcpp, body.model or "default"):
+        # Entered and left in the threadpool: a change of encoder settings waits for an encode in flight.
+        options = request_options(handler, body.trimcpp, body.model or "default")
+        await run_in_threadpool(options.__enter__)
+        try:
             result = await run_in_threadpool(llama.create_chat_completion, **kwargs)
             if body.stream:  # the prompt is evaluated at the first chunk: its errors are the request's
                 first = await run_in_threadpool(next, result, None)
+        finally:
+            await run_in_threadpool(options.__exit__, None, None, None)
         rows = image_rows(handler)
     except BaseException:
         await hold.aclose()
@@ -302,7 +316,9 @@ async def preload(body: PreloadRequest):
         handler = trimmed_handler(llama)
         if handler is None:
             raise ValueError(f"model {body.model or 'default'!r} does not prune images: preload is for trim-* chat formats")
-        future = handler.preload(_data_only(message["content"][0]["image_url"]["url"]), llama=llama)
+        # In the threadpool: a first preload loads the mmproj, and may wait for an encode in flight.
+        future = await run_in_threadpool(handler.preload, _data_only(message["content"][0]["image_url"]["url"]),
+                                         llama=llama)
     if not body.wait:
         done = future.done() and future.exception() is None
         return JSONResponse({"status": "ready" if done else "encoding"}, status_code=202)
