@@ -5,6 +5,7 @@ values are clear errors. Tiny random-weight pairs (trimcpp.testing)."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import ctypes
 import hashlib
 import threading
@@ -18,8 +19,9 @@ from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Llava15ChatHandler, Qwen25VLChatHandler
 
 from trimcpp import TrimLlava15ChatHandler, TrimQwen25VLChatHandler
+from trimcpp.handlers.conversation import ImageCache
 from trimcpp.handlers.mechanism import Preloaded, PreloadSuperseded
-from trimcpp.llamacpp import configure_encoder
+from trimcpp.llamacpp import configure_encoder, load_mmproj
 from trimcpp.testing import write_pair
 
 from helpers import ROWS, image_url
@@ -183,6 +185,7 @@ def test_a_request_waits_for_the_preload_in_flight(models, monkeypatch):
     future = handler.preload(picture(5), llama=llama)
     time.sleep(0.2)
     assert not future.done()
+    assert not future.cancel()  # others may wait for it: running, not cancellable
     run(llama, ask("data:image/png;base64," + base64.b64encode(picture(5)).decode()), max_tokens=1)
     [image] = handler.last_selection
     assert encodes.count == 1 and future.done() and image.preloaded
@@ -241,6 +244,7 @@ def test_a_request_encodes_itself_when_the_preload_it_waits_for_gives_up(models,
     with handler.encoder_lock:  # the preload's thread waits here
         future = handler.preload(url, llama=llama)
         handler.encoder_threads = 1  # same rows (the picture key is the same), other settings
+        load_mmproj(handler, llama)  # the request need not wait for the lock to load: it waits for the preload
         asking = threading.Thread(target=ask_once)
         asking.start()
         time.sleep(0.3)
@@ -250,6 +254,67 @@ def test_a_request_encodes_itself_when_the_preload_it_waits_for_gives_up(models,
     assert not errors and len(answers) == 1 and answers[0]["usage"]["completion_tokens"] >= 1
     [image] = handler.last_selection
     assert encodes.count == 1 and not image.preloaded and image.encode_seconds > 0 and image.rows == ROWS
+    assert image.wait_seconds > 0.1  # it did wait for the preload, until the lock was let go
+
+
+def test_a_preload_during_a_requests_own_encode_waits_for_it(models, monkeypatch):
+    encodes = Encodes(monkeypatch, delay=1.0)
+    handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], verbose=False)
+    llama = make(models["llm"], handler)
+    data = picture(12)
+    key = handler.picture_key(hashlib.sha256(data).hexdigest())
+    asking = threading.Thread(target=run, args=(llama, ask("data:image/png;base64," + base64.b64encode(data).decode())),
+                              kwargs={"max_tokens": 1})
+    asking.start()
+    deadline = time.monotonic() + 30
+    while handler.image_cache.pending(key) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    future = handler.preload(data, llama=llama)
+    assert future is handler.image_cache.pending(key)  # the request's encode, not a second one
+    result = future.result(timeout=60)
+    asking.join(60)
+    assert encodes.count == 1 and result.rows == ROWS and result.encode_seconds > 0.9
+    [image] = handler.last_selection
+    assert not image.preloaded and image.encode_seconds > 0.9
+    assert handler.preload(data).result(timeout=60).encode_seconds == 0 and encodes.count == 1
+
+
+def test_a_preload_without_a_thread_leaves_nothing_in_flight(models, monkeypatch):
+    encodes = Encodes(monkeypatch)
+    handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], verbose=False)
+    llama = make(models["llm"], handler)
+    data = picture(13)
+    key = handler.picture_key(hashlib.sha256(data).hexdigest())
+    futures = []
+    in_flight = handler.image_cache.in_flight
+    monkeypatch.setattr(handler.image_cache, "in_flight", lambda k: futures.append(in_flight(k)[0]) or (futures[-1], True))
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", no_thread)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            handler.preload(data, llama=llama)
+    [future] = futures
+    assert handler.image_cache.pending(key) is None and encodes.count == 0
+    with pytest.raises(PreloadSuperseded, match="could not start the encoding thread") as error:
+        future.result(timeout=1)  # a request waiting for it encodes the picture itself
+    assert isinstance(error.value.__cause__, RuntimeError)
+    run(llama, ask("data:image/png;base64," + base64.b64encode(data).decode()), max_tokens=1)
+    assert encodes.count == 1 and handler.last_selection[0].rows == ROWS
+
+
+def test_an_encode_lands_only_its_own_future():
+    cache = ImageCache(1 << 20)
+    first, mine = cache.in_flight(("k",))
+    assert mine and first.running() and not first.cancel()
+    again, mine = cache.in_flight(("k",))
+    assert again is first and not mine
+    cache.landed(("k",), concurrent.futures.Future())  # another encode's future: not this one's
+    assert cache.pending(("k",)) is first
+    cache.landed(("k",), first)
+    assert cache.pending(("k",)) is None
 
 
 def test_a_preload_for_a_llama_closed_meanwhile_gives_up(models, monkeypatch):
@@ -365,7 +430,8 @@ def test_a_limited_picture_is_cached_apart(qwen):
     ({"image_min_tokens": 4}, ValueError, "fixed number of rows"),
     ({"encoder_flash_attn": "yes"}, ValueError, "encoder_flash_attn must be 'auto', True or False"),
     ({"encoder_flash_attn": 1}, ValueError, "encoder_flash_attn must be"),
-    ({"encoder_threads": 0}, ValueError, "encoder_threads must be >= 1, got 0"),
+    ({"encoder_threads": 0}, ValueError, "encoder_threads must be >= 1 and <= 1024, got 0"),
+    ({"encoder_threads": 2**31}, ValueError, "encoder_threads must be >= 1 and <= 1024, got 2147483648"),
     ({"encoder_threads": 2.0}, TypeError, "encoder_threads must be an int or None"),
 ])
 def test_bad_encoder_arguments_on_llava(models, options, error, message):
@@ -376,7 +442,8 @@ def test_bad_encoder_arguments_on_llava(models, options, error, message):
 @pytest.mark.parametrize(("options", "error", "message"), [
     ({"image_min_tokens": 5000}, ValueError, "image_min_tokens 5000 > image_max_tokens 4096"),
     ({"image_max_tokens": 32, "image_min_tokens": 64}, ValueError, "image_min_tokens 64 > image_max_tokens 32"),
-    ({"image_max_tokens": 0}, ValueError, "image_max_tokens must be >= 1, got 0"),
+    ({"image_max_tokens": 0}, ValueError, "image_max_tokens must be >= 1 and <= 1048576, got 0"),
+    ({"image_min_tokens": 2**32}, ValueError, "image_min_tokens must be >= 1 and <= 1048576"),
     ({"image_max_tokens": True}, TypeError, "image_max_tokens must be an int or None"),
 ])
 def test_bad_limits_on_qwen_leave_the_handler_usable(qwen, options, error, message):

@@ -179,6 +179,8 @@ def bad_requests(folder) -> dict[str, tuple[object, str]]:
                                       "makes a fixed number of rows per image"),
         "image_max_tokens 0": ({"messages": user(image_url(1), "q"), "trimcpp": {"image_max_tokens": 0}},
                                "trimcpp.image_max_tokens"),
+        "image_min_tokens 2**31": ({"messages": user(image_url(1), "q"), "trimcpp": {"image_min_tokens": 2**31}},
+                                   "trimcpp.image_min_tokens: Input should be less than or equal to 1048576"),
         "prompt over n_ctx": ({"messages": user(image_url(1), "hi " * 1200), "max_tokens": 4}, "exceeds n_ctx"),
         "streamed prompt over n_ctx": ({"messages": user(image_url(1), "hi " * 1200), "stream": True}, "exceeds n_ctx"),
         "messages not a list": ({"messages": 3}, "messages"),
@@ -194,7 +196,7 @@ def png_url(pixels: np.ndarray) -> str:
 
 BAD = ("corrupt image", "image over max_image_bytes", "image over max_image_pixels", "file outside image_dir",
        "http image", "bad keep", "unknown option", "unknown method", "bad stage1_ratio", "image_max_tokens on LLaVA",
-       "image_max_tokens 0", "prompt over n_ctx",
+       "image_max_tokens 0", "image_min_tokens 2**31", "prompt over n_ctx",
        "streamed prompt over n_ctx", "messages not a list", "not JSON")
 
 

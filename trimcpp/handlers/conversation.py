@@ -53,12 +53,14 @@ class ImageCache:
 
     def in_flight(self, picture: tuple) -> tuple[concurrent.futures.Future, bool]:
         """The future of the encode of `picture` in flight, and False; or a new one, and True: the
-        caller then encodes, and calls :meth:`landed` when the future is done."""
+        caller then encodes, and calls :meth:`landed` before the future is done. The new future is
+        already running: nobody can cancel an encode that others may be waiting for."""
         with self._lock:
             future = self._pending.get(picture)
             if future is not None:
                 return future, False
             future = self._pending[picture] = concurrent.futures.Future()
+            future.set_running_or_notify_cancel()
             return future, True
 
     def pending(self, picture: tuple) -> Optional[concurrent.futures.Future]:
@@ -66,9 +68,11 @@ class ImageCache:
         with self._lock:
             return self._pending.get(picture)
 
-    def landed(self, picture: tuple) -> None:
+    def landed(self, picture: tuple, future: concurrent.futures.Future) -> None:
+        """The encode of `future` is over: `picture` is no longer in flight (unless another encode's is)."""
         with self._lock:
-            self._pending.pop(picture, None)
+            if self._pending.get(picture) is future:
+                del self._pending[picture]
 
     def clear(self) -> None:
         """Forgets every picture (encodes in flight go on)."""

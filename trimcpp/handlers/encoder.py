@@ -22,6 +22,8 @@ from ..embeddings import GGUFHeader
 from ..llamacpp import FLASH_ATTN
 
 FlashAttn = Union[str, bool]
+# Upper bounds (libmtmd takes C ints; beyond these a value is a mistake, not a setting).
+MOST = {"threads": 1024, "image_min_tokens": 1 << 20, "image_max_tokens": 1 << 20}
 
 # Projectors whose preprocessing honours image_min_tokens / image_max_tokens (vendored clip.cpp:
 # those that call set_limit_image_tokens), with libmtmd's default (min, max) where it has one.
@@ -60,8 +62,8 @@ class EncoderSettings:
             argument = "encoder_threads" if name == "threads" else name
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{owner}: {argument} must be an int or None, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{owner}: {argument} must be >= 1, got {value}")
+            if not 1 <= value <= MOST[name]:
+                raise ValueError(f"{owner}: {argument} must be >= 1 and <= {MOST[name]}, got {value}")
         if self.image_min_tokens is None and self.image_max_tokens is None:
             return self
         try:

@@ -374,10 +374,10 @@ class Trimming(StockHooks):
         if not self._cache.limit:
             raise ValueError(f"{owner}: the image cache is off (image_cache_bytes=0), so nothing would keep the rows")
         data = self._picture_bytes(owner, image)
+        settings = self._encoder  # read once: the key, the mmproj context and the encode are of these settings
         load_mmproj(self, llama)
         self._llama = weakref.ref(llama)
         digest = hashlib.sha256(data).hexdigest()
-        settings = self._encoder  # read once: the key and the encode are of the same settings
         key = ImageCache.picture_key(self.clip_model_path, settings.rows_key(), digest)  # type: ignore[attr-defined]
         future, mine = self._cache.in_flight(key)
         if mine:
@@ -385,8 +385,10 @@ class Trimming(StockHooks):
                 threading.Thread(target=self._preload, args=(future, key, llama, data, digest, settings),
                                  name="trimcpp-preload", daemon=True).start()
             except BaseException as error:  # no thread (e.g. the process is at its limit): nobody waits forever
-                self._cache.landed(key)
-                future.set_exception(error)
+                self._cache.landed(key, future)
+                superseded = PreloadSuperseded(f"{owner}: could not start the encoding thread ({error})")
+                superseded.__cause__ = error
+                future.set_exception(superseded)  # a request waiting for it encodes the picture itself
                 raise
         return future
 
@@ -412,31 +414,28 @@ class Trimming(StockHooks):
         """The background thread of :meth:`preload`. The key leaves the in-flight table before the
         future is done, so whoever its result wakes finds the rows cached (or no encode in flight)."""
         try:
-            if not future.set_running_or_notify_cancel():
-                self._cache.landed(key)
-                return
             cached, seconds = self._cache.get(key), 0.0
             if cached is None:
-                with self.encoder_lock:  # settings cannot change while it is held (set_encoder takes it)
+                with self.encoder_lock:  # settings and contexts cannot change while it is held
                     if llama_closed(llama):
                         raise PreloadSuperseded("the Llama was closed before the preload could start")
-                    if self._encoder != settings:
+                    entry = self._contexts.get(id(llama))  # preload() loaded it; never loaded here
+                    if self._encoder != settings or entry is None or entry[0] != settings.fields(llama):
                         raise PreloadSuperseded("the handler's encoder settings changed before the preload could start")
                     cached = self._cache.get(key)  # encoded by a call meanwhile
                     if cached is None:
-                        load_mmproj(self, llama)  # loaded by preload() for these settings: no reload here
                         began = time.perf_counter()
                         # Not silenced(): that swaps the process's stdout and stderr, under whatever runs
                         # meanwhile; libmtmd's logs go through llama-cpp-python's logger (StockHooks).
-                        cached = encode_picture(self.mtmd_ctx, data, llama_cpp.llama_model_n_embd_inp(llama.model))
+                        cached = encode_picture(entry[1], data, llama_cpp.llama_model_n_embd_inp(llama.model))
                         seconds = time.perf_counter() - began
                 self._cache.put(key, cached)
             result = Preloaded(digest, sum(c.shape[0] for c in cached), [c.shape[0] for c in cached], seconds, cached)
         except BaseException as error:  # noqa: BLE001 - the future carries it to whoever waits
-            self._cache.landed(key)
+            self._cache.landed(key, future)
             future.set_exception(error)
         else:
-            self._cache.landed(key)
+            self._cache.landed(key, future)
             future.set_result(result)
 
     def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
@@ -646,9 +645,9 @@ class TrimmedMtmd(MtmdView):
                 selection.preloaded = True
                 return chunks
             break  # not this libmtmd's chunks of the picture: encode, not in flight
-        n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
-        began = time.perf_counter()
         try:
+            n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
+            began = time.perf_counter()
             with handler.encoder_lock, silenced(handler.verbose):  # type: ignore[attr-defined]
                 chunks = []
                 for c in group:
@@ -661,11 +660,11 @@ class TrimmedMtmd(MtmdView):
                 cache.put(key, chunks)
         except BaseException as error:
             if future is not None:
-                cache.landed(key)
+                cache.landed(key, future)
                 future.set_exception(error)
             raise
         if future is not None:
-            cache.landed(key)
+            cache.landed(key, future)
             future.set_result(Preloaded(picture, sum(r.shape[0] for r in chunks), [r.shape[0] for r in chunks],
                                         selection.encode_seconds, chunks))
         return chunks

@@ -46,6 +46,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..handlers import HANDLERS
+from ..handlers.encoder import MOST
 from ..handlers.mechanism import Preloaded, Trimming
 from ..selection import ALIGNMENTS, METHODS
 from .fetch import ImagePolicy, ImageRefused, localise
@@ -102,10 +103,12 @@ class TrimOptions(BaseModel):
     method: Optional[str] = Field(default=None, description=f"one of {', '.join(METHODS)}")
     stage1_ratio: Optional[Stage1Setting] = Field(default=None, description=STAGE1_HELP)
     alignment: Optional[str] = Field(default=None, description=f"stage 1's score, one of {', '.join(ALIGNMENTS)}")
-    image_min_tokens: Optional[int] = Field(default=None, ge=1, description="dynamic-resolution encoders: fewest rows "
-                                            "per image (a value other than the model's reloads its mmproj)")
-    image_max_tokens: Optional[int] = Field(default=None, ge=1, description="dynamic-resolution encoders: most rows "
-                                            "per image (a value other than the model's reloads its mmproj)")
+    image_min_tokens: Optional[int] = Field(
+        default=None, ge=1, le=MOST["image_min_tokens"],
+        description="dynamic-resolution encoders: fewest rows per image (a value other than the model's reloads its mmproj)")
+    image_max_tokens: Optional[int] = Field(
+        default=None, ge=1, le=MOST["image_max_tokens"],
+        description="dynamic-resolution encoders: most rows per image (a value other than the model's reloads its mmproj)")
 
     @field_validator("keep")
     @classmethod
@@ -238,14 +241,17 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
         llama = stock_app.prepare_request_resources(body, proxy, body.model, kwargs)
         handler = trimmed_handler(llama)
         # Entered and left in the threadpool: a change of encoder settings waits for an encode in flight.
+        # Shielded: a client gone meanwhile must not leave the handler with this request's settings.
         options = request_options(handler, body.trimcpp, body.model or "default")
-        await run_in_threadpool(options.__enter__)
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(options.__enter__)
         try:
             result = await run_in_threadpool(llama.create_chat_completion, **kwargs)
             if body.stream:  # the prompt is evaluated at the first chunk: its errors are the request's
                 first = await run_in_threadpool(next, result, None)
         finally:
-            await run_in_threadpool(options.__exit__, None, None, None)
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(options.__exit__, None, None, None)
         rows = image_rows(handler)
     except BaseException:
         await hold.aclose()
@@ -303,8 +309,11 @@ async def preload(body: PreloadRequest):
     With ``wait`` (the default) the answer comes when the encode is done: 200 with ``rows``,
     ``chunk_rows``, ``encode_seconds`` (0 and ``cached`` when the picture was already encoded) and
     ``digest``, or the encode's error (400 for a picture that is refused or not an image). Without,
-    202 at once with ``status`` "encoding" (or "ready"). The images policy is the chat route's; a
-    request being answered is waited for before the encode starts."""
+    202 at once with ``status`` "encoding" (or "ready"). The images policy is the chat route's. It
+    takes the model as a chat request does: an answer in progress is waited for before it returns,
+    even with ``wait`` false (and with ``interrupt_requests`` on it cuts a streaming answer short,
+    as any request does). The picture is encoded with the model's settings of that moment: a chat
+    request with its own ``image_min_tokens`` / ``image_max_tokens`` does not find it."""
     server: TrimServerSettings = next(stock_app.get_server_settings())
     url = body.image_url if isinstance(body.image_url, str) else body.image_url.url
     part = {"type": "image_url", "image_url": {"url": url}}
@@ -322,7 +331,8 @@ async def preload(body: PreloadRequest):
     if not body.wait:
         done = future.done() and future.exception() is None
         return JSONResponse({"status": "ready" if done else "encoding"}, status_code=202)
-    return preloaded(await asyncio.wrap_future(future))
+    # Shielded: a client that hangs up does not cancel an encode that a request may be waiting for.
+    return preloaded(await asyncio.shield(asyncio.wrap_future(future)))
 
 
 @contextlib.contextmanager

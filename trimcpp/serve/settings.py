@@ -15,6 +15,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from ..handlers import HANDLERS
 from ..handlers.conversation import FOLLOW_UPS
+from ..handlers.encoder import MOST
 from ..selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, check_method, stage1_from_text
 
 TRIM_PREFIX = "trim-"
@@ -75,12 +76,14 @@ class TrimModelSettings(ModelSettings):
                                                      "common prefix (follow-up questions)")
     encoder_flash_attn: str = Field(default="auto", description="trim-* formats: flash attention in the image encoder, "
                                                                 "auto (libmtmd's default), on or off; the LLM's is flash_attn")
-    encoder_threads: Optional[int] = Field(default=None, ge=1, description="trim-* formats: image encoder threads "
-                                                                           "(default: n_threads_batch)")
-    image_min_tokens: Optional[int] = Field(default=None, ge=1, description="trim-* formats, dynamic-resolution "
-                                            "encoders (Qwen2-VL, 2.5-VL): fewest rows per image (default: the model's)")
-    image_max_tokens: Optional[int] = Field(default=None, ge=1, description="trim-* formats, dynamic-resolution "
-                                            "encoders: most rows per image (default: the model's)")
+    encoder_threads: Optional[int] = Field(default=None, ge=1, le=MOST["threads"],
+                                           description="trim-* formats: image encoder threads (default: n_threads_batch)")
+    image_min_tokens: Optional[int] = Field(
+        default=None, ge=1, le=MOST["image_min_tokens"],
+        description="trim-* formats, dynamic-resolution encoders (Qwen2-VL, 2.5-VL): fewest rows per image (default: its own)")
+    image_max_tokens: Optional[int] = Field(
+        default=None, ge=1, le=MOST["image_max_tokens"],
+        description="trim-* formats, dynamic-resolution encoders: most rows per image (default: the model's)")
 
     @model_validator(mode="after")
     def _check_trim(self) -> TrimModelSettings:
