@@ -21,7 +21,7 @@ from llama_cpp.llama_chat_format import Llava15ChatHandler, Qwen25VLChatHandler
 from trimcpp import TrimLlava15ChatHandler, TrimQwen25VLChatHandler
 from trimcpp.handlers.conversation import ImageCache
 from trimcpp.handlers.mechanism import Preloaded, PreloadSuperseded
-from trimcpp.llamacpp import configure_encoder, load_mmproj
+from trimcpp.llamacpp import configure_encoder, load_mmproj, use_view
 from trimcpp.testing import write_pair
 
 from helpers import ROWS, image_url
@@ -179,7 +179,7 @@ def test_preload_then_a_request_encodes_once_and_answers_as_without(models, monk
 
 
 def test_a_request_waits_for_the_preload_in_flight(models, monkeypatch):
-    encodes = Encodes(monkeypatch, delay=1.0)
+    encodes = Encodes(monkeypatch, delay=2.0)  # the request's own setup has well over a second
     handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], verbose=False)
     llama = make(models["llm"], handler)
     future = handler.preload(picture(5), llama=llama)
@@ -193,6 +193,7 @@ def test_a_request_waits_for_the_preload_in_flight(models, monkeypatch):
 
 
 def test_two_concurrent_requests_for_one_picture_encode_once(models, monkeypatch):
+    """A handler serves one call at a time: the second request finds the first one's rows cached."""
     encodes = Encodes(monkeypatch, delay=0.3)
     handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], verbose=False)
     llama = make(models["llm"], handler)
@@ -241,20 +242,31 @@ def test_a_request_encodes_itself_when_the_preload_it_waits_for_gives_up(models,
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
+    waiting = threading.Event()
+    in_flight = handler.image_cache.in_flight
+
+    def seen(key):
+        future, mine = in_flight(key)
+        if not mine:
+            waiting.set()  # the request found the preload in flight and waits for it
+        return future, mine
+
+    monkeypatch.setattr(handler.image_cache, "in_flight", seen)
     with handler.encoder_lock:  # the preload's thread waits here
         future = handler.preload(url, llama=llama)
         handler.encoder_threads = 1  # same rows (the picture key is the same), other settings
         load_mmproj(handler, llama)  # the request need not wait for the lock to load: it waits for the preload
         asking = threading.Thread(target=ask_once)
         asking.start()
-        time.sleep(0.3)
+        assert waiting.wait(30)
+        time.sleep(0.1)
     asking.join(60)
     with pytest.raises(PreloadSuperseded, match="encoder settings changed"):
         future.result(timeout=60)
     assert not errors and len(answers) == 1 and answers[0]["usage"]["completion_tokens"] >= 1
     [image] = handler.last_selection
     assert encodes.count == 1 and not image.preloaded and image.encode_seconds > 0 and image.rows == ROWS
-    assert image.wait_seconds > 0.1  # it did wait for the preload, until the lock was let go
+    assert image.wait_seconds > 0.05  # it did wait for the preload, until the lock was let go
 
 
 def test_a_preload_during_a_requests_own_encode_waits_for_it(models, monkeypatch):
@@ -303,6 +315,18 @@ def test_a_preload_without_a_thread_leaves_nothing_in_flight(models, monkeypatch
     assert isinstance(error.value.__cause__, RuntimeError)
     run(llama, ask("data:image/png;base64," + base64.b64encode(data).decode()), max_tokens=1)
     assert encodes.count == 1 and handler.last_selection[0].rows == ROWS
+
+
+def test_the_libmtmd_view_is_each_threads_own(models):
+    """A preload loading a context in its thread does not swap the view of a call running in another."""
+    handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], verbose=False)
+    view, seen = object(), []
+    with use_view(handler, view):
+        other = threading.Thread(target=lambda: seen.append(handler._mtmd_cpp))
+        other.start()
+        other.join(10)
+        assert handler._mtmd_cpp is view
+    assert seen == [mtmd_cpp] and handler._mtmd_cpp is mtmd_cpp
 
 
 def test_an_encode_lands_only_its_own_future():

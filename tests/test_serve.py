@@ -261,6 +261,8 @@ def test_encoder_settings_per_model_and_per_request(tmp_path):
         with request_options(handler, TrimOptions(image_max_tokens=16), "default"):
             llama.create_chat_completion(messages=messages, max_tokens=1)
             limited = handler.last_selection[0].rows
+            os.rename(mmproj, mmproj + ".away")  # the model's settings come back without reading it again
+        os.rename(mmproj + ".away", mmproj)
         assert handler.image_max_tokens == 32
         llama.create_chat_completion(messages=messages, max_tokens=1)
         assert limited < 16 < handler.last_selection[0].rows <= 32

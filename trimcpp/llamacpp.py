@@ -49,7 +49,7 @@ class MtmdView:
 @contextlib.contextmanager
 def use_view(handler: Any, view: Any) -> Iterator[None]:
     """Within the block, the stock `handler` calls libmtmd through `view` (then through what it used before)."""
-    previous = vars(handler).get("_mtmd_cpp", mtmd_cpp)
+    previous = getattr(handler, "_mtmd_cpp", mtmd_cpp)
     handler._mtmd_cpp = view
     try:
         yield
@@ -138,7 +138,8 @@ class StockHooks:
     using it. Here each Llama gets its own context (the mmproj is loaded once per Llama, and again
     when the encoder settings change), freed when that Llama closes. ``mtmd_ctx`` is the context of
     the Llama this thread last loaded for (a thread's own: an encode in the background does not move
-    a running call's); :attr:`encoder_lock` is held around every use of a context's encoder and
+    a running call's), and so is the libmtmd view the stock code calls (``_mtmd_cpp``);
+    :attr:`encoder_lock` is held around every use of a context's encoder and
     around loading and freeing one."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -146,6 +147,16 @@ class StockHooks:
         self.encoder_lock = threading.RLock()  # a Llama may close (and free its context) in any thread
         self._local = threading.local()
         super().__init__(*args, **kwargs)
+
+    @property
+    def _mtmd_cpp(self) -> Any:
+        # This thread's view of libmtmd (use_view): a preload loading a context in one thread does
+        # not swap the view of a call running in another.
+        return getattr(self._local, "view", mtmd_cpp)
+
+    @_mtmd_cpp.setter
+    def _mtmd_cpp(self, value: Any) -> None:
+        self._local.view = value
 
     @property
     def mtmd_ctx(self) -> Any:

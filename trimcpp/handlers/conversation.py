@@ -80,13 +80,13 @@ class ImageCache:
             self._rows.clear()
             self.bytes = 0
 
-    def get(self, picture: tuple) -> Optional[list[np.ndarray]]:
-        """The rows of each chunk of a picture, or None."""
+    def get(self, picture: tuple, *, hit: bool = True) -> Optional[list[np.ndarray]]:
+        """The rows of each chunk of a picture, or None; a find counts in ``hits`` if `hit`."""
         with self._lock:
             chunks = self._rows.get(picture)
             if chunks is not None:
                 self._rows.move_to_end(picture)
-                self.hits += 1
+                self.hits += hit
             return chunks
 
     def put(self, picture: tuple, chunks: list[np.ndarray]) -> None:

@@ -248,6 +248,13 @@ class Trimming(StockHooks):
         with self._lock, self.encoder_lock:  # type: ignore[attr-defined]
             self._encoder = changed()
 
+    def restore_encoder(self, settings: EncoderSettings) -> None:
+        """Puts back encoder settings this handler had (as :attr:`encoder` gave them), unchecked:
+        what was valid then is put back even if the mmproj cannot be read now."""
+        if settings != self._encoder:
+            with self._lock, self.encoder_lock:  # type: ignore[attr-defined]
+                self._encoder = settings
+
     @property
     def encoder_flash_attn(self) -> FlashAttn:
         """The encoder's flash attention: "auto" (libmtmd's default: on where supported), True or False."""
@@ -414,7 +421,7 @@ class Trimming(StockHooks):
         """The background thread of :meth:`preload`. The key leaves the in-flight table before the
         future is done, so whoever its result wakes finds the rows cached (or no encode in flight)."""
         try:
-            cached, seconds = self._cache.get(key), 0.0
+            cached, seconds = self._cache.get(key, hit=False), 0.0  # hits: requests that found rows
             if cached is None:
                 with self.encoder_lock:  # settings and contexts cannot change while it is held
                     if llama_closed(llama):
@@ -422,7 +429,7 @@ class Trimming(StockHooks):
                     entry = self._contexts.get(id(llama))  # preload() loaded it; never loaded here
                     if self._encoder != settings or entry is None or entry[0] != settings.fields(llama):
                         raise PreloadSuperseded("the handler's encoder settings changed before the preload could start")
-                    cached = self._cache.get(key)  # encoded by a call meanwhile
+                    cached = self._cache.get(key, hit=False)  # encoded by a call meanwhile
                     if cached is None:
                         began = time.perf_counter()
                         # Not silenced(): that swaps the process's stdout and stderr, under whatever runs
@@ -649,6 +656,8 @@ class TrimmedMtmd(MtmdView):
             n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
             began = time.perf_counter()
             with handler.encoder_lock, silenced(handler.verbose):  # type: ignore[attr-defined]
+                if llama_closed(self._llama):  # closed in another thread: its context is freed
+                    raise ValueError("the Llama was closed during the call: its model is freed (make a new Llama)")
                 chunks = []
                 for c in group:
                     rows = encoded_rows(ctx, c, n_embd)

@@ -47,7 +47,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..handlers import HANDLERS
 from ..handlers.encoder import MOST
-from ..handlers.mechanism import Preloaded, Trimming
+from ..handlers.mechanism import Preloaded, PreloadSuperseded, Trimming
 from ..selection import ALIGNMENTS, METHODS
 from .fetch import ImagePolicy, ImageRefused, localise
 from .settings import STAGE1_HELP, TRIM_FORMATS, Stage1Setting, TrimModelSettings, TrimServerSettings, handler_keep
@@ -160,8 +160,7 @@ def request_options(handler: Optional[Trimming], options: Optional[TrimOptions],
     finally:
         for name, value in saved.items():
             setattr(handler, name, value)
-        if handler.encoder != saved_encoder:
-            handler.set_encoder(**{field: getattr(saved_encoder, field) for field in encoder})
+        handler.restore_encoder(saved_encoder)
 
 
 def image_rows(handler: Optional[Trimming]) -> Optional[list[dict[str, int]]]:
@@ -308,8 +307,10 @@ async def preload(body: PreloadRequest):
 
     With ``wait`` (the default) the answer comes when the encode is done: 200 with ``rows``,
     ``chunk_rows``, ``encode_seconds`` (0 and ``cached`` when the picture was already encoded) and
-    ``digest``, or the encode's error (400 for a picture that is refused or not an image). Without,
-    202 at once with ``status`` "encoding" (or "ready"). The images policy is the chat route's. It
+    ``digest``, or the encode's error (400 for a picture that is refused or not an image; 409 when
+    the preload gave up because the model's encoder settings changed or the model was unloaded
+    before it started). Without, 202 at once with ``status`` "encoding" (or "ready"; an encode
+    already failed is its error). The images policy is the chat route's. It
     takes the model as a chat request does: an answer in progress is waited for before it returns,
     even with ``wait`` false (and with ``interrupt_requests`` on it cuts a streaming answer short,
     as any request does). The picture is encoded with the model's settings of that moment: a chat
@@ -321,18 +322,22 @@ async def preload(body: PreloadRequest):
     async with contextlib.asynccontextmanager(stock_app.get_llama_proxy)() as proxy:
         if proxy is None:
             raise HTTPException(status_code=503, detail="Service is not available")
-        llama = proxy(body.model)
+        llama = await run_in_threadpool(proxy, body.model)  # another model: loading it frees this one
         handler = trimmed_handler(llama)
         if handler is None:
             raise ValueError(f"model {body.model or 'default'!r} does not prune images: preload is for trim-* chat formats")
         # In the threadpool: a first preload loads the mmproj, and may wait for an encode in flight.
         future = await run_in_threadpool(handler.preload, _data_only(message["content"][0]["image_url"]["url"]),
                                          llama=llama)
-    if not body.wait:
-        done = future.done() and future.exception() is None
-        return JSONResponse({"status": "ready" if done else "encoding"}, status_code=202)
-    # Shielded: a client that hangs up does not cancel an encode that a request may be waiting for.
-    return preloaded(await asyncio.shield(asyncio.wrap_future(future)))
+    if not body.wait and not (future.done() and future.exception() is not None):
+        return JSONResponse({"status": "ready" if future.done() else "encoding"}, status_code=202)
+    try:
+        # Shielded: a client that hangs up does not cancel an encode that a request may be waiting for.
+        return preloaded(await asyncio.shield(asyncio.wrap_future(future)))
+    except PreloadSuperseded as error:
+        error = {"message": f"the preload gave up: {error}; send it again", "type": "conflict", "param": None,
+                 "code": "preload_superseded"}
+        return JSONResponse({"error": error}, status_code=409)
 
 
 @contextlib.contextmanager
