@@ -99,7 +99,8 @@ def free_encoder(handler: Any) -> None:
 
 
 def set_view(handler: Any, view: Any) -> None:
-    """From now on the stock `handler` calls libmtmd through `view` (for a handler owned by one caller)."""
+    """From now on the stock `handler` calls libmtmd through `view` (for a handler owned by one caller;
+    on a trimmed handler, whose view is each thread's own, only in the calling thread)."""
     handler._mtmd_cpp = view
 
 

@@ -81,7 +81,8 @@ class ImageCache:
             self.bytes = 0
 
     def get(self, picture: tuple, *, hit: bool = True) -> Optional[list[np.ndarray]]:
-        """The rows of each chunk of a picture, or None; a find counts in ``hits`` if `hit`."""
+        """The rows of each chunk of a picture, or None; a find counts in ``hits`` if `hit` (requests
+        that found rows cached; not those that waited for an encode in flight, nor preloads)."""
         with self._lock:
             chunks = self._rows.get(picture)
             if chunks is not None:

@@ -653,11 +653,11 @@ class TrimmedMtmd(MtmdView):
                 return chunks
             break  # not this libmtmd's chunks of the picture: encode, not in flight
         try:
-            n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
             began = time.perf_counter()
             with handler.encoder_lock, silenced(handler.verbose):  # type: ignore[attr-defined]
-                if llama_closed(self._llama):  # closed in another thread: its context is freed
+                if llama_closed(self._llama):  # closed in another thread: its model and context are freed
                     raise ValueError("the Llama was closed during the call: its model is freed (make a new Llama)")
+                n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)
                 chunks = []
                 for c in group:
                     rows = encoded_rows(ctx, c, n_embd)

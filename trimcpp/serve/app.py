@@ -237,7 +237,8 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
     hold = contextlib.AsyncExitStack()
     proxy = await hold.enter_async_context(contextlib.asynccontextmanager(stock_app.get_llama_proxy)())
     try:
-        llama = stock_app.prepare_request_resources(body, proxy, body.model, kwargs)
+        # In the threadpool: asking for another model loads it (and frees this one).
+        llama = await run_in_threadpool(stock_app.prepare_request_resources, body, proxy, body.model, kwargs)
         handler = trimmed_handler(llama)
         # Entered and left in the threadpool: a change of encoder settings waits for an encode in flight.
         # Shielded: a client gone meanwhile must not leave the handler with this request's settings.
@@ -329,8 +330,9 @@ async def preload(body: PreloadRequest):
         # In the threadpool: a first preload loads the mmproj, and may wait for an encode in flight.
         future = await run_in_threadpool(handler.preload, _data_only(message["content"][0]["image_url"]["url"]),
                                          llama=llama)
-    if not body.wait and not (future.done() and future.exception() is not None):
-        return JSONResponse({"status": "ready" if future.done() else "encoding"}, status_code=202)
+    done = future.done()  # read once: it may land meanwhile
+    if not body.wait and not (done and future.exception() is not None):
+        return JSONResponse({"status": "ready" if done else "encoding"}, status_code=202)
     try:
         # Shielded: a client that hangs up does not cancel an encode that a request may be waiting for.
         return preloaded(await asyncio.shield(asyncio.wrap_future(future)))
