@@ -128,6 +128,12 @@ class _Owner:
         return getattr(self._llama, name)
 
 
+def _per_thread(name: str, default: Any) -> property:
+    """An attribute whose value is each thread's own (in the instance's ``_local``)."""
+    return property(lambda self: getattr(self._local, name, default),
+                    lambda self, value: setattr(self._local, name, value))
+
+
 class StockHooks:
     """Mixed in before a stock multimodal handler: one libmtmd context per Llama, made with the
     encoder settings of :meth:`encoder_fields`, clear errors where the stock code only logs, and a
@@ -149,23 +155,10 @@ class StockHooks:
         self._local = threading.local()
         super().__init__(*args, **kwargs)
 
-    @property
-    def _mtmd_cpp(self) -> Any:
-        # This thread's view of libmtmd (use_view): a preload loading a context in one thread does
-        # not swap the view of a call running in another.
-        return getattr(self._local, "view", mtmd_cpp)
-
-    @_mtmd_cpp.setter
-    def _mtmd_cpp(self, value: Any) -> None:
-        self._local.view = value
-
-    @property
-    def mtmd_ctx(self) -> Any:
-        return getattr(self._local, "ctx", None)
-
-    @mtmd_ctx.setter
-    def mtmd_ctx(self, value: Any) -> None:
-        self._local.ctx = value
+    # Each thread's own (see the class doc): a preload loading a context in one thread does not
+    # swap the view or the context of a call running in another.
+    _mtmd_cpp = _per_thread("view", mtmd_cpp)
+    mtmd_ctx = _per_thread("ctx", None)
 
     def encoder_fields(self, llama: llama_cpp.Llama) -> dict[str, Any]:
         """The ``mtmd_context_params`` fields set over the stock handler's for `llama` ({}: the stock ones)."""

@@ -46,11 +46,10 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..handlers import HANDLERS
-from ..handlers.encoder import MOST
 from ..handlers.mechanism import Preloaded, PreloadSuperseded, Trimming
 from ..selection import ALIGNMENTS, METHODS
 from .fetch import ImagePolicy, ImageRefused, localise
-from .settings import STAGE1_HELP, TRIM_FORMATS, Stage1Setting, TrimModelSettings, TrimServerSettings, handler_keep
+from .settings import STAGE1_HELP, TRIM_FORMATS, Stage1Setting, TrimModelSettings, TrimServerSettings, handler_keep, token_limit
 
 CHAT_PATH = "/v1/chat/completions"
 PRELOAD_PATH = "/v1/trimcpp/preload"
@@ -103,12 +102,10 @@ class TrimOptions(BaseModel):
     method: Optional[str] = Field(default=None, description=f"one of {', '.join(METHODS)}")
     stage1_ratio: Optional[Stage1Setting] = Field(default=None, description=STAGE1_HELP)
     alignment: Optional[str] = Field(default=None, description=f"stage 1's score, one of {', '.join(ALIGNMENTS)}")
-    image_min_tokens: Optional[int] = Field(
-        default=None, ge=1, le=MOST["image_min_tokens"],
-        description="dynamic-resolution encoders: fewest rows per image (a value other than the model's reloads its mmproj)")
-    image_max_tokens: Optional[int] = Field(
-        default=None, ge=1, le=MOST["image_max_tokens"],
-        description="dynamic-resolution encoders: most rows per image (a value other than the model's reloads its mmproj)")
+    image_min_tokens: Optional[int] = token_limit("image_min_tokens", "dynamic-resolution encoders: fewest rows per "
+                                                  "image (a value other than the model's reloads its mmproj)")
+    image_max_tokens: Optional[int] = token_limit("image_max_tokens", "dynamic-resolution encoders: most rows per "
+                                                  "image (a value other than the model's reloads its mmproj)")
 
     @field_validator("keep")
     @classmethod
@@ -170,11 +167,13 @@ def image_rows(handler: Optional[Trimming]) -> Optional[list[dict[str, int]]]:
     return [{"kept": image.kept, "rows": image.rows} for image in handler.last_selection]
 
 
-def client_error(message: str, *, param: Optional[str] = None) -> JSONResponse:
-    """HTTP 400 in OpenAI's error format."""
-    code = "context_length_exceeded" if "n_ctx" in message or "context window" in message else None
-    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    return JSONResponse({"error": error}, status_code=400)
+def client_error(message: str, *, param: Optional[str] = None, status: int = 400, kind: str = "invalid_request_error",
+                 code: Optional[str] = None) -> JSONResponse:
+    """HTTP 400 (or `status`) in OpenAI's error format."""
+    if code is None and ("n_ctx" in message or "context window" in message):
+        code = "context_length_exceeded"
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": error}, status_code=status)
 
 
 def _invalid(error: RequestValidationError) -> str:
@@ -337,9 +336,8 @@ async def preload(body: PreloadRequest):
         # Shielded: a client that hangs up does not cancel an encode that a request may be waiting for.
         return preloaded(await asyncio.shield(asyncio.wrap_future(future)))
     except PreloadSuperseded as error:
-        error = {"message": f"the preload gave up: {error}; send it again", "type": "conflict", "param": None,
-                 "code": "preload_superseded"}
-        return JSONResponse({"error": error}, status_code=409)
+        return client_error(f"the preload gave up: {error}; send it again", status=409, kind="conflict",
+                            code="preload_superseded")
 
 
 @contextlib.contextmanager

@@ -19,12 +19,18 @@ from ..handlers.encoder import MOST
 from ..selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, check_method, stage1_from_text
 
 TRIM_PREFIX = "trim-"
+
 # chat_format of a trimmed model -> the llama-cpp-python chat_format it trims.
 TRIM_FORMATS = {TRIM_PREFIX + name: name for name in HANDLERS}
 TRIM_FIELDS = ("keep", "method", "stage1_ratio", "alignment", "follow_ups", "image_cache_bytes", "reuse_kv",
                "encoder_flash_attn", "encoder_threads", "image_min_tokens", "image_max_tokens")
 FLASH_ATTN = {"auto": "auto", "on": True, "off": False}  # a setting's text -> the handler's encoder_flash_attn
 STAGE1_HELP = f"TrimTokenator's stage-1 share in (0, 1], or {ADAPTIVE} (round(sqrt(K N)) rows)"
+
+
+def token_limit(name: str, description: str) -> Any:
+    """An optional encoder setting (EncoderSettings field `name`), 1 to its bound, None by default."""
+    return Field(default=None, ge=1, le=MOST[name], description=description)
 
 
 def _stage1(value: Union[str, float]) -> Stage1:
@@ -76,14 +82,11 @@ class TrimModelSettings(ModelSettings):
                                                      "common prefix (follow-up questions)")
     encoder_flash_attn: str = Field(default="auto", description="trim-* formats: flash attention in the image encoder, "
                                                                 "auto (libmtmd's default), on or off; the LLM's is flash_attn")
-    encoder_threads: Optional[int] = Field(default=None, ge=1, le=MOST["threads"],
-                                           description="trim-* formats: image encoder threads (default: n_threads_batch)")
-    image_min_tokens: Optional[int] = Field(
-        default=None, ge=1, le=MOST["image_min_tokens"],
-        description="trim-* formats, dynamic-resolution encoders (Qwen2-VL, 2.5-VL): fewest rows per image (default: its own)")
-    image_max_tokens: Optional[int] = Field(
-        default=None, ge=1, le=MOST["image_max_tokens"],
-        description="trim-* formats, dynamic-resolution encoders: most rows per image (default: the model's)")
+    encoder_threads: Optional[int] = token_limit("threads", "trim-* formats: image encoder threads (default: n_threads_batch)")
+    image_min_tokens: Optional[int] = token_limit("image_min_tokens", "trim-* formats, dynamic-resolution encoders "
+                                                  "(Qwen2-VL, 2.5-VL): fewest rows per image (default: its own)")
+    image_max_tokens: Optional[int] = token_limit("image_max_tokens", "trim-* formats, dynamic-resolution encoders: "
+                                                  "most rows per image (default: the model's)")
 
     @model_validator(mode="after")
     def _check_trim(self) -> TrimModelSettings:
