@@ -30,7 +30,7 @@ from .selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, stage1_from_
 
 # Synthetic pairs per family (trimcpp.testing), with what writing them costs once.
 SHAPE_NOTES = {
-    "llava": {"tiny": "a few seconds", "small": "about 10 s", "7b": "LLaVA-1.5-7B, 10 to 15 minutes, 4.4 GB"},
+    "llava": {"tiny": "a few seconds", "small": "about 30 s", "7b": "LLaVA-1.5-7B, 15 to 20 minutes, 4.4 GB"},
     "qwen2.5-vl": {"tiny": "a few seconds", "3b": "Qwen2.5-VL-3B, 3.3 GB", "7b": "Qwen2.5-VL-7B, 5.6 GB"},
     "gemma3": {"tiny": "a few seconds", "4b": "Gemma-3-4B, 3.0 GB"},
 }
