@@ -128,7 +128,7 @@ class _Owner:
         return getattr(self._llama, name)
 
 
-def _per_thread(name: str, default: Any) -> property:
+def per_thread(name: str, default: Any) -> property:
     """An attribute whose value is each thread's own (in the instance's ``_local``)."""
     return property(lambda self: getattr(self._local, name, default),
                     lambda self, value: setattr(self._local, name, value))
@@ -157,8 +157,8 @@ class StockHooks:
 
     # Each thread's own (see the class doc): a preload loading a context in one thread does not
     # swap the view or the context of a call running in another.
-    _mtmd_cpp = _per_thread("view", mtmd_cpp)
-    mtmd_ctx = _per_thread("ctx", None)
+    _mtmd_cpp = per_thread("view", mtmd_cpp)
+    mtmd_ctx = per_thread("ctx", None)
 
     def encoder_fields(self, llama: llama_cpp.Llama) -> dict[str, Any]:
         """The ``mtmd_context_params`` fields set over the stock handler's for `llama` ({}: the stock ones)."""

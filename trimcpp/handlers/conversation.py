@@ -153,10 +153,16 @@ class KvRecord:
     def __init__(self) -> None:
         self._llama: Optional[weakref.ref] = None
         self._prompt: Optional[np.ndarray] = None
+        self._whole: frozenset = frozenset()
         self._watched: weakref.WeakSet = weakref.WeakSet()
 
     def drop(self) -> None:
-        self._llama, self._prompt = None, None
+        self._llama, self._prompt, self._whole = None, None, frozenset()
+
+    def whole(self, llama: Any) -> frozenset:
+        """The pictures (sha256) whose every row the recorded prompt in `llama`'s cache holds: the
+        conversation answered with all of them (a prefill on attach), so its next call keeps them whole."""
+        return self._whole if self._llama is not None and self._llama() is llama else frozenset()
 
     def begin(self, llama: Any, length: int) -> Optional[Reuse]:
         """A Reuse for a new prompt of `length` positions, or None (no valid record: empty the cache)."""
@@ -168,14 +174,16 @@ class KvRecord:
             return None
         return Reuse(llama, llama.input_ids[: llama.n_tokens].copy(), max(0, length - 1))
 
-    def remember(self, llama: Any, length: int) -> None:
-        """After a successful call whose prompt filled positions 0..length-1."""
+    def remember(self, llama: Any, length: int, whole: frozenset = frozenset()) -> None:
+        """After a successful call whose prompt filled positions 0..length-1, with the pictures
+        `whole` decoded with every row."""
         if llama not in self._watched:
             self._watched.add(llama)
             record, target = weakref.ref(self), weakref.ref(llama)
             on_state_change(llama, lambda: record() is not None and record()._forget(target()))
         self._llama = weakref.ref(llama)
         self._prompt = llama.input_ids[:length].copy()
+        self._whole = frozenset(whole)
 
     def _forget(self, llama: Any) -> None:
         if self._llama is not None and self._llama() is llama:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import llama_cpp
 import numpy as np
@@ -14,12 +14,15 @@ import numpy as np
 MROPE_SECTIONS = 4  # positions per embedding for M-RoPE models (t, y, x, z: llama.cpp's order)
 
 
-def decode_rows(lctx, rows: np.ndarray, positions: np.ndarray, seq_id: int, n_batch: int) -> None:
+def decode_rows(lctx, rows: np.ndarray, positions: np.ndarray, seq_id: int, n_batch: int,
+                batches: Optional[Callable[[int], int]] = None) -> None:
     """Decodes `rows` as embeddings in batches of at most n_batch rows, like libmtmd's
     mtmd_helper_decode_image_chunk (same batches, so keeping all rows gives the same logits).
 
     `positions` has one entry per row (plain positions) or one row of MROPE_SECTIONS entries per
-    row (M-RoPE: section-wise t, y, x, z, as libmtmd's helper lays them out)."""
+    row (M-RoPE: section-wise t, y, x, z, as libmtmd's helper lays them out). `batches`, if given,
+    is called before each batch with the rows decoded so far and returns the next batch's size
+    (a background prefill: it may raise there to stop between batches)."""
     if n_batch < 1:
         raise ValueError(f"n_batch must be >= 1, got {n_batch}")
     n, n_embd = rows.shape  # C-contiguous float32 (fancy indexing of the copied output)
@@ -30,9 +33,11 @@ def decode_rows(lctx, rows: np.ndarray, positions: np.ndarray, seq_id: int, n_ba
     if not batch:
         raise RuntimeError("llama_batch_ext_init failed")
     try:
-        for first in range(0, n, n_batch):
+        first = 0
+        while first < n:
+            size = n_batch if batches is None else max(1, min(n_batch, batches(first)))
             llama_cpp.llama_batch_ext_clear(batch)
-            for i in range(first, min(n, first + n_batch)):
+            for i in range(first, min(n, first + size)):
                 pointer = ctypes.cast(base + i * n_embd * 4, ctypes.POINTER(ctypes.c_float))
                 index = llama_cpp.llama_batch_ext_add_embd(batch, seq_id, llama_cpp.llama_embd(pointer, 1, n_embd))
                 if index < 0:
@@ -42,6 +47,7 @@ def decode_rows(lctx, rows: np.ndarray, positions: np.ndarray, seq_id: int, n_ba
             status = llama_cpp.llama_process(lctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
             if status != 0:
                 raise RuntimeError(f"llama.cpp failed to decode image rows (status {status})")
+            first += size
     finally:
         llama_cpp.llama_batch_ext_free(batch)
 

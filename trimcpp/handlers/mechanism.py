@@ -33,6 +33,7 @@ the background before its question comes.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import hashlib
 import os
@@ -56,12 +57,15 @@ from ..llamacpp import (
     is_image,
     llama_closed,
     load_mmproj,
+    per_thread,
     prompt_hooks,
     set_out_position,
     silenced,
+    trim_kv,
     use_view,
 )
 from ..selection import Keep, Stage1, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
+from .attach import POLICIES, Attached, Decision, Prefill, PrefillStopped, Rates, continues, next_batch
 from .conversation import FOLLOW_UPS, ImageCache, KvRecord, Restart, Reuse
 from .decode import attention, decode_rows, row_ids
 from .encoder import EncoderSettings, FlashAttn
@@ -85,6 +89,9 @@ class ImageSelection:
     decode_seconds: float = 0.0
     wait_seconds: float = 0.0  # time this call waited for a preload of the picture that was still encoding
     preloaded: bool = False  # the rows came from the image cache or a preload: this call encoded nothing
+    path: Optional[str] = None  # an attached picture (handler.attach): "full" (every row, prefilled) or "pruned"
+    prefilled_rows: int = 0  # rows the background prefill had decoded when the question came ("full")
+    saved_seconds: float = 0.0  # background encode and prefill done before the question that this answer used
 
 
 @dataclasses.dataclass
@@ -171,6 +178,7 @@ class Trimming(StockHooks):
         encoder_threads: Optional[int] = None,
         image_min_tokens: Optional[int] = None,
         image_max_tokens: Optional[int] = None,
+        attach_policy: str = "auto",
         verbose: bool = True,
         **kwargs: Any,
     ):
@@ -197,8 +205,26 @@ class Trimming(StockHooks):
         self.last_text_rows = 0  # M: text-token rows of all user text in the last call
         self.last_reused = 0  # prompt positions the last call found in the KV cache
         self._tables: dict[str, TokenEmbeddings] = {}
-        self._pictures: list[str] = []  # sha256 of each image of the current call, in prompt order
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # one call (or background prefill) on the LLM at a time
+        self._attach = threading.Condition()  # guards the fields below and every Prefill's
+        self._prefill: Optional[Prefill] = None  # the last attach's background prefill
+        self._active = 0  # calls in progress (a stream: until it ends): a background prefill waits for 0
+        self._rates = Rates()
+        self.attach_policy = attach_policy
+
+    _pictures = per_thread("pictures", None)  # sha256 of each image of this thread's call, in prompt order
+
+    @property
+    def attach_policy(self) -> str:
+        """What a question does with the background prefill of :meth:`attach`: "auto" (the sooner of
+        finishing it and the pruned path), "full" (finish it: every row), "pruned" (attach only encodes)."""
+        return self._attach_policy
+
+    @attach_policy.setter
+    def attach_policy(self, value: str) -> None:
+        if value not in POLICIES:
+            raise ValueError(f"{type(self).__name__}: attach_policy must be one of {', '.join(POLICIES)}, got {value!r}")
+        self._attach_policy = value
 
     @property
     def keep(self) -> KeepArg:
@@ -245,6 +271,7 @@ class Trimming(StockHooks):
         changed = lambda: dataclasses.replace(self._encoder, **change).check(type(self).__name__, self.clip_model_path)  # type: ignore[attr-defined]  # noqa: E731
         if changed() == self._encoder:
             return  # nothing to wait for
+        self.cancel_attach()  # its rows would be of the old settings
         with self._lock, self.encoder_lock:  # type: ignore[attr-defined]
             self._encoder = changed()
 
@@ -252,6 +279,7 @@ class Trimming(StockHooks):
         """Puts back encoder settings this handler had (as :attr:`encoder` gave them), unchecked:
         what was valid then is put back even if the mmproj cannot be read now."""
         if settings != self._encoder:
+            self.cancel_attach()
             with self._lock, self.encoder_lock:  # type: ignore[attr-defined]
                 self._encoder = settings
 
@@ -372,6 +400,11 @@ class Trimming(StockHooks):
         is loaded here, in the caller's thread (llama-cpp-python silences the process's output while
         it loads one), and waits for an encode in flight; else this returns at once."""
         owner = f"{type(self).__name__}.preload"
+        llama = self._served(owner, llama)
+        return self._start_preload(owner, self._picture_bytes(owner, image), llama)
+
+    def _served(self, owner: str, llama: Optional[llama_cpp.Llama]) -> llama_cpp.Llama:
+        """The Llama a preload or attach is for (default: the last one served), checked."""
         if llama is None:
             llama = self._llama() if self._llama is not None else None
             if llama is None:
@@ -380,7 +413,9 @@ class Trimming(StockHooks):
             raise TypeError(f"{owner}: llama must be a llama_cpp.Llama, got {type(llama).__name__}")
         if not self._cache.limit:
             raise ValueError(f"{owner}: the image cache is off (image_cache_bytes=0), so nothing would keep the rows")
-        data = self._picture_bytes(owner, image)
+        return llama
+
+    def _start_preload(self, owner: str, data: bytes, llama: llama_cpp.Llama) -> concurrent.futures.Future:
         settings = self._encoder  # read once: the key, the mmproj context and the encode are of these settings
         load_mmproj(self, llama)
         self._llama = weakref.ref(llama)
@@ -445,16 +480,203 @@ class Trimming(StockHooks):
             self._cache.landed(key, future)
             future.set_result(result)
 
+    def attach(self, messages: list[Any], *, llama: Optional[llama_cpp.Llama] = None) -> concurrent.futures.Future:
+        """Starts reading the pictures of the conversation's last user message while the question is
+        typed: encodes them into the image cache (as :meth:`preload`), then, on a background thread
+        while no call runs, prefills the prompt up to and including their every row into `llama`'s
+        KV cache, in batches that stop within about a second (:mod:`.attach`). The question's call
+        then finishes or stops it (:attr:`attach_policy`); ``last_selection`` says which path answered.
+
+        `messages`: the conversation so far, ending with the user message that holds the pictures
+        (its text, if any, may change: the question's call keeps the prefill if its messages start
+        with these, the last one with the same pictures). Returns a future whose result is an
+        :class:`~.attach.Attached` and whose ``progress()`` is (rows prefilled, rows); its error
+        (a picture libmtmd cannot read, ...) is also raised by the next call of that conversation.
+        A second attach stops the first. With ``attach_policy="pruned"`` or ``reuse_kv=False`` it only
+        encodes. A call of another conversation stops it; the rows it decoded leave the cache."""
+        owner = f"{type(self).__name__}.attach"
+        llama = self._served(owner, llama)
+        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
+                or messages[-1].get("role") != "user":
+            raise ValueError(f"{owner}: messages must be a list of chat messages ending with the user message "
+                             "that holds the picture")
+        parts = [part for i, part in image_parts(messages) if i == len(messages) - 1]
+        if not parts:
+            raise ValueError(f"{owner}: the last user message has no picture (an image_url part)")
+        urls = [part["image_url"] if isinstance(part.get("image_url"), str) else (part.get("image_url") or {}).get("url")
+                for part in parts]
+        data = [self._picture_bytes(owner, url) if isinstance(url, str) else b"" for url in urls]
+        if not all(data):
+            raise ValueError(f"{owner}: an image_url part has no URL")
+        encodes = [self._start_preload(owner, picture, llama) for picture in data]
+        prefill = Prefill(self._attach, llama, copy.deepcopy(messages), [hashlib.sha256(d).hexdigest() for d in data])
+        with self._attach:
+            previous, self._prefill = self._prefill, prefill
+        if previous is not None:
+            previous.stop()
+        try:
+            threading.Thread(target=self._attached, args=(prefill, encodes, previous), name="trimcpp-attach",
+                             daemon=True).start()
+        except BaseException as error:
+            prefill.end(error=error)
+            raise
+        return prefill.future
+
+    def cancel_attach(self) -> None:
+        """Stops the background prefill of :meth:`attach` at its next batch boundary (the rows it
+        decoded leave the KV cache) and waits for it; the encoded rows stay in the image cache."""
+        with self._attach:
+            prefill, self._prefill = self._prefill, None
+        if prefill is not None:
+            prefill.stop()
+            concurrent.futures.wait([prefill.future])
+
+    def _attached(self, prefill: Prefill, encodes: list[concurrent.futures.Future], previous: Optional[Prefill]) -> None:
+        """The background thread of :meth:`attach`."""
+        try:
+            if previous is not None:
+                concurrent.futures.wait([previous.future])  # it stops at its next boundary
+            encoded = [future.result() for future in encodes]
+            with self._attach:
+                prefill.encode_seconds = sum(e.encode_seconds for e in encoded)
+                prefill.chunk_rows = [e.chunk_rows for e in encoded]
+                prefill.rows = sum(e.rows for e in encoded)
+                prefill.state = "waiting"
+            if self.attach_policy == "pruned" or not self.reuse_kv:
+                prefill.end(Attached(prefill.pictures, prefill.rows, 0, "encoded", prefill.encode_seconds, 0.0))
+                return
+            self._wait_idle(prefill)
+            with self._lock:
+                prefill.end(self._prefill_prompt(prefill))
+        except PrefillStopped:
+            prefill.end(Attached(prefill.pictures, prefill.rows, 0, "stopped", prefill.encode_seconds, 0.0))
+        except BaseException as error:  # noqa: BLE001 - the future (and the next call) carry it
+            prefill.end(error=error)
+
+    def _wait_idle(self, prefill: Prefill) -> None:
+        """Until no call runs on the handler (or a call decides): the LLM is one call's at a time."""
+        with self._attach:
+            while prefill.order is None and (self._active or prefill.asked):
+                if prefill.asked:
+                    prefill.checkpoint(0, 0.0)  # a call decides now
+                    break
+                self._attach.wait()
+            if prefill.order == "stop":
+                raise PrefillStopped()
+            prefill.state = "prefilling"
+
+    def _prefill_prompt(self, prefill: Prefill) -> Attached:
+        """Runs the stock call on the attach's messages up to the last row of its pictures (a
+        :class:`TrimmedMtmd` with those pictures whole and the batches of :mod:`.attach`)."""
+        llama = prefill.llama
+        if llama_closed(llama):
+            raise PreloadSuperseded("the Llama was closed before the prefill could start")
+        began = time.perf_counter()
+        self._llama = weakref.ref(llama)
+        load_mmproj(self, llama)
+        texts = self.image_texts(llama, prefill.messages, self.text_rows(llama, prefill.messages))
+        whole = self._kv.whole(llama) | frozenset(prefill.pictures)
+        for attempt in range(2):
+            self._pictures = []
+            view = TrimmedMtmd(self, llama, texts, self._kv if attempt == 0 else None, whole=whole, prefill=prefill)
+            try:
+                with use_view(self, view), prompt_hooks(llama, clear=view.clear, evaluate=view.evaluate):
+                    self.stock_call(llama=llama, messages=prefill.messages, max_tokens=1)
+            except Restart:
+                continue
+            except Prefilled as end:
+                if end.length is None:
+                    self._kv.drop()
+                else:
+                    self._kv.remember(llama, end.length, end.whole)
+                done = prefill.rows if end.whole >= frozenset(prefill.pictures) else 0
+                return Attached(prefill.pictures, prefill.rows, done, "prefilled" if done else "stopped",
+                                prefill.encode_seconds, time.perf_counter() - began)
+            except BaseException:
+                self._kv.drop()
+                raise
+            self._kv.drop()
+            raise RuntimeError("the attached pictures are not in the prompt the chat template makes of the messages")
+        raise RuntimeError("the KV cache could not be emptied")  # not reached: attempt 1 never reuses
+
+    def _claim(self, llama: llama_cpp.Llama, messages: list[Any]) -> Optional[Decision]:
+        """A call's turn with the last attach's prefill: another conversation's (or another
+        Llama's) stops; this conversation's is finished or stopped as :attr:`attach_policy` and
+        the measured speeds decide, at its next batch boundary. Its error is this call's."""
+        with self._attach:
+            prefill = self._prefill
+        if prefill is None:
+            return None
+        if prefill.llama is not llama or not continues(messages, prefill.messages):
+            prefill.stop()
+            concurrent.futures.wait([prefill.future])
+            with self._attach:
+                if self._prefill is prefill:
+                    self._prefill = None
+            return None
+        began = time.perf_counter()
+        done = prefill.claim(self._decide)
+        try:
+            result = prefill.future.result()
+        except PreloadSuperseded:
+            return None  # the picture's own encode will tell what it has to
+        except ValueError as error:
+            raise ValueError(f"the attached picture could not be read: {error}") from error
+        except Exception as error:
+            raise RuntimeError(f"the background prefill of the attached picture failed: {error}") from error
+        finally:
+            with self._attach:
+                if self._prefill is prefill:
+                    self._prefill = None
+        full = result.state == "prefilled"
+        used = result.encode_seconds + (result.prefill_seconds if full else 0.0)
+        return Decision("full" if full else "pruned", frozenset(prefill.pictures), done if full else 0,
+                        max(0.0, used - (time.perf_counter() - began)))
+
+    def _decide(self, prefill: Prefill) -> str:
+        """At a batch boundary, with the question here: "finish" when the rows left take no longer
+        than the pruned path's rows (seconds per row as measured on this Llama), else "stop"."""
+        if self.attach_policy != "auto":
+            return "finish" if self.attach_policy == "full" else "stop"
+        kept = sum(image_target(self.keep, self.method, sum(rows), len(rows)) for rows in prefill.chunk_rows)
+        left = prefill.rows - prefill.done
+        background = self._rates.get(prefill.llama, "background")
+        pruned = self._rates.get(prefill.llama, "pruned") or background
+        if background is None or pruned is None:
+            return "finish" if left <= kept else "stop"
+        return "finish" if left * background <= kept * pruned else "stop"
+
     def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
+        with self._attach:
+            self._active += 1
+        try:
+            result = self._call(llama, messages, kwargs)
+        except BaseException:
+            self._leave()
+            raise
+        if kwargs.get("stream"):
+            return Held(result, self._leave)  # the LLM is busy until the stream ends
+        self._leave()
+        return result
+
+    def _leave(self) -> None:
+        with self._attach:
+            self._active -= 1
+            self._attach.notify_all()
+
+    def _call(self, llama: llama_cpp.Llama, messages: list[Any], kwargs: dict[str, Any]) -> Any:
+        decision = self._claim(llama, messages)
         with self._lock:
             self._llama = weakref.ref(llama)
             load_mmproj(self, llama)
             everything = self.text_rows(llama, messages)
             texts = self.image_texts(llama, messages, everything)
             self.last_text_rows = everything.shape[0]
+            whole = self._kv.whole(llama) if self.reuse_kv else frozenset()
             for attempt in range(2):
                 self._pictures = []
-                view = TrimmedMtmd(self, llama, texts, self._kv if self.reuse_kv and attempt == 0 else None)
+                view = TrimmedMtmd(self, llama, texts, self._kv if self.reuse_kv and attempt == 0 else None,
+                                   whole=whole, decision=decision)
                 self.last_selection = view.selections
                 try:
                     with use_view(self, view), prompt_hooks(llama, clear=view.clear, evaluate=view.evaluate):
@@ -466,19 +688,67 @@ class Trimming(StockHooks):
                     raise
                 self.last_reused = view.reused
                 if self.reuse_kv:
-                    self._kv.remember(llama, view.prompt_length)
+                    self._kv.remember(llama, view.prompt_length, view.whole_kept)
                 return result
             raise RuntimeError("the KV cache could not be emptied")  # not reached: attempt 1 never reuses
+
+
+class Held:
+    """A stream that calls `leave` once, when it ends, is closed or is dropped."""
+
+    def __init__(self, stream: Any, leave: Any):
+        self._stream, self._leave = stream, leave
+
+    def __iter__(self) -> "Held":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._stream)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        leave, self._leave = self._leave, None
+        if leave is not None:
+            try:
+                getattr(self._stream, "close", lambda: None)()
+            finally:
+                leave()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Prefilled(Exception):
+    """Ends the stock call of a background prefill after the attached pictures' last row:
+    `length` positions in the cache (None: nothing may be assumed), `whole` the pictures among them
+    decoded with every row."""
+
+    def __init__(self, length: Optional[int], whole: frozenset):
+        super().__init__()
+        self.length, self.whole = length, whole
 
 
 class TrimmedMtmd(MtmdView):
     """``llama_cpp.mtmd_cpp`` as the stock handler sees it during one trimmed call."""
 
-    def __init__(self, handler: Trimming, llama: llama_cpp.Llama, texts: list[np.ndarray], kv: Optional[KvRecord]):
+    def __init__(self, handler: Trimming, llama: llama_cpp.Llama, texts: list[np.ndarray], kv: Optional[KvRecord], *,
+                 whole: frozenset = frozenset(), decision: Optional[Decision] = None, prefill: Optional[Prefill] = None):
         self._handler = handler
         self._llama = llama
         self._texts = [t if t.shape[0] > 0 else None for t in texts]
         self._kv = kv
+        self._decision = decision
+        self._prefill = prefill  # a background prefill: its pictures in small batches, and stop after them
+        if decision is not None and decision.path == "full":
+            whole |= decision.pictures
+        self._whole = whole  # pictures (sha256) kept with every row: answered whole before, or prefilled
+        self.whole_kept: frozenset = frozenset()  # pictures this call decoded (or found) with every row
+        self._prefilled = 0  # rows of the prefill's pictures decoded so far
+        self._starts: dict[str, int] = {}  # picture -> its first position
+        self._last_image: Optional[int] = None  # the prompt's last image chunk
         self.reuse: Optional[Reuse] = None
         self.prompt_length = 0  # positions the prompt fills
         self._chunks: Any = None
@@ -504,6 +774,7 @@ class TrimmedMtmd(MtmdView):
             n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
             if is_image(chunk):
                 key = mtmd_cpp.mtmd_input_chunk_get_id(chunk) or i
+                self._last_image = int(chunk)
                 image = images.setdefault(key, [0, 0, 0, False])
                 image[0] += n
                 image[1] += 1
@@ -511,8 +782,8 @@ class TrimmedMtmd(MtmdView):
                 image[3] = image[3] or mtmd_cpp.mtmd_decode_use_non_causal(ctx, chunk)
             else:
                 text += n
-        handler = self._handler
-        targets = [image_target(handler.keep, handler.method, rows, count) for rows, count, _, _ in images.values()]
+        targets = [image_target(self._keep(key), self._handler.method, rows, count)
+                   for key, (rows, count, _, _) in images.items()]
         cells = text + sum(targets)
         positions = text + sum(image[2] for image in images.values()) if mtmd_cpp.mtmd_decode_use_mrope(ctx) else cells
         self.prompt_length = positions
@@ -578,7 +849,7 @@ class TrimmedMtmd(MtmdView):
         if self.reuse is not None:
             if self.reuse.image(start, ids):
                 set_out_position(new_n_past, start + n_pos)
-                return 0
+                return self._after_image(chunk, start + n_pos)
             self.reuse.diverge(start)
         causal = not mtmd_cpp.mtmd_decode_use_non_causal(ctx, chunk)
         n_batch = int(n_batch)
@@ -588,12 +859,56 @@ class TrimmedMtmd(MtmdView):
                 raise ValueError(self._ubatch_message(len(rows), n_ubatch))
             n_batch = max(n_batch, len(rows))  # one batch: every row sees every other row
         began = time.perf_counter()
-        with attention(lctx, causal):
-            decode_rows(lctx, rows, positions, int(getattr(seq_id, "value", seq_id)), n_batch)
-        selection.decode_seconds += time.perf_counter() - began
+        picture = (mtmd_cpp.mtmd_input_chunk_get_id(chunk) or b"").decode().split("-")[-1]
+        first = self._starts.setdefault(picture, start)  # the picture's first position (LLaVA-1.6: several chunks)
+        batches = None
+        if self._prefill is not None and picture in self._prefill.pictures:
+            batches = self._batches(len(rows) if not causal else None, n_batch)
+        try:
+            with attention(lctx, causal):
+                decode_rows(lctx, rows, positions, int(getattr(seq_id, "value", seq_id)), n_batch, batches)
+        except PrefillStopped:
+            # The picture's rows leave the cache; the prompt before it stays.
+            self._llama.n_tokens = first
+            raise Prefilled(first if trim_kv(self._llama, first) else None, self.whole_kept - {picture}) from None
+        seconds = time.perf_counter() - began
+        selection.decode_seconds += seconds
+        if batches is None:
+            self._handler._rates.note(self._llama, "pruned", len(rows), seconds)
+        else:
+            self._prefilled += len(rows)
         self._llama.input_ids[start : start + n_pos] = ids
         set_out_position(new_n_past, start + n_pos)
+        return self._after_image(chunk, start + n_pos)
+
+    def _after_image(self, chunk: Any, end: int) -> int:
+        """A background prefill ends after the last image chunk (the stock call goes no further)."""
+        if self._prefill is not None and int(chunk) == self._last_image:
+            self._llama.n_tokens = end
+            raise Prefilled(end, self.whole_kept)
         return 0
+
+    def _batches(self, rows: Optional[int], n_batch: int) -> Any:
+        """The batch sizes of a background prefill (decode_rows' `batches`): a checkpoint before each
+        batch; about BATCH_SECONDS each at the speed measured, full-size ones once told to finish;
+        `rows` (a non-causal image) all in one batch."""
+        prefill, rates, llama = self._prefill, self._handler._rates, self._llama
+        base = self._prefilled
+        last = {"at": time.perf_counter(), "done": 0, "seconds": prefill.decode_seconds}
+
+        def batches(done: int) -> int:
+            now = time.perf_counter()
+            if done > last["done"]:
+                rates.note(llama, "background", done - last["done"], now - last["at"])
+                last["seconds"] += now - last["at"]
+            last["at"], last["done"] = now, done
+            finish = prefill.checkpoint(base + done, last["seconds"])
+            last["at"] = time.perf_counter()  # not the time parked while a request decided
+            if rows is not None:
+                return rows
+            return n_batch if finish else next_batch(rates.get(llama, "background"), n_batch)
+
+        return batches
 
     def _plan(self, chunk) -> tuple[ImageSelection, np.ndarray, np.ndarray]:
         """Encodes and selects the whole image `chunk` belongs to, on first sight of any of its
@@ -613,15 +928,26 @@ class TrimmedMtmd(MtmdView):
 
         began = time.perf_counter()
         text = self._texts[selection.image] if selection.image < len(self._texts) else None
-        selection.indices = select_image(embeddings, text, handler.keep, method=handler.method,
+        selection.indices = select_image(embeddings, text, self._keep(image_id), method=handler.method,
                                          stage1_ratio=handler.stage1_ratio, alignment=handler.alignment,
                                          backend=handler.backend)
         for c, rows, kept in zip(group, embeddings, selection.indices):
             self._plans[int(c)] = (selection, rows[kept], kept)
         selection.kept = sum(len(k) for k in selection.indices)
         selection.select_seconds = time.perf_counter() - began
+        if selection.kept == selection.rows:
+            self.whole_kept |= {picture}
+        decision = self._decision
+        if decision is not None and picture in decision.pictures:
+            selection.path, selection.saved_seconds = decision.path, decision.saved_seconds
+            selection.prefilled_rows = decision.rows_ahead
         self.selections.append(selection)
         return self._plans[key]
+
+    def _keep(self, image_id: Any) -> KeepArg:
+        """The keep of the image whose libmtmd id is `image_id`: None (every row) for a picture kept whole."""
+        picture = (image_id if isinstance(image_id, bytes) else b"").decode().split("-")[-1]
+        return None if picture in self._whole else self._handler.keep
 
     def _encoded(self, ctx: Any, group: list[Any], picture: str, selection: ImageSelection) -> list[np.ndarray]:
         """The encoder's rows of each chunk of one image: from the image cache, from a preload in

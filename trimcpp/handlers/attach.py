@@ -1,0 +1,194 @@
+"""Prefill on attach: the picture's rows go into the KV cache while the user types the question.
+
+:meth:`trimcpp.handlers.mechanism.Trimming.attach` encodes the pictures of the conversation's last
+user message (as ``preload`` does), then, on a background thread, prefills the prompt up to and
+including every row of them: the template's text before the picture (system prompt, "USER:") and
+the rows, in batches of about :data:`BATCH_SECONDS` each, so that a question stops it within about
+that long. Only that much can go ahead of the question: stage 1 reads its text, and the text after
+the picture is the question's.
+
+When the question comes, the request asks the :class:`Prefill` for a decision at its next batch
+boundary (:meth:`Prefill.claim`):
+
+- ``"finish"``: the prefill goes on in full-size batches and the request waits for it, then finds
+  the prompt up to the picture's last row in the KV cache and decodes only its own text; the
+  picture is answered with every row (stock's answer);
+- ``"stop"``: the prefill removes the rows it decoded (one ``trim_kv`` to the picture's first
+  position) and ends; the request takes the pruned path, reusing the text before the picture.
+
+The policy (:data:`POLICIES`): ``"auto"`` finishes when the rows left take no longer than the
+pruned path's rows (each estimated with the seconds per row measured on that Llama; ties to every
+row), ``"full"`` always finishes, ``"pruned"`` never prefills (attach then only encodes). A
+request from another conversation stops it; so does a second attach.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+import weakref
+from typing import Any, Callable, Optional
+
+POLICIES = ("auto", "full", "pruned")
+BATCH_SECONDS = 1.0  # a background batch takes about this long: how soon a question stops it
+FIRST_BATCH = 16  # rows of the first background batch, before the Llama's speed is known
+SMALLEST_BATCH = 4
+
+
+class PrefillStopped(Exception):
+    """Raised at a batch boundary of a background prefill that was told to stop."""
+
+
+@dataclasses.dataclass
+class Attached:
+    """The result of :meth:`Trimming.attach`'s future: how far the background prefill got."""
+
+    pictures: list[str]  # sha256 of each attached picture, in prompt order
+    rows: int  # image rows of the attached pictures (all chunks)
+    prefilled_rows: int  # of them in the KV cache when the prefill ended (rows, or 0 when it stopped)
+    state: str  # "prefilled" (every row is in the KV cache), "stopped" (a request or attach stopped it), "encoded"
+    encode_seconds: float  # the encodes this attach did (0 for pictures already cached)
+    prefill_seconds: float  # the background decode of text and rows
+
+
+@dataclasses.dataclass
+class Decision:
+    """What a request decided about the prefill it found (``ImageSelection.path`` and friends)."""
+
+    path: str  # "full" (every row, prefilled on attach) or "pruned"
+    pictures: frozenset  # the attached pictures' sha256
+    rows_ahead: int  # rows the prefill had decoded when the request came (0 for "pruned")
+    saved_seconds: float  # background encode (and, for "full", prefill) the answer used, less the request's wait
+
+
+class AttachFuture(concurrent.futures.Future):
+    """The future :meth:`Trimming.attach` returns (an :class:`Attached`), with its progress."""
+
+    def __init__(self, prefill: "Prefill"):
+        super().__init__()
+        self._prefill = prefill
+
+    def progress(self) -> dict[str, Any]:
+        """``state`` ("encoding", "waiting" for the model to be idle, "prefilling", then the result's
+        state, or "failed"), ``rows`` (the attached pictures' rows, 0 until encoded) and
+        ``prefilled_rows`` (of them in the KV cache)."""
+        prefill = self._prefill
+        with prefill.cond:
+            return {"state": prefill.state, "rows": prefill.rows, "prefilled_rows": prefill.done}
+
+
+class Prefill:
+    """One background prefill: its progress and the decision a request gives it.
+
+    Every field is read and written under :attr:`cond` (the handler's), which the background thread
+    waits on at each batch boundary while a request decides."""
+
+    def __init__(self, cond: threading.Condition, llama: Any, messages: list[Any], pictures: list[str]):
+        self.cond = cond
+        self.llama = llama
+        self.messages = messages
+        self.pictures = pictures
+        self.future = AttachFuture(self)
+        self.future.set_running_or_notify_cancel()
+        self.state = "encoding"  # then "waiting" (for the model to be idle), "prefilling", and the result's state
+        self.rows = 0  # attached image rows (known when the encode is done)
+        self.chunk_rows: list[list[int]] = []  # per attached picture, its chunks' rows
+        self.done = 0  # of them decoded
+        self.encode_seconds = 0.0
+        self.decode_seconds = 0.0  # background decode so far
+        self.order: Optional[str] = None  # "stop" or "finish", set by a request (or "stop" by an attach)
+        self.asked = 0  # requests waiting for the next boundary to decide
+        self.parked = False  # the background thread waits at a boundary for an order
+
+    @property
+    def finished(self) -> bool:
+        return self.future.done()
+
+    def checkpoint(self, done: int, seconds: float) -> bool:
+        """At a batch boundary of the background thread: `done` rows decoded in `seconds` so far.
+        Waits while a request decides; raises PrefillStopped on "stop"; True once told to finish."""
+        with self.cond:
+            self.done, self.decode_seconds = done, seconds
+            if self.order is None and self.asked:
+                self.parked = True
+                self.cond.notify_all()
+                while self.order is None:
+                    self.cond.wait()
+                self.parked = False
+            if self.order == "stop":
+                raise PrefillStopped()
+            return self.order == "finish"
+
+    def stop(self) -> None:
+        """Tells the prefill to stop at its next batch boundary (unless a request already decided)."""
+        with self.cond:
+            if self.order is None:
+                self.order = "stop"
+                self.cond.notify_all()
+
+    def claim(self, decide: Callable[["Prefill"], str]) -> int:
+        """A request's turn: waits for the background thread's next batch boundary (or its end),
+        gives it ``decide(self)``'s order there; returns the rows decoded by then. The caller then
+        waits for :attr:`future`."""
+        with self.cond:
+            self.asked += 1
+            self.cond.notify_all()  # a prefill waiting for the model to be idle decides now
+            try:
+                while not self.parked and not self.finished and self.order is None:
+                    self.cond.wait()
+                if self.order is None and self.parked:
+                    self.order = decide(self)
+                    self.cond.notify_all()
+                return self.done
+            finally:
+                self.asked -= 1
+
+    def end(self, result: Optional[Attached] = None, error: Optional[BaseException] = None) -> None:
+        """The background thread's last act: the future done, every waiter woken."""
+        with self.cond:
+            if result is not None:
+                self.state, self.done = result.state, result.prefilled_rows
+                self.future.set_result(result)
+            else:
+                self.state = "failed"
+                self.future.set_exception(error)
+            self.cond.notify_all()
+
+
+def continues(messages: list[Any], attached: list[Any]) -> bool:
+    """Whether a request's `messages` continue the conversation `attached` was prefilled for: the
+    same messages before its last one, and that user message with the same pictures (its text may
+    differ: the question)."""
+    if not attached or len(messages) < len(attached) or messages[: len(attached) - 1] != attached[:-1]:
+        return False
+    last, now = attached[-1], messages[len(attached) - 1]
+    if not isinstance(now, dict) or now.get("role") != last.get("role"):
+        return False
+    pictures = lambda message: [part for part in message.get("content") or [] if isinstance(part, dict)  # noqa: E731
+                                and part.get("type") == "image_url"]
+    return isinstance(now.get("content"), list) and pictures(now)[: len(pictures(last))] == pictures(last)
+
+
+class Rates:
+    """Seconds per image row measured on each Llama: background batches and pruned decodes."""
+
+    def __init__(self) -> None:
+        self._rates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def note(self, llama: Any, kind: str, rows: int, seconds: float) -> None:
+        if rows > 0 and seconds > 0:
+            rates = self._rates.setdefault(llama, {})
+            rate = seconds / rows
+            rates[kind] = rate if kind not in rates else 0.5 * (rates[kind] + rate)
+
+    def get(self, llama: Any, kind: str) -> Optional[float]:
+        return self._rates.get(llama, {}).get(kind)
+
+
+def next_batch(rate: Optional[float], n_batch: int) -> int:
+    """Rows of the next background batch: about BATCH_SECONDS at the measured rate."""
+    if rate is None:
+        return min(FIRST_BATCH, n_batch)
+    return max(SMALLEST_BATCH, min(n_batch, int(BATCH_SECONDS / rate)))
+
