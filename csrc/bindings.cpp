@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -88,6 +89,13 @@ std::vector<Indices> select_image(const std::vector<Floats>& chunks, const std::
 
 }  // namespace
 
+// A ggml abort callback (llama_set_abort_callback) that reads a one-byte flag its caller owns: a
+// background prefill stops within one graph node when the flag is set, and ggml's compute threads
+// never take Python's GIL to ask.
+extern "C" bool trimcpp_abort_requested(void* flag) {
+  return __atomic_load_n(static_cast<const unsigned char*>(flag), __ATOMIC_RELAXED) != 0;
+}
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "trimcpp's selection core (private; use the functions of the trimcpp package)";
   py::enum_<trim::Method>(m, "Method")
@@ -119,6 +127,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("select_image", &select_image, py::arg("chunks"), py::arg("text"), py::arg("keep_count"),
         py::arg("keep_share"), py::arg("method"), py::arg("stage1_ratio"), py::arg("seed"),
         "One image's kept rows per chunk, as the patched llama.cpp tools select them (CPU).");
+  m.def(
+      "abort_callback", [] { return reinterpret_cast<std::uintptr_t>(&trimcpp_abort_requested); },
+      "The address of a ggml abort callback whose data is a one-byte flag (nonzero: abort).");
   m.def("cpu_available", &trim::cpu::available, "Whether the CPU backend runs here.");
   m.def("cuda_available", &trim::cuda::available, "Whether this build has CUDA and a usable device.");
   m.def("cuda_device", &trim::cuda::device_name, "The CUDA device's name, or why there is none.");

@@ -83,6 +83,17 @@ def parse_budgets(text: str) -> list[int]:
     return budgets
 
 
+def parse_leads(text: str) -> list[float]:
+    """Comma-separated seconds such as 0,5,10,20,40 (each 0..600)."""
+    try:
+        leads = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seconds such as 0,5,10,20,40, got {text!r}") from None
+    if not leads or not all(0 <= lead <= 600 for lead in leads):
+        raise argparse.ArgumentTypeError(f"leads must be in 0..600 seconds, got {text!r}")
+    return leads
+
+
 def parse_flash_attn(text: str):
     """auto, on or off, as a handler's encoder_flash_attn ("auto", True, False)."""
     values = {"auto": "auto", "on": True, "off": False}
@@ -295,12 +306,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             image_max_tokens=args.image_max_tokens).check("trimcpp bench", mmproj)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
-    rows = 3 + len(args.keep) + (args.attach_lead is not None) + 2 * bool(args.image_max_tokens)
+    if args.attach_lead:
+        return _bench_lead(args, model, mmproj, image, chat_format, encoder)
+    rows = 3 + len(args.keep) + 2 * bool(args.image_max_tokens)
     with _progress(1 + args.repeat * rows) as step:
         result = ttft.run(model, mmproj, image_messages(image, args.prompt), args.keep, repeat=args.repeat,
                           chat_format=chat_format, method=args.method, n_ctx=args.n_ctx, threads=args.threads,
-                          encoder=encoder, attach_lead=args.attach_lead, image_max_tokens=args.image_max_tokens,
-                          image=image, on_step=step)
+                          encoder=encoder, image_max_tokens=args.image_max_tokens, on_step=step)
     width, height = Image.open(io.BytesIO(image)).size
     result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height})
     flash = {True: "on", False: "off"}.get(encoder.flash_attn, encoder.flash_attn)
@@ -309,6 +321,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
                    f"LLM {result['threads']} threads (plain Llama(): {result['plain_threads']}); our encoder: flash "
                    f"attention {flash}, {encoder.threads or 'n_threads_batch'} threads; medians of {args.repeat} "
                    "interleaved rounds", ttft.table(result))
+
+
+def _bench_lead(args: argparse.Namespace, model: str, mmproj: str, image: bytes, chat_format: str, encoder: Any) -> int:
+    from .bench import lead
+
+    if args.image_max_tokens:
+        encoder = dataclasses.replace(encoder, image_max_tokens=args.image_max_tokens)
+    with _progress(2 + args.repeat * (3 + 3 * len(args.attach_lead))) as step:
+        result = lead.run(model, mmproj, image_messages(image, args.prompt), min(args.keep), args.attach_lead,
+                          repeat=args.repeat, chat_format=chat_format, method=args.method, n_ctx=args.n_ctx,
+                          threads=args.threads, encoder=encoder, on_step=step)
+    width, height = Image.open(io.BytesIO(image)).size
+    result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height})
+    if args.plot:
+        name = os.path.basename(model) if args.model else f"{args.family} {args.shape} shape"
+        lead.plot(result, args.plot, f"{name}: first token after the question")
+    flash = {True: "on", False: "off"}.get(encoder.flash_attn, encoder.flash_attn)
+    return _report(args, result, f"model   {model}\nmmproj  {mmproj}  ({chat_format})\nimage   "
+                   f"{result['image']['source']} {width}x{height}, prompt {args.prompt!r}",
+                   f"LLM {result['threads']} threads (plain Llama(): {result['plain_threads']}), n_batch "
+                   f"{result['n_batch']}; our encoder: flash attention {flash}; medians of {args.repeat} interleaved "
+                   "rounds", lead.table(result))
 
 
 @contextlib.contextmanager
@@ -461,9 +495,12 @@ def _parser() -> argparse.ArgumentParser:
                        "(default 16)")
     bench.add_argument("--stage1-ratio", type=parse_stage1, default=0.8, help="with --turns: TrimTokenator's stage-1 share "
                        "(default 0.8)")
-    bench.add_argument("--attach-lead", type=float, metavar="SECONDS",
-                       help="also time trimmed at the smallest --keep with the picture attached (preloaded) this many "
-                            "seconds before the question; the time runs from the question")
+    bench.add_argument("--attach-lead", type=parse_leads, metavar="SECONDS",
+                       help="instead of the budgets table: the picture attached this many seconds before the question "
+                            "(a comma list, e.g. 0,5,10,20,40), with each attach policy (pruned at the smallest --keep, "
+                            "full, auto) against stock; the time runs from the question")
+    bench.add_argument("--plot", metavar="PNG", help="with --attach-lead: also draw time to first token against the "
+                       "lead to this PNG file")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     common(bench)
     bench.set_defaults(run=cmd_bench)
@@ -544,8 +581,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--turns must be in 1..6 (0: off) and --answer-tokens >= 1")
     if getattr(args, "limit", None) is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
-    if getattr(args, "attach_lead", None) is not None and not 0 <= args.attach_lead <= 600:
-        parser.error("--attach-lead must be in 0..600 seconds")
+    if getattr(args, "plot", None) and not getattr(args, "attach_lead", None):
+        parser.error("--plot goes with --attach-lead")
     try:
         return args.run(args)
     except UsageError as error:

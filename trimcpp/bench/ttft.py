@@ -12,8 +12,6 @@ alike); the table holds the medians over the rounds. A request is the user's ima
 - stock, trimcpp's encoder settings: the same, with the encoder settings the trimmed handler uses
   (flash attention ``auto``, every core): what pruning alone earns is the ratio against this one;
 - trimmed at each budget (every request a first question: no image cache, no KV reuse);
-- with ``attach_lead``: trimmed at the smallest budget, the picture preloaded that many seconds
-  before the question (``handler.preload``); the time runs from the question;
 - with ``image_max_tokens``: stock with trimcpp's encoder settings and trimmed at the smallest
   budget, both with that token budget for the encoder.
 
@@ -23,7 +21,7 @@ request of the fresh stock and trimmed handlers are timed (``cold``: loading the
 trimmed, opening the token-embedding table included).
 A request's parts:
 
-- encode: libmtmd's image encoder (with a lead: the encode still running when the question came);
+- encode: libmtmd's image encoder;
 - select: trimcpp's row selection (stock: none);
 - prefill: the rest, i.e. the LLM's work on the text and image rows and the first token.
 
@@ -124,22 +122,14 @@ def request(llama: llama_cpp.Llama, handler: Any, messages: list[dict]) -> Sampl
                   sum(i.encode_seconds + i.wait_seconds for i in images), sum(i.select_seconds for i in images), ttft)
 
 
-def attached_request(llama: llama_cpp.Llama, handler: Any, messages: list[dict], image: bytes, lead: float) -> Sample:
-    """The picture preloaded (`handler.preload`), the question `lead` seconds later: the time from the question."""
-    handler.preload(image, llama=llama)
-    time.sleep(lead)
-    return request(llama, handler, messages)
-
-
 @dataclasses.dataclass
 class Config:
     """One row of the table: which handler, set up how (before the request, untimed)."""
 
-    name: str  # stock-plain, stock, stock-encoder, trimmed, trimmed-attached
+    name: str  # stock-plain, stock, stock-encoder, trimmed
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)  # a stock handler's encoder fields
     keep: Optional[int] = None
     image_max_tokens: Optional[int] = None
-    lead: Optional[float] = None
 
     @property
     def stock(self) -> bool:
@@ -147,7 +137,7 @@ class Config:
 
     def label(self) -> str:
         text = {"stock-plain": "stock, plain Llama()", "stock": "stock", "stock-encoder": "stock, our encoder",
-                "trimmed": "trimmed", "trimmed-attached": f"trimmed, {self.lead or 0:g} s lead"}[self.name]
+                "trimmed": "trimmed"}[self.name]
         return text + ("" if self.image_max_tokens is None else f", max {self.image_max_tokens}")
 
 
@@ -156,8 +146,8 @@ class Bench:
     stock handler's context is made again when its settings change; so is the trimmed handler's):
     one mmproj context each, whatever the number of rows in the table."""
 
-    def __init__(self, llama: llama_cpp.Llama, stock: TimedStock, trimmed: Any, messages: list[dict], image: bytes):
-        self.llama, self.stock, self.trimmed, self.messages, self.image = llama, stock, trimmed, messages, image
+    def __init__(self, llama: llama_cpp.Llama, stock: TimedStock, trimmed: Any, messages: list[dict]):
+        self.llama, self.stock, self.trimmed, self.messages = llama, stock, trimmed, messages
         self._fields: Optional[dict[str, Any]] = None
 
     def prepare(self, config: Config) -> None:
@@ -175,23 +165,17 @@ class Bench:
         self.prepare(config)
         if config.stock:
             return request(self.llama, self.stock, self.messages)
-        if config.lead is not None:
-            return attached_request(self.llama, self.trimmed, self.messages, self.image, config.lead)
         return request(self.llama, self.trimmed, self.messages)
 
 
 def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, repeat: int = 3,
         chat_format: str = "llava-1-5", method: str = "trimtokenator", n_ctx: int = 2048, threads: Optional[int] = None,
-        encoder: Optional[EncoderSettings] = None, attach_lead: Optional[float] = None,
-        image_max_tokens: Optional[int] = None, image: Optional[bytes] = None,
+        encoder: Optional[EncoderSettings] = None, image_max_tokens: Optional[int] = None,
         on_step: Optional[Step] = None) -> dict[str, Any]:
     """Measures every configuration of the module doc, `repeat` rounds, interleaved. `encoder`: the
-    trimmed handler's encoder settings (default: its defaults); `image`: the picture of `messages`
-    (its bytes, for the preload of `attach_lead`). Returns the settings, the machine, the cold
+    trimmed handler's encoder settings (default: its defaults). Returns the settings, the machine, the cold
     requests and one entry per configuration with the medians and every run."""
     encoder = encoder or EncoderSettings()
-    if attach_lead is not None and image is None:
-        raise ValueError("attach_lead needs the picture's bytes (image)")
     llama = load_llama(model, None, n_ctx=n_ctx, threads=threads)
     # A default Llama(...): n_threads half the cores, flash attention off; the stock handler gives its
     # encoder both. (Its LLM prefill runs on n_threads_batch, every core, as the benchmark's Llama.)
@@ -201,9 +185,6 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
     configs = [Config("stock-plain", {"flash_attn_type": off, "n_threads": plain_threads}),
                Config("stock", stock_fields), Config("stock-encoder", encoder.fields(llama))]
     configs += [Config("trimmed", keep=keep, image_max_tokens=encoder.image_max_tokens) for keep in keeps]
-    if attach_lead is not None:
-        configs.append(Config("trimmed-attached", keep=min(keeps), image_max_tokens=encoder.image_max_tokens,
-                              lead=attach_lead))
     if image_max_tokens is not None:
         limited = dataclasses.replace(encoder, image_max_tokens=image_max_tokens)
         configs += [Config("stock-encoder", limited.fields(llama), image_max_tokens=image_max_tokens),
@@ -214,7 +195,7 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
                                        reuse_kv=False, encoder_flash_attn=encoder.flash_attn,
                                        encoder_threads=encoder.threads, image_min_tokens=encoder.image_min_tokens,
                                        image_max_tokens=encoder.image_max_tokens)
-    bench = Bench(llama, stock, trimmed, messages, image or b"")
+    bench = Bench(llama, stock, trimmed, messages)
     # A throwaway stock handler's request pages the model files in; then the first requests of the
     # fresh stock and trimmed handlers (cold: their mmproj load, and the token table, included).
     throwaway = timed_stock(chat_format, mmproj, verbose=False)
@@ -241,7 +222,7 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
         ttft = median(runs, "ttft_s")
         entries.append({
             "handler": config.name, "label": config.label(), "keep": config.keep,
-            "image_max_tokens": config.image_max_tokens, "attach_lead_s": config.lead,
+            "image_max_tokens": config.image_max_tokens,
             "rows": runs[0].rows, "kept": runs[0].kept,
             "encode_s": median(runs, "encode_s"), "select_ms": 1e3 * median(runs, "select_s"),
             "prefill_s": statistics.median(s.prefill_s for s in runs), "ttft_s": ttft,
@@ -254,7 +235,7 @@ def run(model: str, mmproj: str, messages: list[dict], keeps: Sequence[int], *, 
                         and e["image_max_tokens"] == encoder.image_max_tokens)
     return {"model": model, "mmproj": mmproj, "chat_format": chat_format, "method": method, "repeat": repeat, "n_ctx": n_ctx,
             "threads": llama.n_threads, "plain_threads": plain_threads,
-            "encoder": dataclasses.asdict(encoder), "attach_lead_s": attach_lead, "machine": machine(),
+            "encoder": dataclasses.asdict(encoder), "machine": machine(),
             "cold": {"stock_s": cold["stock"], "stock_warm_s": base, "trimmed_s": cold["trimmed"],
                      "trimmed_warm_s": warm_trimmed, "keep": min(keeps)},
             "results": entries}

@@ -7,14 +7,14 @@ the rows, in batches of about :data:`BATCH_SECONDS` each, so that a question sto
 that long. Only that much can go ahead of the question: stage 1 reads its text, and the text after
 the picture is the question's.
 
-When the question comes, the request asks the :class:`Prefill` for a decision at its next batch
-boundary (:meth:`Prefill.claim`):
+When the question comes, the request decides at once (:meth:`Prefill.claim`):
 
 - ``"finish"``: the prefill goes on in full-size batches and the request waits for it, then finds
   the prompt up to the picture's last row in the KV cache and decodes only its own text; the
   picture is answered with every row (stock's answer);
-- ``"stop"``: the prefill removes the rows it decoded (one ``trim_kv`` to the picture's first
-  position) and ends; the request takes the pruned path, reusing the text before the picture.
+- ``"stop"``: the batch in flight is abandoned (llama.cpp's abort callback, within one graph node),
+  the prefill removes the rows it decoded (one ``trim_kv`` to the picture's first position) and
+  ends; the request takes the pruned path, reusing the text before the picture.
 
 The policy (:data:`POLICIES`): ``"auto"`` finishes when the rows left take no longer than the
 pruned path's rows (each estimated with the seconds per row measured on that Llama; ties to every
@@ -25,13 +25,14 @@ request from another conversation stops it; so does a second attach.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import threading
 import weakref
 from typing import Any, Callable, Optional
 
 POLICIES = ("auto", "full", "pruned")
-BATCH_SECONDS = 1.0  # a background batch takes about this long: how soon a question stops it
+BATCH_SECONDS = 1.0  # a background batch takes about this long (a question need not wait for its end)
 FIRST_BATCH = 16  # rows of the first background batch, before the Llama's speed is known
 SMALLEST_BATCH = 4
 
@@ -81,8 +82,10 @@ class AttachFuture(concurrent.futures.Future):
 class Prefill:
     """One background prefill: its progress and the decision a request gives it.
 
-    Every field is read and written under :attr:`cond` (the handler's), which the background thread
-    waits on at each batch boundary while a request decides."""
+    Every field is read and written under :attr:`cond` (the handler's). A request decides at once
+    (:meth:`claim`); the background thread reads the order at its next batch boundary, and a
+    "stop" also sets :attr:`abort`, the flag of llama.cpp's abort callback, so that the batch in
+    flight ends within one graph node (llama.cpp then drops that batch's cells)."""
 
     def __init__(self, cond: threading.Condition, llama: Any, messages: list[Any], pictures: list[str]):
         self.cond = cond
@@ -96,53 +99,51 @@ class Prefill:
         self.chunk_rows: list[list[int]] = []  # per attached picture, its chunks' rows
         self.done = 0  # of them decoded
         self.encode_seconds = 0.0
-        self.decode_seconds = 0.0  # background decode so far
         self.order: Optional[str] = None  # "stop" or "finish", set by a request (or "stop" by an attach)
-        self.asked = 0  # requests waiting for the next boundary to decide
-        self.parked = False  # the background thread waits at a boundary for an order
+        self.abort = ctypes.c_ubyte(0)  # nonzero: llama.cpp abandons the batch in flight
 
     @property
     def finished(self) -> bool:
         return self.future.done()
 
-    def checkpoint(self, done: int, seconds: float) -> bool:
-        """At a batch boundary of the background thread: `done` rows decoded in `seconds` so far.
-        Waits while a request decides; raises PrefillStopped on "stop"; True once told to finish."""
+    def encoded(self, chunk_rows: list[list[int]], seconds: float) -> None:
         with self.cond:
-            self.done, self.decode_seconds = done, seconds
-            if self.order is None and self.asked:
-                self.parked = True
-                self.cond.notify_all()
-                while self.order is None:
-                    self.cond.wait()
-                self.parked = False
+            self.chunk_rows, self.encode_seconds = chunk_rows, seconds
+            self.rows = sum(sum(rows) for rows in chunk_rows)
+            self.state = "waiting"
+            self.cond.notify_all()
+
+    def checkpoint(self, done: int) -> bool:
+        """At a batch boundary of the background thread, `done` rows decoded: raises PrefillStopped
+        on "stop"; True once told to finish."""
+        with self.cond:
+            self.done = done
             if self.order == "stop":
                 raise PrefillStopped()
             return self.order == "finish"
 
     def stop(self) -> None:
-        """Tells the prefill to stop at its next batch boundary (unless a request already decided)."""
+        """Tells the prefill to stop now (unless a request already decided)."""
         with self.cond:
             if self.order is None:
-                self.order = "stop"
-                self.cond.notify_all()
+                self._give("stop")
+
+    def _give(self, order: str) -> None:
+        self.order = order
+        if order == "stop":
+            self.abort.value = 1
+        self.cond.notify_all()
 
     def claim(self, decide: Callable[["Prefill"], str]) -> int:
-        """A request's turn: waits for the background thread's next batch boundary (or its end),
-        gives it ``decide(self)``'s order there; returns the rows decoded by then. The caller then
-        waits for :attr:`future`."""
+        """A request's turn: once the pictures are encoded (their rows known), gives the prefill
+        ``decide(self)``'s order; returns the rows decoded by then. The caller then waits for
+        :attr:`future` (the rest of the prefill, or its stop)."""
         with self.cond:
-            self.asked += 1
-            self.cond.notify_all()  # a prefill waiting for the model to be idle decides now
-            try:
-                while not self.parked and not self.finished and self.order is None:
-                    self.cond.wait()
-                if self.order is None and self.parked:
-                    self.order = decide(self)
-                    self.cond.notify_all()
-                return self.done
-            finally:
-                self.asked -= 1
+            while self.state == "encoding" and not self.finished:
+                self.cond.wait()
+            if self.order is None and not self.finished:
+                self._give(decide(self))
+            return self.done
 
     def end(self, result: Optional[Attached] = None, error: Optional[BaseException] = None) -> None:
         """The background thread's last act: the future done, every waiter woken."""

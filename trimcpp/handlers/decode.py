@@ -45,11 +45,32 @@ def decode_rows(lctx, rows: np.ndarray, positions: np.ndarray, seq_id: int, n_ba
                 position = slots[i].ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
                 llama_cpp.llama_batch_ext_set_pos(batch, index, position)
             status = llama_cpp.llama_process(lctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
+            if status == 2 and batches is not None:
+                raise Aborted()  # abortable(): llama.cpp dropped this batch's cells
             if status != 0:
                 raise RuntimeError(f"llama.cpp failed to decode image rows (status {status})")
             first += size
     finally:
         llama_cpp.llama_batch_ext_free(batch)
+
+
+class Aborted(Exception):
+    """A batch of :func:`decode_rows` was abandoned through its :func:`abortable` flag."""
+
+
+@contextlib.contextmanager
+def abortable(lctx, flag: ctypes.c_ubyte) -> Iterator[None]:
+    """Within the block, llama.cpp abandons a decode in flight as soon as `flag` is nonzero (its
+    abort callback: trimcpp's C function reading the flag, so ggml's threads never need the GIL);
+    the decode then returns 2 and llama.cpp drops the cells of that batch."""
+    from .._core import abort_callback
+
+    callback = llama_cpp.ggml_abort_callback(abort_callback())
+    llama_cpp.llama_set_abort_callback(lctx, callback, ctypes.cast(ctypes.pointer(flag), ctypes.c_void_p))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_set_abort_callback(lctx, ctypes.cast(None, llama_cpp.ggml_abort_callback), None)
 
 
 @contextlib.contextmanager

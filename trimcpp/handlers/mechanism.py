@@ -33,6 +33,7 @@ the background before its question comes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -67,7 +68,7 @@ from ..llamacpp import (
 from ..selection import Keep, Stage1, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
 from .attach import POLICIES, Attached, Decision, Prefill, PrefillStopped, Rates, continues, next_batch
 from .conversation import FOLLOW_UPS, ImageCache, KvRecord, Restart, Reuse
-from .decode import attention, decode_rows, row_ids
+from .decode import Aborted, abortable, attention, decode_rows, row_ids
 from .encoder import EncoderSettings, FlashAttn
 
 KeepArg = Optional[Keep]
@@ -537,11 +538,7 @@ class Trimming(StockHooks):
             if previous is not None:
                 concurrent.futures.wait([previous.future])  # it stops at its next boundary
             encoded = [future.result() for future in encodes]
-            with self._attach:
-                prefill.encode_seconds = sum(e.encode_seconds for e in encoded)
-                prefill.chunk_rows = [e.chunk_rows for e in encoded]
-                prefill.rows = sum(e.rows for e in encoded)
-                prefill.state = "waiting"
+            prefill.encoded([e.chunk_rows for e in encoded], sum(e.encode_seconds for e in encoded))
             if self.attach_policy == "pruned" or not self.reuse_kv:
                 prefill.end(Attached(prefill.pictures, prefill.rows, 0, "encoded", prefill.encode_seconds, 0.0))
                 return
@@ -556,10 +553,7 @@ class Trimming(StockHooks):
     def _wait_idle(self, prefill: Prefill) -> None:
         """Until no call runs on the handler (or a call decides): the LLM is one call's at a time."""
         with self._attach:
-            while prefill.order is None and (self._active or prefill.asked):
-                if prefill.asked:
-                    prefill.checkpoint(0, 0.0)  # a call decides now
-                    break
+            while prefill.order is None and self._active:
                 self._attach.wait()
             if prefill.order == "stop":
                 raise PrefillStopped()
@@ -861,13 +855,14 @@ class TrimmedMtmd(MtmdView):
         began = time.perf_counter()
         picture = (mtmd_cpp.mtmd_input_chunk_get_id(chunk) or b"").decode().split("-")[-1]
         first = self._starts.setdefault(picture, start)  # the picture's first position (LLaVA-1.6: several chunks)
-        batches = None
+        batches, stop = None, contextlib.nullcontext()
         if self._prefill is not None and picture in self._prefill.pictures:
             batches = self._batches(len(rows) if not causal else None, n_batch)
+            stop = abortable(lctx, self._prefill.abort)
         try:
-            with attention(lctx, causal):
+            with attention(lctx, causal), stop:
                 decode_rows(lctx, rows, positions, int(getattr(seq_id, "value", seq_id)), n_batch, batches)
-        except PrefillStopped:
+        except (PrefillStopped, Aborted):
             # The picture's rows leave the cache; the prompt before it stays.
             self._llama.n_tokens = first
             raise Prefilled(first if trim_kv(self._llama, first) else None, self.whole_kept - {picture}) from None
@@ -894,16 +889,14 @@ class TrimmedMtmd(MtmdView):
         `rows` (a non-causal image) all in one batch."""
         prefill, rates, llama = self._prefill, self._handler._rates, self._llama
         base = self._prefilled
-        last = {"at": time.perf_counter(), "done": 0, "seconds": prefill.decode_seconds}
+        last = {"at": time.perf_counter(), "done": 0}
 
         def batches(done: int) -> int:
             now = time.perf_counter()
             if done > last["done"]:
                 rates.note(llama, "background", done - last["done"], now - last["at"])
-                last["seconds"] += now - last["at"]
             last["at"], last["done"] = now, done
-            finish = prefill.checkpoint(base + done, last["seconds"])
-            last["at"] = time.perf_counter()  # not the time parked while a request decided
+            finish = prefill.checkpoint(base + done)
             if rows is not None:
                 return rows
             return n_batch if finish else next_batch(rates.get(llama, "background"), n_batch)
