@@ -213,8 +213,14 @@ def test_chat_without_a_question_encodes_while_it_is_read(capsys, models, tmp_pa
     monkeypatch.setattr("sys.stdin", io.StringIO("What is in the image?\n"))
     code, out, _ = cli(capsys, "chat", *files(models), "--image", image, "--max-tokens", "4")
     assert code == 0 and len(encodes) == 1
-    assert "(the picture was encoded before the question)" in chat_line(out)
+    # 64 kept of 36 rows: every row either way, so the background prefill is finished (attach_policy auto)
+    assert "image rows kept 36 / 36 (every row, prefilled while you typed:" in chat_line(out)
     assert out[: out.index("\n[trimcpp]")] == expected[: expected.index("\n[trimcpp]")]
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is in the image?\n"))
+    code, out, _ = cli(capsys, "chat", *files(models), "--image", image, "--max-tokens", "4", "--keep", "8",
+                       "--attach-policy", "pruned")
+    assert code == 0 and len(encodes) == 2
+    assert "image rows kept 8 / 36 (trimtokenator, the picture was encoded before the question)" in chat_line(out)
     monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
     code, _, err = cli(capsys, "chat", *files(models), "--image", image)
     assert code == 2 and "no question" in err
@@ -236,22 +242,27 @@ def test_encoder_options_errors(capsys, models, tmp_path):
     capsys.readouterr()
 
 
-def test_bench_attach_lead_preloads_the_picture(capsys, models, tmp_path, monkeypatch):
-    encodes = []
-    encode = mtmd_cpp.mtmd_encode_chunk
-    monkeypatch.setattr(mtmd_cpp, "mtmd_encode_chunk", lambda *args: encodes.append(1) or encode(*args))
-    code, out, _ = cli(capsys, "bench", *files(models), "--image", png(tmp_path), "--repeat", "2", "--keep", "8",
-                       "--attach-lead", "0.2", "--encoder-flash-attn", "off", "--json")
+def test_bench_attach_lead_times_each_policy_per_lead(capsys, models, tmp_path):
+    plot = tmp_path / "lead.png"
+    code, out, _ = cli(capsys, "bench", *files(models), "--image", png(tmp_path, 336, 336), "--repeat", "1", "--keep",
+                       "8", "--attach-lead", "0,0.3", "--encoder-flash-attn", "off", "--plot", str(plot), "--json")
     assert code == 0
     result = json.loads(out)
-    assert [(e["handler"], e["keep"], e["attach_lead_s"]) for e in result["results"]] == [
-        *((name, None, None) for name in STOCKS), ("trimmed", 8, None), ("trimmed-attached", 8, 0.2)]
-    assert result["encoder"]["flash_attn"] is False and result["attach_lead_s"] == 0.2
-    # warm-up and the two cold requests, then per round three stocks, trimmed, and the preload (the
-    # attached request itself encodes nothing).
-    assert len(encodes) == 3 + 2 * 5
-
-
+    assert [e["lead_s"] for e in result["leads"]] == [0, 0.3] and result["keep"] == 8
+    for entry in result["leads"]:
+        assert entry["stock_s"] > 0 and entry["stock-plain_s"] > 0 and entry["stock-encoder_s"] > 0
+        assert entry["pruned"]["paths"] == ["pruned"] and entry["pruned"]["kept"] == [8]
+        assert entry["full"]["paths"] == ["full"] and entry["full"]["kept"] == [ROWS]
+        assert entry["full"]["first_token_as_stock"] == [True]  # every row: stock's answer (same encoder settings)
+        assert entry["auto"]["paths"][0] in ("full", "pruned")
+        assert entry["auto_over_best"] > 0
+    image = Image.open(plot)
+    assert image.size == (720, 440) and len(set(image.getdata())) > 4  # the axes, the lines and their dots
+    for args in (["--plot", str(plot)], ["--attach-lead", "5,-1"], ["--attach-lead", "soon"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["bench", *files(models), *args])
+        assert stop.value.code == 2
+    capsys.readouterr()
 # show
 
 def kept_by_handler(models, version, image_path, question, keep):

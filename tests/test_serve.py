@@ -231,13 +231,68 @@ def test_preload_route_then_the_question(server, reference):
     assert got.choices[0].message.content == reference(messages)[0]
 
 
+def test_preload_prefills_the_conversation_and_the_question_answers_with_every_row(server, reference):
+    url = image_url(33)
+    conversation = [{"role": "system", "content": "You describe pictures."},
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+    status, _, answer = server.request("POST", "/v1/trimcpp/preload", {"model": "trim", "messages": conversation})
+    result = json.loads(answer)
+    assert status == 200 and result["rows"] == ROWS and len(result["images"]) == 1, result
+    assert result["prefill"]["rows"] == ROWS and result["prefill"]["state"] in ("waiting", "prefilling", "prefilled")
+    end = time.monotonic() + 60
+    while result["prefill"]["state"] != "prefilled":
+        assert time.monotonic() < end and result["prefill"]["state"] in ("waiting", "prefilling"), result
+        time.sleep(0.05)
+        status, _, answer = server.request("GET", "/v1/trimcpp/preload?model=trim")
+        result = json.loads(answer)
+        assert status == 200
+    assert result["prefill"] == {"state": "prefilled", "rows": ROWS, "prefilled_rows": ROWS}
+    messages = conversation[:1] + user(url, QUESTIONS[0])
+    got = client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0)
+    assert got.model_extra["trimcpp"] == {"images": [{"kept": ROWS, "rows": ROWS, "path": "full",
+                                                      "prefilled_rows": ROWS}]}
+    content, prompt_tokens, _ = reference(messages, keep=None)
+    assert (got.choices[0].message.content, got.usage.prompt_tokens) == (content, prompt_tokens)
+    status, _, answer = server.request("GET", "/v1/trimcpp/preload")
+    assert status == 200 and json.loads(answer) == {"prefill": None}  # the question took it
+
+
+def test_a_route_without_the_handler_stops_the_prefill(models, monkeypatch):
+    """In-process: the proxy stops a background prefill before a route that does not go through the
+    handler (completions, embeddings, ...) uses the model, and before another model replaces it."""
+    from trimcpp.serve import app
+
+    proxy = TrimLlamaProxy([TrimModelSettings(**model_settings(models, model_alias="trim", chat_format="trim-llava-1-5",
+                                                               keep=KEEP)),
+                            TrimModelSettings(**model_settings(models, model_alias="other",
+                                                               chat_format="trim-llava-1-5", keep=KEEP))])
+    try:
+        llama = proxy("trim")
+        handler = llama.chat_handler
+        stops = []
+        monkeypatch.setattr(type(handler), "cancel_attach", lambda self: stops.append(self))
+        assert proxy("trim") is llama and stops == [handler]  # a route without the handler
+        token = app._HANDLER_ROUTE.set(True)
+        try:
+            assert proxy("trim") is llama and stops == [handler]  # the chat and preload routes decide themselves
+            proxy("other")  # another model: this one is closed, its prefill stopped first
+            assert stops == [handler, handler]
+        finally:
+            app._HANDLER_ROUTE.reset(token)
+    finally:
+        proxy.free()
+
+
 @pytest.mark.parametrize(("body", "says"), [
     ({"image_url": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}, "not an image"),
     ({"image_url": "http://127.0.0.1:9/a.png"}, "http(s) image URLs are off"),
     ({"model": "stock", "image_url": image_url(1)}, "does not prune images: preload is for trim-* chat formats"),
     ({"image_url": image_url(1), "keep": 3}, "keep"),
     ({"type": "text", "image_url": image_url(1)}, "a preload takes an image_url part"),
-    ({}, "image_url"),
+    ({}, "a preload takes an image_url or messages"),
+    ({"image_url": image_url(1), "messages": [{"role": "user", "content": "Hi"}]}, "one of them"),
+    ({"messages": [{"role": "user", "content": "Hello"}]}, "has no picture"),
+    ({"messages": []}, "ending with the user message"),
 ])
 def test_preload_route_mistakes_are_400(server, body, says):
     status, _, answer = server.request("POST", "/v1/trimcpp/preload", body)

@@ -157,8 +157,10 @@ def _session(args: argparse.Namespace):
     _existing(args.model, "model")
     _existing(args.mmproj, "mmproj")
     chat_format = _chat_format(args)
+    options = {"keep": args.keep} if hasattr(args, "keep") else {}  # else the handler's default
+    if hasattr(args, "attach_policy"):
+        options["attach_policy"] = args.attach_policy
     try:
-        options = {"keep": args.keep} if hasattr(args, "keep") else {}  # else the handler's default
         handler = HANDLERS[chat_format][1](clip_model_path=args.mmproj, method=args.method,
                                        stage1_ratio=args.stage1_ratio, alignment=args.alignment,
                                        verbose=args.verbose, **options, **encoder_options(args))
@@ -183,10 +185,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise UsageError("with --image - (the picture on standard input), give the question as an argument")
     llama, handler, image, _ = _session(args)
     question = args.question
-    if question is None:  # encode the picture while the question is typed (or read)
-        handler.preload(image, llama=llama)
+    if question is None:  # read the picture (encode, prefill) while the question is typed (or read)
+        handler.attach(image_messages(image, "")[:1], llama=llama)
         if sys.stdin.isatty():
-            sys.stderr.write("[trimcpp] encoding the picture; your question: ")
+            sys.stderr.write("[trimcpp] reading the picture; your question: ")
             sys.stderr.flush()
             question = sys.stdin.readline()
         else:
@@ -206,8 +208,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     kept, rows = _counts(handler)
     first_text = "no token" if first is None else f"{first:.2f} s"
-    encoded = " (the picture was encoded before the question)" if any(i.preloaded for i in handler.last_selection) else ""
-    print(f"\n[trimcpp] image rows kept {kept} / {rows} ({handler.method}); time to first token {first_text}{encoded}")
+    images = handler.last_selection
+    if any(i.path == "full" for i in images):
+        how = f"every row, prefilled while you typed: {sum(i.prefilled_rows for i in images)} were ready when you asked"
+    else:
+        how = f"{handler.method}" + (", the picture was encoded before the question" if any(i.preloaded for i in images)
+                                     else "")
+    print(f"\n[trimcpp] image rows kept {kept} / {rows} ({how}); time to first token {first_text}")
     return 0
 
 
@@ -525,6 +532,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="stage 1's score: l2 (the paper's) or cosine (default l2)")
         common(sub)
     chat, show = commands.choices["chat"], commands.choices["show"]
+    chat.add_argument("--attach-policy", choices=("auto", "full", "pruned"), default="auto",
+                      help="while the question is typed, the picture is encoded and its rows prefilled; the question "
+                           "then takes the sooner of finishing that (every row) and the pruned path (auto), waits for "
+                           "every row (full), or only uses the encode (pruned) (default auto)")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.add_argument("--seed", type=int, default=0)

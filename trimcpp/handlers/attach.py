@@ -69,6 +69,7 @@ class AttachFuture(concurrent.futures.Future):
     def __init__(self, prefill: "Prefill"):
         super().__init__()
         self._prefill = prefill
+        self.encodes: list[concurrent.futures.Future] = []  # each picture's encode (a Preloaded)
 
     def progress(self) -> dict[str, Any]:
         """``state`` ("encoding", "waiting" for the model to be idle, "prefilling", then the result's

@@ -491,7 +491,8 @@ class Trimming(StockHooks):
         `messages`: the conversation so far, ending with the user message that holds the pictures
         (its text, if any, may change: the question's call keeps the prefill if its messages start
         with these, the last one with the same pictures). Returns a future whose result is an
-        :class:`~.attach.Attached` and whose ``progress()`` is (rows prefilled, rows); its error
+        :class:`~.attach.Attached`, with ``progress()`` (state, rows, prefilled_rows) and ``encodes``
+        (each picture's encode: a :class:`Preloaded`); its error
         (a picture libmtmd cannot read, ...) is also raised by the next call of that conversation.
         A second attach stops the first. With ``attach_policy="pruned"`` or ``reuse_kv=False`` it only
         encodes. A call of another conversation stops it; the rows it decoded leave the cache."""
@@ -511,6 +512,7 @@ class Trimming(StockHooks):
             raise ValueError(f"{owner}: an image_url part has no URL")
         encodes = [self._start_preload(owner, picture, llama) for picture in data]
         prefill = Prefill(self._attach, llama, copy.deepcopy(messages), [hashlib.sha256(d).hexdigest() for d in data])
+        prefill.future.encodes = encodes
         with self._attach:
             previous, self._prefill = self._prefill, prefill
         if previous is not None:
@@ -524,13 +526,25 @@ class Trimming(StockHooks):
         return prefill.future
 
     def cancel_attach(self) -> None:
-        """Stops the background prefill of :meth:`attach` at its next batch boundary (the rows it
-        decoded leave the KV cache) and waits for it; the encoded rows stay in the image cache."""
+        """Stops the background prefill of :meth:`attach` (the rows it decoded leave the KV cache);
+        returns once it no longer uses the LLM (an encode in flight goes on into the image cache)."""
         with self._attach:
             prefill, self._prefill = self._prefill, None
         if prefill is not None:
-            prefill.stop()
-            concurrent.futures.wait([prefill.future])
+            self._stop(prefill)
+
+    def attach_progress(self) -> Optional[dict[str, Any]]:
+        """The last attach's progress (its future's ``progress()``), or None when there is none."""
+        with self._attach:
+            prefill = self._prefill
+        return None if prefill is None else prefill.future.progress()
+
+    def _stop(self, prefill: Prefill) -> None:
+        """Stops `prefill` and waits until it no longer uses the LLM (not for an encode in flight)."""
+        prefill.stop()
+        with self._attach:
+            while prefill.state == "prefilling" and not prefill.finished:
+                self._attach.wait()
 
     def _attached(self, prefill: Prefill, encodes: list[concurrent.futures.Future], previous: Optional[Prefill]) -> None:
         """The background thread of :meth:`attach`."""
@@ -602,8 +616,7 @@ class Trimming(StockHooks):
         if prefill is None:
             return None
         if prefill.llama is not llama or not continues(messages, prefill.messages):
-            prefill.stop()
-            concurrent.futures.wait([prefill.future])
+            self._stop(prefill)
             with self._attach:
                 if self._prefill is prefill:
                     self._prefill = None
@@ -739,7 +752,7 @@ class TrimmedMtmd(MtmdView):
         if decision is not None and decision.path == "full":
             whole |= decision.pictures
         self._whole = whole  # pictures (sha256) kept with every row: answered whole before, or prefilled
-        self.whole_kept: frozenset = frozenset()  # pictures this call decoded (or found) with every row
+        self.whole_kept: frozenset = frozenset()  # of them, those in this prompt
         self._prefilled = 0  # rows of the prefill's pictures decoded so far
         self._starts: dict[str, int] = {}  # picture -> its first position
         self._last_image: Optional[int] = None  # the prompt's last image chunk
@@ -928,7 +941,7 @@ class TrimmedMtmd(MtmdView):
             self._plans[int(c)] = (selection, rows[kept], kept)
         selection.kept = sum(len(k) for k in selection.indices)
         selection.select_seconds = time.perf_counter() - began
-        if selection.kept == selection.rows:
+        if picture in self._whole:  # prefilled on attach, or answered so: whole for the conversation
             self.whole_kept |= {picture}
         decision = self._decision
         if decision is not None and picture in decision.pictures:

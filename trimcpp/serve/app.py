@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import functools
 import json
 import os
@@ -56,8 +57,23 @@ PRELOAD_PATH = "/v1/trimcpp/preload"
 ROWS_HEADER = "x-trimcpp-image-rows"
 
 
+# Set in the routes that reach a trimmed handler (chat, preload): its background prefill is theirs
+# to decide about. Any other use of the model stops it first (see TrimLlamaProxy.__call__).
+_HANDLER_ROUTE: contextvars.ContextVar[bool] = contextvars.ContextVar("trimcpp_handler_route", default=False)
+
+
 class TrimLlamaProxy(LlamaProxy):
-    """llama-cpp-python's model proxy, which also loads the ``trim-*`` chat formats."""
+    """llama-cpp-python's model proxy, which also loads the ``trim-*`` chat formats, and stops a
+    background prefill (``handler.attach``) before another route uses the model or another model
+    replaces it: a prefill runs only while the model is idle."""
+
+    def __call__(self, model: Optional[str] = None) -> llama_cpp.Llama:
+        handler = trimmed_handler(self._current_model) if self._current_model is not None else None
+        if handler is not None:
+            alias = model if model in self._model_settings_dict else self._default_model_alias
+            if alias != self._current_model_alias or not _HANDLER_ROUTE.get():
+                handler.cancel_attach()
+        return super().__call__(model)
 
     def load_llama_from_model_settings(self, settings: TrimModelSettings) -> llama_cpp.Llama:  # type: ignore[override]
         stock_format = TRIM_FORMATS.get(settings.chat_format or "")
@@ -160,11 +176,15 @@ def request_options(handler: Optional[Trimming], options: Optional[TrimOptions],
         handler.restore_encoder(saved_encoder)
 
 
-def image_rows(handler: Optional[Trimming]) -> Optional[list[dict[str, int]]]:
-    """Per image of the last call: the rows the LLM saw and the image's rows."""
+def image_rows(handler: Optional[Trimming]) -> Optional[list[dict[str, Any]]]:
+    """Per image of the last call: the rows the LLM saw and the image's rows; for a picture sent to
+    the preload route, which ``path`` answered ("full": every row, prefilled while the question was
+    typed; "pruned") and ``prefilled_rows``."""
     if handler is None:
         return None
-    return [{"kept": image.kept, "rows": image.rows} for image in handler.last_selection]
+    return [{"kept": image.kept, "rows": image.rows,
+             **({} if image.path is None else {"path": image.path, "prefilled_rows": image.prefilled_rows})}
+            for image in handler.last_selection]
 
 
 def client_error(message: str, *, param: Optional[str] = None, status: int = 400, kind: str = "invalid_request_error",
@@ -229,6 +249,7 @@ router = APIRouter(route_class=TrimRoute)
 @router.post(CHAT_PATH, summary="Chat", dependencies=[Depends(stock_app.authenticate)], tags=["OpenAI V1"])
 async def create_chat_completion(request: Request, body: TrimChatCompletionRequest):
     """OpenAI's chat completions, with the request's images pruned by trim-* models."""
+    _HANDLER_ROUTE.set(True)
     server: TrimServerSettings = next(stock_app.get_server_settings())
     messages = await run_in_threadpool(localise, body.messages, ImagePolicy.from_settings(server))
     kwargs = {**completion_kwargs(body), "messages": messages}
@@ -279,13 +300,18 @@ class ImageURL(BaseModel):
 
 
 class PreloadRequest(BaseModel):
-    """``POST /v1/trimcpp/preload``: one image part of a chat message, and which model will be asked."""
+    """``POST /v1/trimcpp/preload``: one image part of a chat message, or the conversation so far,
+    and which model will be asked."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: Optional[str] = Field(default=None, description="the model the question will go to (default: the default one)")
     type: Optional[str] = Field(default=None, description="\"image_url\" (optional: the body is an image part)")
-    image_url: Union[str, ImageURL] = Field(description="the picture, as a chat message's image_url part gives it")
+    image_url: Optional[Union[str, ImageURL]] = Field(default=None, description="the picture, as a chat message's "
+                                                      "image_url part gives it (or give messages)")
+    messages: Optional[list[dict[str, Any]]] = Field(default=None, description="instead of image_url: the conversation "
+                                                     "so far, ending with the user message that holds the picture(s), "
+                                                     "without the question (its system prompt is prefilled too)")
     wait: bool = Field(default=True, description="answer when the picture is encoded (200), else at once (202)")
 
     @field_validator("type")
@@ -295,6 +321,15 @@ class PreloadRequest(BaseModel):
             raise ValueError(f"a preload takes an image_url part, got type {value!r}")
         return value
 
+    def conversation(self) -> list[dict[str, Any]]:
+        """The messages to attach: `messages`, or one user message with the picture."""
+        if (self.image_url is None) == (self.messages is None):
+            raise ValueError("a preload takes an image_url or messages (the conversation so far), one of them")
+        if self.messages is not None:
+            return self.messages
+        url = self.image_url if isinstance(self.image_url, str) else self.image_url.url
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+
 
 def preloaded(result: Preloaded) -> dict[str, Any]:
     return {"status": "ready", "digest": result.digest, "rows": result.rows, "chunk_rows": result.chunk_rows,
@@ -303,22 +338,26 @@ def preloaded(result: Preloaded) -> dict[str, Any]:
 
 @router.post(PRELOAD_PATH, summary="Preload an image", dependencies=[Depends(stock_app.authenticate)], tags=["trimcpp"])
 async def preload(body: PreloadRequest):
-    """Encodes a picture into a trim-* model's image cache before the question about it comes.
+    """Encodes a picture into a trim-* model's image cache before the question about it comes, and
+    then (``attach_policy`` auto or full) prefills it into the model's KV cache while the model is
+    idle (``handler.attach``).
 
     With ``wait`` (the default) the answer comes when the encode is done: 200 with ``rows``,
     ``chunk_rows``, ``encode_seconds`` (0 and ``cached`` when the picture was already encoded) and
-    ``digest``, or the encode's error (400 for a picture that is refused or not an image; 409 when
-    the preload gave up because the model's encoder settings changed or the model was unloaded
-    before it started). Without, 202 at once with ``status`` "encoding" (or "ready"; an encode
-    already failed is its error). The images policy is the chat route's. It
-    takes the model as a chat request does: an answer in progress is waited for before it returns,
-    even with ``wait`` false (and with ``interrupt_requests`` on it cuts a streaming answer short,
-    as any request does). The picture is encoded with the model's settings of that moment: a chat
-    request with its own ``image_min_tokens`` / ``image_max_tokens`` does not find it."""
+    ``digest`` (of the first picture; ``images`` has one such entry per picture), ``prefill`` (its
+    ``state``, ``rows`` and ``prefilled_rows`` so far; ``GET`` this route for later progress), or
+    the encode's error (400 for a picture that is refused or not an image; 409 when the preload gave
+    up because the model's encoder settings changed or the model was unloaded before it started).
+    Without, 202 at once with ``status`` "encoding" (or "ready"; an encode already failed is its
+    error). The images policy is the chat route's. It takes the model as a chat request does: an
+    answer in progress is waited for before it returns, even with ``wait`` false (and with
+    ``interrupt_requests`` on it cuts a streaming answer short, as any request does). A new preload
+    stops the previous one's prefill; so does a chat request about another conversation, and any
+    other route that uses the model. The picture is encoded with the model's settings of that
+    moment: a chat request with its own ``image_min_tokens`` / ``image_max_tokens`` does not find it."""
+    _HANDLER_ROUTE.set(True)
     server: TrimServerSettings = next(stock_app.get_server_settings())
-    url = body.image_url if isinstance(body.image_url, str) else body.image_url.url
-    part = {"type": "image_url", "image_url": {"url": url}}
-    [message] = await run_in_threadpool(localise, [{"role": "user", "content": [part]}], ImagePolicy.from_settings(server))
+    messages = await run_in_threadpool(localise, body.conversation(), ImagePolicy.from_settings(server))
     async with contextlib.asynccontextmanager(stock_app.get_llama_proxy)() as proxy:
         if proxy is None:
             raise HTTPException(status_code=503, detail="Service is not available")
@@ -327,17 +366,36 @@ async def preload(body: PreloadRequest):
         if handler is None:
             raise ValueError(f"model {body.model or 'default'!r} does not prune images: preload is for trim-* chat formats")
         # In the threadpool: a first preload loads the mmproj, and may wait for an encode in flight.
-        future = await run_in_threadpool(handler.preload, _data_only(message["content"][0]["image_url"]["url"]),
-                                         llama=llama)
-    done = future.done()  # read once: it may land meanwhile
-    if not body.wait and not (done and future.exception() is not None):
-        return JSONResponse({"status": "ready" if done else "encoding"}, status_code=202)
+        future = await run_in_threadpool(handler.attach, messages, llama=llama)
+    encodes = future.encodes
+    done = all(encode.done() for encode in encodes)  # read once: they may land meanwhile
+    failed = done and any(encode.exception() is not None for encode in encodes)
+    if not body.wait and not failed:
+        return JSONResponse({"status": "ready" if done else "encoding", "prefill": future.progress()}, status_code=202)
     try:
         # Shielded: a client that hangs up does not cancel an encode that a request may be waiting for.
-        return preloaded(await asyncio.shield(asyncio.wrap_future(future)))
+        images = [preloaded(await asyncio.shield(asyncio.wrap_future(encode))) for encode in encodes]
     except PreloadSuperseded as error:
         return client_error(f"the preload gave up: {error}; send it again", status=409, kind="conflict",
                             code="preload_superseded")
+    return {**images[0], "images": images, "prefill": future.progress()}
+
+
+@router.get(PRELOAD_PATH, summary="Preload progress", dependencies=[Depends(stock_app.authenticate)], tags=["trimcpp"])
+async def preload_progress(model: Optional[str] = None):
+    """The last preload's progress on the model (default: the default one): ``prefill`` with its
+    ``state`` ("encoding", "waiting" for the model to be idle, "prefilling", "prefilled", "stopped",
+    "encoded" when the model's attach_policy is pruned, "failed"), ``rows`` and ``prefilled_rows``;
+    null when there is none or the model is not loaded. Does not wait for the model."""
+    proxy = stock_app._llama_proxy
+    llama = None if proxy is None else proxy._current_model
+    if llama is None or (model is not None and model in proxy._model_settings_dict
+                         and model != proxy._current_model_alias):
+        return {"prefill": None}
+    handler = trimmed_handler(llama)
+    if handler is None:
+        raise ValueError(f"model {model or 'default'!r} does not prune images: preload is for trim-* chat formats")
+    return {"prefill": handler.attach_progress()}
 
 
 @contextlib.contextmanager
@@ -358,7 +416,7 @@ def create_app(server_settings: TrimServerSettings, model_settings: list[TrimMod
     routes = stock_app.router.routes
     routes[next(i for i, route in enumerate(routes) if getattr(route, "path", None) == CHAT_PATH)] = router.routes[0]
     if not any(getattr(route, "path", None) == PRELOAD_PATH for route in routes):
-        routes.append(router.routes[1])
+        routes += router.routes[1:3]
     config_file = os.environ.pop("CONFIG_FILE", None)  # read by trimcpp.serve.main, with trimcpp's settings
     try:
         with _replaced(stock_app, "LlamaProxy", TrimLlamaProxy):

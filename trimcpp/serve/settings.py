@@ -14,6 +14,7 @@ from llama_cpp.server.settings import ModelSettings, ServerSettings
 from pydantic import AfterValidator, Field, model_validator
 
 from ..handlers import HANDLERS
+from ..handlers.attach import POLICIES
 from ..handlers.conversation import FOLLOW_UPS
 from ..handlers.encoder import MOST
 from ..selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, check_method, stage1_from_text
@@ -23,7 +24,7 @@ TRIM_PREFIX = "trim-"
 # chat_format of a trimmed model -> the llama-cpp-python chat_format it trims.
 TRIM_FORMATS = {TRIM_PREFIX + name: name for name in HANDLERS}
 TRIM_FIELDS = ("keep", "method", "stage1_ratio", "alignment", "follow_ups", "image_cache_bytes", "reuse_kv",
-               "encoder_flash_attn", "encoder_threads", "image_min_tokens", "image_max_tokens")
+               "encoder_flash_attn", "encoder_threads", "image_min_tokens", "image_max_tokens", "attach_policy")
 FLASH_ATTN = {"auto": "auto", "on": True, "off": False}  # a setting's text -> the handler's encoder_flash_attn
 STAGE1_HELP = f"TrimTokenator's stage-1 share in (0, 1], or {ADAPTIVE} (round(sqrt(K N)) rows)"
 
@@ -87,6 +88,10 @@ class TrimModelSettings(ModelSettings):
                                                   "(Qwen2-VL, 2.5-VL): fewest rows per image (default: its own)")
     image_max_tokens: Optional[int] = token_limit("image_max_tokens", "trim-* formats, dynamic-resolution encoders: "
                                                   "most rows per image (default: the model's)")
+    attach_policy: str = Field(default="auto", description="trim-* formats: a picture sent to the preload route is "
+                               "also prefilled while the model is idle; the question then takes the sooner of "
+                               f"finishing that and the pruned path (auto), waits for it (full) or only uses the "
+                               f"encode (pruned); one of {', '.join(POLICIES)}")
 
     @model_validator(mode="after")
     def _check_trim(self) -> TrimModelSettings:
@@ -105,6 +110,8 @@ class TrimModelSettings(ModelSettings):
         check_method("model settings", self.method, self.stage1_ratio, self.alignment)
         if self.follow_ups not in FOLLOW_UPS:
             raise ValueError(f"follow_ups must be one of {', '.join(FOLLOW_UPS)}, got {self.follow_ups!r}")
+        if self.attach_policy not in POLICIES:
+            raise ValueError(f"attach_policy must be one of {', '.join(POLICIES)}, got {self.attach_policy!r}")
         if self.encoder_flash_attn not in FLASH_ATTN:
             raise ValueError(f"encoder_flash_attn must be one of {', '.join(FLASH_ATTN)}, got {self.encoder_flash_attn!r}")
         return self
