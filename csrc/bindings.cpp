@@ -93,7 +93,7 @@ std::vector<Indices> select_image(const std::vector<Floats>& chunks, const std::
 // background prefill stops within one graph node when the flag is set, and ggml's compute threads
 // never take Python's GIL to ask.
 extern "C" bool trimcpp_abort_requested(void* flag) {
-  return __atomic_load_n(static_cast<const unsigned char*>(flag), __ATOMIC_RELAXED) != 0;
+  return *static_cast<const volatile unsigned char*>(flag) != 0;
 }
 
 PYBIND11_MODULE(_core, m) {

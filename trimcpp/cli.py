@@ -184,18 +184,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.question is None and args.image == "-":
         raise UsageError("with --image - (the picture on standard input), give the question as an argument")
     llama, handler, image, _ = _session(args)
-    question = args.question
-    if question is None:  # read the picture (encode, prefill) while the question is typed (or read)
-        handler.attach(image_messages(image, "")[:1], llama=llama)
-        if sys.stdin.isatty():
-            sys.stderr.write("[trimcpp] reading the picture; your question: ")
-            sys.stderr.flush()
-            question = sys.stdin.readline()
-        else:
-            question = sys.stdin.read()
-        question = question.strip()
-        if not question:
-            raise UsageError("no question (give it as an argument, type it, or pipe it on standard input)")
+    try:
+        question = args.question
+        if question is None:  # read the picture (encode, prefill) while the question is typed (or read)
+            [message] = image_messages(image, "")
+            handler.attach([{**message, "content": message["content"][:1]}], llama=llama)  # the picture, no text yet
+            if sys.stdin.isatty():
+                sys.stderr.write("[trimcpp] reading the picture; your question: ")
+                sys.stderr.flush()
+                question = sys.stdin.readline()
+            else:
+                question = sys.stdin.read()
+            question = question.strip()
+            if not question:
+                raise UsageError("no question (give it as an argument, type it, or pipe it on standard input)")
+        return _answer(args, llama, handler, image, question)
+    finally:
+        handler.cancel_attach()  # a prefill nobody asked about does not outlive the command
+
+
+def _answer(args: argparse.Namespace, llama: Any, handler: Any, image: bytes, question: str) -> int:
     began, first = time.perf_counter(), None
     stream = llama.create_chat_completion(messages=image_messages(image, question), stream=True,
                                           max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
@@ -335,7 +343,7 @@ def _bench_lead(args: argparse.Namespace, model: str, mmproj: str, image: bytes,
 
     if args.image_max_tokens:
         encoder = dataclasses.replace(encoder, image_max_tokens=args.image_max_tokens)
-    with _progress(2 + args.repeat * (3 + 3 * len(args.attach_lead))) as step:
+    with _progress(1 + args.repeat * (3 + 3 * len(args.attach_lead))) as step:
         result = lead.run(model, mmproj, image_messages(image, args.prompt), min(args.keep), args.attach_lead,
                           repeat=args.repeat, chat_format=chat_format, method=args.method, n_ctx=args.n_ctx,
                           threads=args.threads, encoder=encoder, on_step=step)
@@ -594,6 +602,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--limit must be >= 1")
     if getattr(args, "plot", None) and not getattr(args, "attach_lead", None):
         parser.error("--plot goes with --attach-lead")
+    if getattr(args, "attach_lead", None) and (getattr(args, "turns", 0) or getattr(args, "server", False)):
+        parser.error("--attach-lead is a table of its own: not with --turns or --server")
     try:
         return args.run(args)
     except UsageError as error:

@@ -43,8 +43,7 @@ def attached(messages: list[dict]) -> list[dict]:
 def ask(llama: llama_cpp.Llama, handler: Any, messages: list[dict], lead: float) -> dict[str, Any]:
     """Attach, wait `lead` seconds, ask: the time from the question to the first token, and what answered."""
     handler.image_cache.clear()
-    handler.reuse_kv = False  # a new conversation: nothing of the last one reused
-    handler.reuse_kv = True
+    llama.reset()  # a new conversation: the handler forgets what it left in the KV cache
     llama.chat_handler = handler
     future = handler.attach(attached(messages), llama=llama)
     time.sleep(lead)
@@ -53,8 +52,11 @@ def ask(llama: llama_cpp.Llama, handler: Any, messages: list[dict], lead: float)
     response = llama.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
     ttft = time.perf_counter() - began
     [image] = handler.last_selection
+    attached_ = future.result()
     return {"ttft_s": ttft, "path": image.path, "kept": image.kept, "rows": image.rows,
-            "at_question": progress, "answer": response["choices"][0]["message"]["content"]}
+            "at_question": progress, "answer": response["choices"][0]["message"]["content"],
+            "attach": {"state": attached_.state, "encode_s": attached_.encode_seconds,
+                       "prefill_s": attached_.prefill_seconds}}
 
 
 def run(model: str, mmproj: str, messages: list[dict], keep: int, leads: Sequence[float], *, repeat: int = 2,

@@ -12,9 +12,10 @@ When the question comes, the request decides at once (:meth:`Prefill.claim`):
 - ``"finish"``: the prefill goes on in full-size batches and the request waits for it, then finds
   the prompt up to the picture's last row in the KV cache and decodes only its own text; the
   picture is answered with every row (stock's answer);
-- ``"stop"``: the batch in flight is abandoned (llama.cpp's abort callback, within one graph node),
-  the prefill removes the rows it decoded (one ``trim_kv`` to the picture's first position) and
-  ends; the request takes the pruned path, reusing the text before the picture.
+- ``"stop"``: the batch in flight is abandoned (llama.cpp's abort callback: within one graph node on
+  the CPU; a backend without one, such as CUDA, finishes the batch), the prefill removes the rows it
+  decoded (one ``trim_kv`` to the picture's first position) and ends; the request takes the pruned
+  path, reusing the text before the picture.
 
 The policy (:data:`POLICIES`): ``"auto"`` finishes when the rows left take no longer than the
 pruned path's rows (each estimated with the seconds per row measured on that Llama; ties to every
@@ -60,7 +61,9 @@ class Decision:
     path: str  # "full" (every row, prefilled on attach) or "pruned"
     pictures: frozenset  # the attached pictures' sha256
     rows_ahead: int  # rows the prefill had decoded when the request came (0 for "pruned")
-    saved_seconds: float  # background encode (and, for "full", prefill) the answer used, less the request's wait
+    encode_seconds: float  # the attach's encodes
+    prefill_seconds: float  # its background prefill
+    waited: float  # how long the request waited for it
 
 
 class AttachFuture(concurrent.futures.Future):
@@ -84,13 +87,13 @@ class Prefill:
     """One background prefill: its progress and the decision a request gives it.
 
     Every field is read and written under :attr:`cond` (the handler's). A request decides at once
-    (:meth:`claim`); the background thread reads the order at its next batch boundary, and a
-    "stop" also sets :attr:`abort`, the flag of llama.cpp's abort callback, so that the batch in
-    flight ends within one graph node (llama.cpp then drops that batch's cells)."""
+    (:meth:`claim`); the background thread reads the order before each text chunk and each batch of
+    rows, and a "stop" also sets :attr:`abort`, the flag of llama.cpp's abort callback, so that a batch
+    in flight ends within one graph node on the CPU (llama.cpp then drops that batch's cells)."""
 
     def __init__(self, cond: threading.Condition, llama: Any, messages: list[Any], pictures: list[str]):
         self.cond = cond
-        self.llama = llama
+        self._llama = weakref.ref(llama)  # a Llama dropped meanwhile is freed
         self.messages = messages
         self.pictures = pictures
         self.future = AttachFuture(self)
@@ -102,6 +105,11 @@ class Prefill:
         self.encode_seconds = 0.0
         self.order: Optional[str] = None  # "stop" or "finish", set by a request (or "stop" by an attach)
         self.abort = ctypes.c_ubyte(0)  # nonzero: llama.cpp abandons the batch in flight
+
+    @property
+    def llama(self) -> Any:
+        """The Llama it prefills (None once dropped)."""
+        return self._llama()
 
     @property
     def finished(self) -> bool:
@@ -160,16 +168,15 @@ class Prefill:
 
 def continues(messages: list[Any], attached: list[Any]) -> bool:
     """Whether a request's `messages` continue the conversation `attached` was prefilled for: the
-    same messages before its last one, and that user message with the same pictures (its text may
-    differ: the question)."""
+    same messages before its last one, and that user message starting with the attached one's
+    content (the question's text comes after the pictures)."""
     if not attached or len(messages) < len(attached) or messages[: len(attached) - 1] != attached[:-1]:
         return False
     last, now = attached[-1], messages[len(attached) - 1]
     if not isinstance(now, dict) or now.get("role") != last.get("role"):
         return False
-    pictures = lambda message: [part for part in message.get("content") or [] if isinstance(part, dict)  # noqa: E731
-                                and part.get("type") == "image_url"]
-    return isinstance(now.get("content"), list) and pictures(now)[: len(pictures(last))] == pictures(last)
+    content, before = now.get("content"), last.get("content") or []
+    return isinstance(content, list) and content[: len(before)] == before
 
 
 class Rates:

@@ -116,7 +116,7 @@ class Reuse:
 
     def __init__(self, llama: Any, old: np.ndarray, limit: int):
         self._llama = llama
-        self._old = old
+        self.old = old  # the recorded prompt's ids
         self.limit = min(limit, len(old))
         self.matching = True
         self.kept = 0  # positions reused
@@ -126,7 +126,7 @@ class Reuse:
         if not self.matching:
             return 0
         n = max(0, min(len(tokens), self.limit - start))
-        same = np.asarray(tokens[:n], dtype=self._old.dtype) == self._old[start : start + n]
+        same = np.asarray(tokens[:n], dtype=self.old.dtype) == self.old[start : start + n]
         n = int(np.argmin(same)) if not same.all() else n
         self.kept = start + n
         return n
@@ -134,10 +134,16 @@ class Reuse:
     def image(self, start: int, ids: np.ndarray) -> bool:
         """Whether the whole image (its positions' digest ids) is already in the cache."""
         end = start + len(ids)
-        if self.matching and end <= self.limit and np.array_equal(self._old[start:end], ids):
+        if self.matching and end <= self.limit and np.array_equal(self.old[start:end], ids):
             self.kept = end
             return True
         return False
+
+    def holds(self, start: int, ids: np.ndarray) -> bool:
+        """Whether the cache, matching so far, holds these ids from `start` on (beyond the new prompt's
+        limit too: a picture the new prompt keeps whole where it counted it pruned)."""
+        end = start + len(ids)
+        return self.matching and end <= len(self.old) and np.array_equal(self.old[start:end], ids)
 
     def diverge(self, position: int) -> None:
         """From `position` on, everything is decoded anew: the cache drops its tail there."""

@@ -27,7 +27,9 @@ token count, so the stock ``n_ctx`` check counts what the LLM will really see.
 
 The encoder runs with the handler's own settings (:mod:`.encoder`: flash attention ``auto`` and
 every core by default, the image token budget), and :meth:`Trimming.preload` encodes a picture in
-the background before its question comes.
+the background before its question comes; :meth:`Trimming.attach` also prefills its every row
+while the question is typed, and the question takes the sooner of that and the pruned path
+(:mod:`.attach`).
 """
 
 from __future__ import annotations
@@ -256,6 +258,8 @@ class Trimming(StockHooks):
     def reuse_kv(self, value: bool) -> None:
         if not isinstance(value, bool):
             raise TypeError(f"{type(self).__name__}: reuse_kv must be True or False, got {value!r}")
+        if not value and getattr(self, "_attach", None) is not None:
+            self.cancel_attach()
         self._reuse_kv = value
         if not value:
             self._kv.drop()
@@ -485,17 +489,20 @@ class Trimming(StockHooks):
         """Starts reading the pictures of the conversation's last user message while the question is
         typed: encodes them into the image cache (as :meth:`preload`), then, on a background thread
         while no call runs, prefills the prompt up to and including their every row into `llama`'s
-        KV cache, in batches that stop within about a second (:mod:`.attach`). The question's call
+        KV cache, in batches of about a second (:mod:`.attach`; a question stops one at once). The question's call
         then finishes or stops it (:attr:`attach_policy`); ``last_selection`` says which path answered.
 
         `messages`: the conversation so far, ending with the user message that holds the pictures
-        (its text, if any, may change: the question's call keeps the prefill if its messages start
-        with these, the last one with the same pictures). Returns a future whose result is an
-        :class:`~.attach.Attached`, with ``progress()`` (state, rows, prefilled_rows) and ``encodes``
-        (each picture's encode: a :class:`Preloaded`); its error
-        (a picture libmtmd cannot read, ...) is also raised by the next call of that conversation.
-        A second attach stops the first. With ``attach_policy="pruned"`` or ``reuse_kv=False`` it only
-        encodes. A call of another conversation stops it; the rows it decoded leave the cache."""
+        (and no question yet). The question's call keeps the prefill if its messages start with these
+        and its last user message starts with the attached one's content (the question's text after
+        the pictures). Returns a future whose result is an :class:`~.attach.Attached`, with
+        ``progress()`` (state, rows, prefilled_rows) and ``encodes`` (each picture's encode: a
+        :class:`Preloaded`). A picture libmtmd cannot read fails the future, and the question's own
+        encode raises the same error; any other failure of the prefill is raised by that question.
+        A second attach stops the first; so do a call about another conversation,
+        :meth:`cancel_attach` and a change of encoder settings. With ``attach_policy="pruned"``,
+        ``reuse_kv=False``, a prompt that does not fit with every row, or ``follow_ups="reselect"``
+        and earlier pictures, it only encodes."""
         owner = f"{type(self).__name__}.attach"
         llama = self._served(owner, llama)
         if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
@@ -553,7 +560,9 @@ class Trimming(StockHooks):
                 concurrent.futures.wait([previous.future])  # it stops at its next boundary
             encoded = [future.result() for future in encodes]
             prefill.encoded([e.chunk_rows for e in encoded], sum(e.encode_seconds for e in encoded))
-            if self.attach_policy == "pruned" or not self.reuse_kv:
+            earlier = len(image_parts(prefill.messages)) > len(prefill.pictures)
+            if self.attach_policy == "pruned" or not self.reuse_kv or (self.follow_ups == "reselect" and earlier):
+                # Nothing a prefill could keep: no KV reuse, or earlier pictures whose rows the question picks
                 prefill.end(Attached(prefill.pictures, prefill.rows, 0, "encoded", prefill.encode_seconds, 0.0))
                 return
             self._wait_idle(prefill)
@@ -577,7 +586,7 @@ class Trimming(StockHooks):
         """Runs the stock call on the attach's messages up to the last row of its pictures (a
         :class:`TrimmedMtmd` with those pictures whole and the batches of :mod:`.attach`)."""
         llama = prefill.llama
-        if llama_closed(llama):
+        if llama is None or llama_closed(llama):
             raise PreloadSuperseded("the Llama was closed before the prefill could start")
         began = time.perf_counter()
         self._llama = weakref.ref(llama)
@@ -592,6 +601,8 @@ class Trimming(StockHooks):
                     self.stock_call(llama=llama, messages=prefill.messages, max_tokens=1)
             except Restart:
                 continue
+            except PromptTooLong:  # every row does not fit (n_ctx, or n_ubatch): the question prunes
+                return Attached(prefill.pictures, prefill.rows, 0, "encoded", prefill.encode_seconds, 0.0)
             except Prefilled as end:
                 if end.length is None:
                     self._kv.drop()
@@ -609,8 +620,9 @@ class Trimming(StockHooks):
 
     def _claim(self, llama: llama_cpp.Llama, messages: list[Any]) -> Optional[Decision]:
         """A call's turn with the last attach's prefill: another conversation's (or another
-        Llama's) stops; this conversation's is finished or stopped as :attr:`attach_policy` and
-        the measured speeds decide, at its next batch boundary. Its error is this call's."""
+        Llama's) stops; this conversation's is finished or stopped, as :attr:`attach_policy` and
+        the measured speeds decide, and waited for. A failed prefill's error is raised here, once
+        (a picture libmtmd cannot read is left to the call's own encode, which says so)."""
         with self._attach:
             prefill = self._prefill
         if prefill is None:
@@ -625,10 +637,8 @@ class Trimming(StockHooks):
         done = prefill.claim(self._decide)
         try:
             result = prefill.future.result()
-        except PreloadSuperseded:
-            return None  # the picture's own encode will tell what it has to
-        except ValueError as error:
-            raise ValueError(f"the attached picture could not be read: {error}") from error
+        except (PreloadSuperseded, ValueError):
+            return None  # a picture libmtmd cannot read, ...: this call's own encode says so
         except Exception as error:
             raise RuntimeError(f"the background prefill of the attached picture failed: {error}") from error
         finally:
@@ -636,13 +646,12 @@ class Trimming(StockHooks):
                 if self._prefill is prefill:
                     self._prefill = None
         full = result.state == "prefilled"
-        used = result.encode_seconds + (result.prefill_seconds if full else 0.0)
         return Decision("full" if full else "pruned", frozenset(prefill.pictures), done if full else 0,
-                        max(0.0, used - (time.perf_counter() - began)))
+                        result.encode_seconds, result.prefill_seconds, time.perf_counter() - began)
 
     def _decide(self, prefill: Prefill) -> str:
-        """At a batch boundary, with the question here: "finish" when the rows left take no longer
-        than the pruned path's rows (seconds per row as measured on this Llama), else "stop"."""
+        """With the question here: "finish" when the rows left take no longer than the pruned path's
+        rows (seconds per row as measured on this Llama; ties to every row), else "stop"."""
         if self.attach_policy != "auto":
             return "finish" if self.attach_policy == "full" else "stop"
         kept = sum(image_target(self.keep, self.method, sum(rows), len(rows)) for rows in prefill.chunk_rows)
@@ -653,11 +662,19 @@ class Trimming(StockHooks):
             return "finish" if left <= kept else "stop"
         return "finish" if left * background <= kept * pruned else "stop"
 
+    def _llama_closing(self, llama: weakref.ref, key: int) -> None:
+        # A prefill on that Llama stops before its model and context are freed.
+        prefill = self._prefill
+        if prefill is not None and prefill.llama is llama():
+            self.cancel_attach()
+        super()._llama_closing(llama, key)
+
     def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
+        decision = self._claim(llama, messages)  # before the call counts: a prefill it finishes runs first
         with self._attach:
             self._active += 1
         try:
-            result = self._call(llama, messages, kwargs)
+            result = self._call(llama, messages, kwargs, decision)
         except BaseException:
             self._leave()
             raise
@@ -671,8 +688,8 @@ class Trimming(StockHooks):
             self._active -= 1
             self._attach.notify_all()
 
-    def _call(self, llama: llama_cpp.Llama, messages: list[Any], kwargs: dict[str, Any]) -> Any:
-        decision = self._claim(llama, messages)
+    def _call(self, llama: llama_cpp.Llama, messages: list[Any], kwargs: dict[str, Any],
+              decision: Optional[Decision]) -> Any:
         with self._lock:
             self._llama = weakref.ref(llama)
             load_mmproj(self, llama)
@@ -728,6 +745,10 @@ class Held:
         self.close()
 
 
+class PromptTooLong(ValueError):
+    """The prompt does not fit the Llama's n_ctx (or a non-causal image its n_ubatch)."""
+
+
 class Prefilled(Exception):
     """Ends the stock call of a background prefill after the attached pictures' last row:
     `length` positions in the cache (None: nothing may be assumed), `whole` the pictures among them
@@ -748,14 +769,18 @@ class TrimmedMtmd(MtmdView):
         self._texts = [t if t.shape[0] > 0 else None for t in texts]
         self._kv = kv
         self._decision = decision
-        self._prefill = prefill  # a background prefill: its pictures in small batches, and stop after them
+        self._prefill = prefill  # a background prefill: its pictures whole, stoppable, and stop after them
         if decision is not None and decision.path == "full":
             whole |= decision.pictures
-        self._whole = whole  # pictures (sha256) kept with every row: answered whole before, or prefilled
-        self.whole_kept: frozenset = frozenset()  # of them, those in this prompt
+        # Pictures (sha256) kept whole where the KV cache holds every row of them at their place: a
+        # picture prefilled on attach, in the call that asks about it and in that conversation's follow-ups.
+        self._whole = whole
+        self.whole_kept: frozenset = frozenset()  # pictures this prompt holds whole (for the KV record)
+        self._forced: set[bytes] = set()  # image ids of a prefill's own pictures: whole, in stoppable batches
         self._prefilled = 0  # rows of the prefill's pictures decoded so far
-        self._starts: dict[str, int] = {}  # picture -> its first position
+        self._starts: dict[bytes, int] = {}  # image id -> its first position
         self._last_image: Optional[int] = None  # the prompt's last image chunk
+        self._cells = self._limit = 0  # KV cells the prompt needs (as planned so far), and n_ctx
         self.reuse: Optional[Reuse] = None
         self.prompt_length = 0  # positions the prompt fills
         self._chunks: Any = None
@@ -789,21 +814,24 @@ class TrimmedMtmd(MtmdView):
                 image[3] = image[3] or mtmd_cpp.mtmd_decode_use_non_causal(ctx, chunk)
             else:
                 text += n
+        if self._prefill is not None:  # its pictures: the prompt's last ones
+            self._forced = set(list(images)[-len(self._prefill.pictures):])
         targets = [image_target(self._keep(key), self._handler.method, rows, count)
                    for key, (rows, count, _, _) in images.items()]
         cells = text + sum(targets)
         positions = text + sum(image[2] for image in images.values()) if mtmd_cpp.mtmd_decode_use_mrope(ctx) else cells
         self.prompt_length = positions
         limit = len(self._llama.input_ids)
+        self._cells, self._limit = cells, limit
         if max(cells, positions) > limit:
             what = f"{cells} tokens ({text} text, {cells - text} image rows after pruning)"
             if positions != cells:
                 what += f", {positions} positions (M-RoPE)"
-            raise ValueError(f"Prompt exceeds n_ctx: {what} > {limit}")
+            raise PromptTooLong(f"Prompt exceeds n_ctx: {what} > {limit}")
         n_ubatch = llama_cpp.llama_n_ubatch(self._llama.ctx)
         for target, (_, count, _, non_causal) in zip(targets, images.values()):
             if non_causal and target > n_ubatch * count:
-                raise ValueError(self._ubatch_message(target, n_ubatch))
+                raise PromptTooLong(self._ubatch_message(target, n_ubatch))
         if self._kv is not None:
             self.reuse = self._kv.begin(self._llama, positions)
 
@@ -818,7 +846,10 @@ class TrimmedMtmd(MtmdView):
             original()
 
     def evaluate(self, original: Any, tokens: Any) -> None:
-        """The stock ``llama.eval(tokens)`` of a text chunk: tokens already in the cache are skipped."""
+        """The stock ``llama.eval(tokens)`` of a text chunk: tokens already in the cache are skipped
+        (and a background prefill told to stop stops before it)."""
+        if self._prefill is not None:
+            self._prefill.checkpoint(self._prefilled)
         tokens = list(tokens)
         reuse = self.reuse
         if reuse is not None and reuse.matching:
@@ -866,24 +897,25 @@ class TrimmedMtmd(MtmdView):
                 raise ValueError(self._ubatch_message(len(rows), n_ubatch))
             n_batch = max(n_batch, len(rows))  # one batch: every row sees every other row
         began = time.perf_counter()
-        picture = (mtmd_cpp.mtmd_input_chunk_get_id(chunk) or b"").decode().split("-")[-1]
-        first = self._starts.setdefault(picture, start)  # the picture's first position (LLaVA-1.6: several chunks)
+        image_id = mtmd_cpp.mtmd_input_chunk_get_id(chunk) or b""
+        first = self._starts.setdefault(image_id, start)  # the image's first position (LLaVA-1.6: several chunks)
         batches, stop = None, contextlib.nullcontext()
-        if self._prefill is not None and picture in self._prefill.pictures:
-            batches = self._batches(len(rows) if not causal else None, n_batch)
+        if self._prefill is not None:  # stoppable between batches, and within one (the abort flag)
+            batches = self._batches(len(rows) if not causal else None, n_batch, image_id in self._forced)
             stop = abortable(lctx, self._prefill.abort)
         try:
             with attention(lctx, causal), stop:
                 decode_rows(lctx, rows, positions, int(getattr(seq_id, "value", seq_id)), n_batch, batches)
         except (PrefillStopped, Aborted):
-            # The picture's rows leave the cache; the prompt before it stays.
+            # The image's rows leave the cache; the prompt before it stays.
             self._llama.n_tokens = first
+            picture = image_id.decode().split("-")[-1]
             raise Prefilled(first if trim_kv(self._llama, first) else None, self.whole_kept - {picture}) from None
         seconds = time.perf_counter() - began
         selection.decode_seconds += seconds
         if batches is None:
             self._handler._rates.note(self._llama, "pruned", len(rows), seconds)
-        else:
+        elif image_id in self._forced:
             self._prefilled += len(rows)
         self._llama.input_ids[start : start + n_pos] = ids
         set_out_position(new_n_past, start + n_pos)
@@ -896,12 +928,12 @@ class TrimmedMtmd(MtmdView):
             raise Prefilled(end, self.whole_kept)
         return 0
 
-    def _batches(self, rows: Optional[int], n_batch: int) -> Any:
+    def _batches(self, rows: Optional[int], n_batch: int, counted: bool = True) -> Any:
         """The batch sizes of a background prefill (decode_rows' `batches`): a checkpoint before each
         batch; about BATCH_SECONDS each at the speed measured, full-size ones once told to finish;
         `rows` (a non-causal image) all in one batch."""
         prefill, rates, llama = self._prefill, self._handler._rates, self._llama
-        base = self._prefilled
+        base = self._prefilled  # `counted`: whether this image's rows are the prefill's progress
         last = {"at": time.perf_counter(), "done": 0}
 
         def batches(done: int) -> int:
@@ -909,7 +941,7 @@ class TrimmedMtmd(MtmdView):
             if done > last["done"]:
                 rates.note(llama, "background", done - last["done"], now - last["at"])
             last["at"], last["done"] = now, done
-            finish = prefill.checkpoint(base + done)
+            finish = prefill.checkpoint(base + (done if counted else 0))
             if rows is not None:
                 return rows
             return n_batch if finish else next_batch(rates.get(llama, "background"), n_batch)
@@ -933,27 +965,50 @@ class TrimmedMtmd(MtmdView):
         selection.rows = sum(selection.chunk_rows)
 
         began = time.perf_counter()
+        whole = image_id in self._forced or (picture in self._whole and self._held_whole(ctx, group[0], embeddings))
         text = self._texts[selection.image] if selection.image < len(self._texts) else None
-        selection.indices = select_image(embeddings, text, self._keep(image_id), method=handler.method,
+        selection.indices = select_image(embeddings, text, None if whole else handler.keep, method=handler.method,
                                          stage1_ratio=handler.stage1_ratio, alignment=handler.alignment,
                                          backend=handler.backend)
         for c, rows, kept in zip(group, embeddings, selection.indices):
             self._plans[int(c)] = (selection, rows[kept], kept)
         selection.kept = sum(len(k) for k in selection.indices)
         selection.select_seconds = time.perf_counter() - began
-        if picture in self._whole:  # prefilled on attach, or answered so: whole for the conversation
+        if whole:
             self.whole_kept |= {picture}
         decision = self._decision
         if decision is not None and picture in decision.pictures:
-            selection.path, selection.saved_seconds = decision.path, decision.saved_seconds
-            selection.prefilled_rows = decision.rows_ahead
+            full = whole and decision.path == "full"  # else the KV cache no longer held it: the pruned path
+            selection.path = "full" if full else "pruned"
+            selection.prefilled_rows = decision.rows_ahead if full else 0
+            selection.saved_seconds = max(0.0, decision.encode_seconds + full * decision.prefill_seconds - decision.waited)
         self.selections.append(selection)
         return self._plans[key]
 
+    def _held_whole(self, ctx: Any, chunk: Any, embeddings: list[np.ndarray]) -> bool:
+        """Whether the KV cache holds every row of this image where it starts now (a picture prefilled
+        on attach, or answered whole earlier in this conversation), and the prompt still fits with
+        every row; if so, the prompt's counts become those of the whole image."""
+        reuse, start = self.reuse, self._llama.n_tokens
+        rows = embeddings[0]
+        n_pos = int(mtmd_cpp.mtmd_input_chunk_get_n_pos(chunk)) if mtmd_cpp.mtmd_decode_use_mrope(ctx) else rows.shape[0]
+        if reuse is None or not reuse.holds(start, row_ids(rows, self._llama.n_vocab(), n_pos)):
+            return False
+        total = sum(r.shape[0] for r in embeddings)
+        extra = total - image_target(self._handler.keep, self._handler.method, total, len(embeddings))
+        if self._cells + extra > self._limit:
+            return False
+        self._cells += extra
+        if not mtmd_cpp.mtmd_decode_use_mrope(ctx):
+            self.prompt_length += extra
+        reuse.limit = min(self.prompt_length - 1, len(reuse.old))
+        return True
+
     def _keep(self, image_id: Any) -> KeepArg:
-        """The keep of the image whose libmtmd id is `image_id`: None (every row) for a picture kept whole."""
-        picture = (image_id if isinstance(image_id, bytes) else b"").decode().split("-")[-1]
-        return None if picture in self._whole else self._handler.keep
+        """The keep `_check_length` counts for the image whose libmtmd id is `image_id`: None (every
+        row) for a prefill's own pictures; a picture kept whole because the KV cache holds it is
+        counted as the handler's keep, then recounted if it is (:meth:`_held_whole`)."""
+        return None if image_id in self._forced else self._handler.keep
 
     def _encoded(self, ctx: Any, group: list[Any], picture: str, selection: ImageSelection) -> list[np.ndarray]:
         """The encoder's rows of each chunk of one image: from the image cache, from a preload in
@@ -986,7 +1041,10 @@ class TrimmedMtmd(MtmdView):
             break  # not this libmtmd's chunks of the picture: encode, not in flight
         try:
             began = time.perf_counter()
-            with handler.encoder_lock, silenced(handler.verbose):  # type: ignore[attr-defined]
+            # A background prefill does not swap the process's stdout and stderr (libmtmd's logs go
+            # through llama-cpp-python's logger: StockHooks).
+            quiet = silenced(handler.verbose) if self._prefill is None else contextlib.nullcontext()
+            with handler.encoder_lock, quiet:  # type: ignore[attr-defined]
                 if llama_closed(self._llama):  # closed in another thread: its model and context are freed
                     raise ValueError("the Llama was closed during the call: its model is freed (make a new Llama)")
                 n_embd = llama_cpp.llama_model_n_embd_inp(self._llama.model)

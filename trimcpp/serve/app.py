@@ -75,6 +75,13 @@ class TrimLlamaProxy(LlamaProxy):
                 handler.cancel_attach()
         return super().__call__(model)
 
+    def free(self) -> None:
+        llama = getattr(self, "_current_model", None)
+        handler = trimmed_handler(llama) if llama is not None else None
+        if handler is not None:
+            handler.cancel_attach()
+        super().free()
+
     def load_llama_from_model_settings(self, settings: TrimModelSettings) -> llama_cpp.Llama:  # type: ignore[override]
         stock_format = TRIM_FORMATS.get(settings.chat_format or "")
         if stock_format is None:
@@ -388,9 +395,9 @@ async def preload_progress(model: Optional[str] = None):
     "encoded" when the model's attach_policy is pruned, "failed"), ``rows`` and ``prefilled_rows``;
     null when there is none or the model is not loaded. Does not wait for the model."""
     proxy = stock_app._llama_proxy
-    llama = None if proxy is None else proxy._current_model
-    if llama is None or (model is not None and model in proxy._model_settings_dict
-                         and model != proxy._current_model_alias):
+    llama = getattr(proxy, "_current_model", None)
+    alias = model if proxy is not None and model in proxy._model_settings_dict else getattr(proxy, "_default_model_alias", None)
+    if llama is None or alias != proxy._current_model_alias:
         return {"prefill": None}
     handler = trimmed_handler(llama)
     if handler is None:
