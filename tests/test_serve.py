@@ -388,7 +388,9 @@ def test_settings_and_options():
     assert settings.handler_options() == {"keep": 0.25, "method": "trimtokenator", "stage1_ratio": 0.8, "alignment": "l2",
                                           "follow_ups": "keep-rows", "image_cache_bytes": 256 << 20, "reuse_kv": False,
                                           "encoder_flash_attn": "auto", "encoder_threads": None, "image_min_tokens": None,
-                                          "image_max_tokens": None}
+                                          "image_max_tokens": None, "attach_policy": "auto"}
+    with pytest.raises(ValueError, match="attach_policy must be one of auto, full, pruned"):
+        TrimModelSettings(model="m.gguf", clip_model_path="p.gguf", chat_format="trim-mtmd", attach_policy="soon")
     stock = settings.stock()
     assert stock.chat_format == "qwen2.5-vl" and not hasattr(stock, "keep")
     assert "keep" not in TrimModelSettings(model="m.gguf", clip_model_path="p.gguf",
