@@ -21,6 +21,7 @@ from trimcpp import TrimLlava15ChatHandler, TrimLlava16ChatHandler, TrimMTMDChat
 from trimcpp.handlers import attach as attach_module
 from trimcpp.handlers import decode
 from trimcpp.handlers.attach import Attached, continues
+from trimcpp.llamacpp import abortable
 from trimcpp.testing import write_pair
 
 from helpers import ROWS, STOCK_ENCODER, image_url
@@ -430,11 +431,11 @@ def test_a_raised_abort_flag_abandons_the_batch_and_its_cells(models):
     rows = np.random.default_rng(0).standard_normal((12, llama.n_embd()), dtype=np.float32)
     positions = before + 1 + np.arange(12, dtype=np.int32)
     flag = ctypes.c_ubyte(1)
-    with decode.abortable(llama.ctx, flag), pytest.raises(decode.Aborted):
+    with abortable(llama.ctx, flag), pytest.raises(decode.Aborted):
         decode.decode_rows(llama.ctx, rows, positions, 0, 4, lambda done: 4)
     assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llama.ctx), 0) == before
     flag.value = 0
-    with decode.abortable(llama.ctx, flag):
+    with abortable(llama.ctx, flag):
         decode.decode_rows(llama.ctx, rows, positions, 0, 4, lambda done: 4)
     assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llama.ctx), 0) == before + 12
     flag.value = 1

@@ -12,6 +12,8 @@ reaches into them lives here, and only here:
   (:func:`set_out_position`);
 - libmtmd logs through ``llama_cpp._logger`` (:func:`quiet_logs`) and prints through
   ``llama_cpp._utils`` (:func:`silenced`);
+- a background prefill is stopped mid-batch through llama.cpp's abort callback, a C function of
+  trimcpp's own ``_core`` reading a flag (:func:`abortable`);
 - the stock ``__call__`` empties the KV cache with ``llama.reset()`` and
   ``llama._ctx.kv_cache_clear()`` and prefills text with ``llama.eval``: :func:`prompt_hooks` swaps
   those for one call (KV reuse), :func:`on_state_change` watches them (and ``load_state``) between
@@ -36,6 +38,8 @@ import llama_cpp.mtmd_cpp as mtmd_cpp
 import numpy as np
 from llama_cpp import _logger as llama_logger
 from llama_cpp._utils import suppress_stdout_stderr
+
+from . import _core
 
 
 class MtmdView:
@@ -290,6 +294,19 @@ def on_state_change(llama: llama_cpp.Llama, callback: Callable[[], None]) -> Non
     watched(llama, "reset")
     watched(llama, "load_state")
     watched(llama._ctx, "kv_cache_clear")
+
+
+@contextlib.contextmanager
+def abortable(lctx, flag: ctypes.c_ubyte) -> Iterator[None]:
+    """Within the block, llama.cpp abandons a decode in flight as soon as `flag` is nonzero (its
+    abort callback: trimcpp's C function reading the flag, so ggml's threads never need the GIL);
+    the decode then returns 2 and llama.cpp drops the cells of that batch."""
+    callback = llama_cpp.ggml_abort_callback(_core.abort_callback())
+    llama_cpp.llama_set_abort_callback(lctx, callback, ctypes.cast(ctypes.pointer(flag), ctypes.c_void_p))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_set_abort_callback(lctx, ctypes.cast(None, llama_cpp.ggml_abort_callback), None)
 
 
 def trim_kv(llama: llama_cpp.Llama, position: int) -> bool:

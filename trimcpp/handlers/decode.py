@@ -59,21 +59,6 @@ class Aborted(Exception):
 
 
 @contextlib.contextmanager
-def abortable(lctx, flag: ctypes.c_ubyte) -> Iterator[None]:
-    """Within the block, llama.cpp abandons a decode in flight as soon as `flag` is nonzero (its
-    abort callback: trimcpp's C function reading the flag, so ggml's threads never need the GIL);
-    the decode then returns 2 and llama.cpp drops the cells of that batch."""
-    from .._core import abort_callback
-
-    callback = llama_cpp.ggml_abort_callback(abort_callback())
-    llama_cpp.llama_set_abort_callback(lctx, callback, ctypes.cast(ctypes.pointer(flag), ctypes.c_void_p))
-    try:
-        yield
-    finally:
-        llama_cpp.llama_set_abort_callback(lctx, ctypes.cast(None, llama_cpp.ggml_abort_callback), None)
-
-
-@contextlib.contextmanager
 def attention(lctx, causal: bool) -> Iterator[None]:
     """Within the block the LLM attends causally or not; causal again afterwards, also on errors
     (libmtmd's scope_non_causal)."""

@@ -54,6 +54,7 @@ from ..embeddings import TokenEmbeddings
 from ..llamacpp import (
     MtmdView,
     StockHooks,
+    abortable,
     encode_picture,
     encoded_rows,
     input_chunks,
@@ -70,7 +71,7 @@ from ..llamacpp import (
 from ..selection import Keep, Stage1, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
 from .attach import POLICIES, Attached, Decision, Prefill, PrefillStopped, Rates, continues, next_batch
 from .conversation import FOLLOW_UPS, ImageCache, KvRecord, Restart, Reuse
-from .decode import Aborted, abortable, attention, decode_rows, row_ids
+from .decode import Aborted, attention, decode_rows, row_ids
 from .encoder import EncoderSettings, FlashAttn
 
 KeepArg = Optional[Keep]
