@@ -191,7 +191,8 @@ def test_auto_stops_an_early_prefill_and_leaves_no_stale_rows(models, reference,
     assert max(slow.calls) <= 8  # the question's 8 rows; the background took 4 at a time
     expected, expected_logits = reference(8, ask(url))
     assert text(got) == text(expected) and np.array_equal(logits, expected_logits)
-    assert 0 < handler.last_reused < ROWS  # the text before the picture, from the background
+    question = len(llama.tokenize(b"What is in the image?", add_bos=False))
+    assert 0 < handler.last_reused <= got["usage"]["prompt_tokens"] - 8 - question  # the text before the picture
     # A follow-up reuses the pruned conversation: no row of the stopped prefill is left behind.
     expected, expected_logits = reference(8, ask(url), follow_up=follow(url))
     got, logits = run(llama, follow(url)(got))
@@ -258,7 +259,7 @@ def test_another_conversation_stops_the_prefill(models, reference, monkeypatch):
 
 
 def test_a_second_attach_stops_the_first(models, reference, monkeypatch):
-    Slow(monkeypatch, delay=0.05)
+    Slow(monkeypatch)
     handler, llama = trimmed(models)
     first = handler.attach(attached(image_url(10)), llama=llama)
     wait_for(first, 4)
@@ -445,10 +446,11 @@ def test_a_raised_abort_flag_abandons_the_batch_and_its_cells(models):
 
 def test_a_whole_picture_that_does_not_fit_is_not_prefilled_and_the_question_prunes(models, reference):
     url = image_url(20)
+    n_ctx = reference(8, ask(url))[0]["usage"]["prompt_tokens"] + 4  # the pruned prompt fits; 28 more rows do not
     handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], keep=8, verbose=False, **STOCK_ENCODER)
-    llama = Llama(model_path=models["llm"], chat_handler=handler, n_ctx=64, logits_all=True, verbose=False, seed=1)
-    assert handler.attach(attached(url), llama=llama).result(timeout=30).state == "encoded"  # 36 rows + text > 64
-    got, _ = run(llama, ask(url), max_tokens=2)
+    llama = Llama(model_path=models["llm"], chat_handler=handler, n_ctx=n_ctx, logits_all=True, verbose=False, seed=1)
+    assert handler.attach(attached(url), llama=llama).result(timeout=30).state == "encoded"
+    run(llama, ask(url), max_tokens=2)
     assert handler.last_selection[0].path == "pruned" and handler.last_selection[0].kept == 8
 
 
@@ -470,3 +472,52 @@ def test_reselect_with_earlier_pictures_only_encodes(models):
     first, _ = run(llama, ask(image_url(22)))
     conversation = ask(image_url(22)) + [first["choices"][0]["message"]] + attached(image_url(23))
     assert handler.attach(conversation, llama=llama).result(timeout=30).state == "encoded"
+
+
+def test_closing_the_llama_stops_its_prefill_first(models, monkeypatch):
+    Slow(monkeypatch)
+    handler, llama = trimmed(models)
+    future = handler.attach(attached(image_url(24)), llama=llama)
+    wait_for(future, 4)
+    llama.close()  # the prefill stops (its batch abandoned) before the model and context are freed
+    assert future.result(timeout=10).state == "stopped"
+    got, _ = run(make(models["llm"], handler), ask(image_url(24)))  # the handler serves a new Llama
+    assert handler.last_selection[0].kept == 8
+
+
+def test_a_llama_dropped_during_its_prefill_is_freed_after_it(models, monkeypatch):
+    import gc
+    import weakref
+
+    Slow(monkeypatch)
+    handler, llama = trimmed(models)
+    future = handler.attach(attached(image_url(25)), llama=llama)
+    wait_for(future, 4)
+    gone = weakref.ref(llama)
+    del llama
+    gc.collect()
+    assert future.result(timeout=30).state == "prefilled"  # nobody asked: it ran to its end
+    gc.collect()
+    assert gone() is None  # then the Llama went, closing in the prefill's thread without waiting for itself
+    run(make(models["llm"], handler), ask(image_url(25)))
+    assert handler.last_selection[0].kept == 8
+
+
+def test_a_qwen_follow_up_after_every_row_reuses_the_whole_picture(families):
+    llm, mmproj = families["qwen"]
+    url = image_url(26, SIZE)
+    handler = TrimQwen25VLChatHandler(clip_model_path=str(mmproj), keep=8, verbose=False, **STOCK_ENCODER)
+    llama = make(llm, handler)
+    handler.attach(attached(url), llama=llama).result(timeout=60)
+    first, _ = run(llama, ask(url))
+    rows = handler.last_selection[0].rows
+    assert handler.last_selection[0].kept == rows and handler.last_selection[0].path == "full"
+    follow_up = ask(url) + [first["choices"][0]["message"], {"role": "user", "content": "And the colours?"}]
+    got, logits = run(llama, follow_up)
+    assert handler.last_selection[0].kept == rows and handler.last_reused >= first["usage"]["prompt_tokens"]
+    keep_all = TrimQwen25VLChatHandler(clip_model_path=str(mmproj), keep=None, verbose=False, **STOCK_ENCODER)
+    other = make(llm, keep_all)
+    expected_first, _ = run(other, ask(url))
+    expected, expected_logits = run(other, ask(url) + [expected_first["choices"][0]["message"],
+                                                       {"role": "user", "content": "And the colours?"}])
+    assert text(got) == text(expected) and np.array_equal(logits, expected_logits)

@@ -255,7 +255,8 @@ def test_bench_attach_lead_times_each_policy_per_lead(capsys, models, tmp_path):
         assert entry["full"]["paths"] == ["full"] and entry["full"]["kept"] == [ROWS]
         assert entry["full"]["first_token_as_stock"] == [True]  # every row: stock's answer (same encoder settings)
         assert entry["auto"]["paths"][0] in ("full", "pruned")
-        assert entry["auto_over_best"] > 0
+        best = min(entry["pruned"]["ttft_s"], entry["full"]["ttft_s"])
+        assert entry["auto_over_best"] == pytest.approx(entry["auto"]["ttft_s"] / best)
     image = Image.open(plot)
     assert image.size == (720, 440) and len(image.convert("RGB").getcolors(1 << 16)) > 4  # the axes, the lines and their dots
     for args in (["--plot", str(plot)], ["--attach-lead", "5,-1"], ["--attach-lead", "soon"]):

@@ -105,6 +105,7 @@ class Prefill:
         self.encode_seconds = 0.0
         self.order: Optional[str] = None  # "stop" or "finish", set by a request (or "stop" by an attach)
         self.abort = ctypes.c_ubyte(0)  # nonzero: llama.cpp abandons the batch in flight
+        self.thread: Optional[int] = None  # the background thread's ident
 
     @property
     def llama(self) -> Any:

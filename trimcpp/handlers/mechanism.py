@@ -213,6 +213,7 @@ class Trimming(StockHooks):
         self._attach = threading.Condition()  # guards the fields below and every Prefill's
         self._prefill: Optional[Prefill] = None  # the last attach's background prefill
         self._active = 0  # calls in progress (a stream: until it ends): a background prefill waits for 0
+        self._live: set[Prefill] = set()  # prefills not ended (a superseded one may still be stopping)
         self._rates = Rates()
         self.attach_policy = attach_policy
 
@@ -523,6 +524,7 @@ class Trimming(StockHooks):
         prefill.future.encodes = encodes
         with self._attach:
             previous, self._prefill = self._prefill, prefill
+            self._live.add(prefill)
         if previous is not None:
             previous.stop()
         try:
@@ -530,15 +532,20 @@ class Trimming(StockHooks):
                              daemon=True).start()
         except BaseException as error:
             prefill.end(error=error)
+            with self._attach:
+                self._live.discard(prefill)
             raise
         return prefill.future
 
-    def cancel_attach(self) -> None:
-        """Stops the background prefill of :meth:`attach` (the rows it decoded leave the KV cache);
-        returns once it no longer uses the LLM (an encode in flight goes on into the image cache)."""
+    def cancel_attach(self, llama: Optional[llama_cpp.Llama] = None) -> None:
+        """Stops the background prefills of :meth:`attach` (of `llama`'s, if given; the rows they
+        decoded leave the KV cache); returns once none uses the LLM (an encode in flight goes on
+        into the image cache)."""
         with self._attach:
-            prefill, self._prefill = self._prefill, None
-        if prefill is not None:
+            if self._prefill is not None and llama in (None, self._prefill.llama):
+                self._prefill = None
+            live = [p for p in self._live if llama in (None, p.llama)]
+        for prefill in live:
             self._stop(prefill)
 
     def attach_progress(self) -> Optional[dict[str, Any]]:
@@ -548,14 +555,17 @@ class Trimming(StockHooks):
         return None if prefill is None else prefill.future.progress()
 
     def _stop(self, prefill: Prefill) -> None:
-        """Stops `prefill` and waits until it no longer uses the LLM (not for an encode in flight)."""
+        """Stops `prefill` and waits until it no longer uses the LLM (not for an encode in flight;
+        not at all in its own thread, e.g. a Llama it dropped, closing there)."""
         prefill.stop()
         with self._attach:
-            while prefill.state == "prefilling" and not prefill.finished:
+            while prefill.state == "prefilling" and not prefill.finished and prefill.thread != threading.get_ident():
                 self._attach.wait()
 
     def _attached(self, prefill: Prefill, encodes: list[concurrent.futures.Future], previous: Optional[Prefill]) -> None:
         """The background thread of :meth:`attach`."""
+        prefill.thread = threading.get_ident()
+        llama = None  # held from the LLM phase until the prefill has ended: a Llama dropped meanwhile closes after
         try:
             if previous is not None:
                 concurrent.futures.wait([previous.future])  # it stops at its next boundary
@@ -567,12 +577,18 @@ class Trimming(StockHooks):
                 prefill.end(Attached(prefill.pictures, prefill.rows, 0, "encoded", prefill.encode_seconds, 0.0))
                 return
             self._wait_idle(prefill)
+            llama = prefill.llama
             with self._lock:
-                prefill.end(self._prefill_prompt(prefill))
+                result = self._prefill_prompt(prefill, llama)
+            prefill.end(result)
         except PrefillStopped:
             prefill.end(Attached(prefill.pictures, prefill.rows, 0, "stopped", prefill.encode_seconds, 0.0))
         except BaseException as error:  # noqa: BLE001 - the future (and the next call) carry it
             prefill.end(error=error)
+        finally:
+            with self._attach:
+                self._live.discard(prefill)
+                self._attach.notify_all()
 
     def _wait_idle(self, prefill: Prefill) -> None:
         """Until no call runs on the handler (or a call decides): the LLM is one call's at a time."""
@@ -583,10 +599,10 @@ class Trimming(StockHooks):
                 raise PrefillStopped()
             prefill.state = "prefilling"
 
-    def _prefill_prompt(self, prefill: Prefill) -> Attached:
+    def _prefill_prompt(self, prefill: Prefill, llama: Optional[llama_cpp.Llama]) -> Attached:
         """Runs the stock call on the attach's messages up to the last row of its pictures (a
         :class:`TrimmedMtmd` with those pictures whole and the batches of :mod:`.attach`)."""
-        llama = prefill.llama
+        prefill.checkpoint(0)  # stopped while it waited for the lock
         if llama is None or llama_closed(llama):
             raise PreloadSuperseded("the Llama was closed before the prefill could start")
         began = time.perf_counter()
@@ -664,18 +680,16 @@ class Trimming(StockHooks):
         return "finish" if left * background <= kept * pruned else "stop"
 
     def _llama_closing(self, llama: weakref.ref, key: int) -> None:
-        # A prefill on that Llama stops before its model and context are freed.
-        prefill = self._prefill
-        if prefill is not None and prefill.llama is llama():
-            self.cancel_attach()
+        # Prefills on that Llama stop before its model and context are freed.
+        if llama() is not None:
+            self.cancel_attach(llama())
         super()._llama_closing(llama, key)
 
     def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
-        decision = self._claim(llama, messages)  # before the call counts: a prefill it finishes runs first
         with self._attach:
-            self._active += 1
+            self._active += 1  # no new prefill starts now; the one this call finishes does
         try:
-            result = self._call(llama, messages, kwargs, decision)
+            result = self._call(llama, messages, kwargs, self._claim(llama, messages))
         except BaseException:
             self._leave()
             raise
@@ -850,7 +864,11 @@ class TrimmedMtmd(MtmdView):
         """The stock ``llama.eval(tokens)`` of a text chunk: tokens already in the cache are skipped
         (and a background prefill told to stop stops before it)."""
         if self._prefill is not None:
-            self._prefill.checkpoint(self._prefilled)
+            try:
+                self._prefill.checkpoint(self._prefilled)
+            except PrefillStopped:  # the cache keeps what it holds before this text
+                at = self._llama.n_tokens
+                raise Prefilled(at if trim_kv(self._llama, at) else None, self.whole_kept) from None
         tokens = list(tokens)
         reuse = self.reuse
         if reuse is not None and reuse.matching:

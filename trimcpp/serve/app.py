@@ -14,10 +14,11 @@ model) and error format. trimcpp changes three things:
 - a request the server cannot serve as asked (invalid body, an image refused, a prompt over
   ``n_ctx``, a bad ``keep``: any ValueError of the chat call) is HTTP 400 in OpenAI's error format;
   the stock server answers 422 or 500;
-- ``POST /v1/trimcpp/preload`` (:func:`preload`) takes one image part, resolves it under the same
-  policy and starts encoding it into the model's image cache (``handler.preload``), so that the
-  request that asks about it later finds its rows ready: a client sends the picture when the user
-  attaches it, the question when it is typed.
+- ``POST /v1/trimcpp/preload`` (:func:`preload`) takes one image part (or the conversation so far),
+  resolves it under the same policy and attaches it (``handler.attach``): encodes it into the model's
+  image cache and, while the model is idle, prefills its rows, so that the request that asks about it
+  later finds them ready: a client sends the picture when the user attaches it, the question when it
+  is typed; ``GET`` the same path for the prefill's progress.
 """
 
 from __future__ import annotations
@@ -58,20 +59,38 @@ ROWS_HEADER = "x-trimcpp-image-rows"
 
 
 # Set in the routes that reach a trimmed handler (chat, preload): its background prefill is theirs
-# to decide about. Any other use of the model stops it first (see TrimLlamaProxy.__call__).
+# to decide about. Any other use of the model stops it first (see TrimLlamaProxy.__call__), except
+# the stock routes that only tokenise (the request's path: _PATH, set by mark_path).
 _HANDLER_ROUTE: contextvars.ContextVar[bool] = contextvars.ContextVar("trimcpp_handler_route", default=False)
+_PATH: contextvars.ContextVar[str] = contextvars.ContextVar("trimcpp_path", default="")
+TOKENIZE_ONLY = ("/extras/tokenize", "/extras/tokenize/count", "/extras/detokenize")
+
+
+class MarkPath:
+    """ASGI middleware: the request's path, for TrimLlamaProxy (a context variable of the request)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        token = _PATH.set(scope.get("path", "")) if scope["type"] == "http" else None
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if token is not None:
+                _PATH.reset(token)
 
 
 class TrimLlamaProxy(LlamaProxy):
     """llama-cpp-python's model proxy, which also loads the ``trim-*`` chat formats, and stops a
-    background prefill (``handler.attach``) before another route uses the model or another model
-    replaces it: a prefill runs only while the model is idle."""
+    background prefill (``handler.attach``) before another route uses the model (the tokenize routes
+    excepted) or another model replaces it: a prefill runs only while the model is idle."""
 
     def __call__(self, model: Optional[str] = None) -> llama_cpp.Llama:
         handler = trimmed_handler(self._current_model) if self._current_model is not None else None
         if handler is not None:
             alias = model if model in self._model_settings_dict else self._default_model_alias
-            if alias != self._current_model_alias or not _HANDLER_ROUTE.get():
+            if alias != self._current_model_alias or not (_HANDLER_ROUTE.get() or _PATH.get() in TOKENIZE_ONLY):
                 handler.cancel_attach()
         return super().__call__(model)
 
@@ -431,4 +450,5 @@ def create_app(server_settings: TrimServerSettings, model_settings: list[TrimMod
     finally:
         if config_file is not None:
             os.environ["CONFIG_FILE"] = config_file
+    app.add_middleware(MarkPath)
     return app
