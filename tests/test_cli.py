@@ -249,6 +249,8 @@ def test_bench_attach_lead_times_each_policy_per_lead(capsys, models, tmp_path):
     assert code == 0
     result = json.loads(out)
     assert [e["lead_s"] for e in result["leads"]] == [0, 0.3] and result["keep"] == 8
+    costs = result["batch_costs_s_per_row"]
+    assert set(costs) == {"8", "16", "32", "64", "128", "512"} and all(cost > 0 for cost in costs.values())
     for entry in result["leads"]:
         assert entry["stock_s"] > 0 and entry["stock-plain_s"] > 0 and entry["stock-encoder_s"] > 0
         assert entry["pruned"]["paths"] == ["pruned"] and entry["pruned"]["kept"] == [8]

@@ -14,6 +14,8 @@ Llama()`` (the defaults a user gets), ``stock`` (the benchmark's Llama) and ``st
 (the same settings as the trimmed handler's encoder) are measured once per round. Every request is a
 new conversation (image cache emptied, nothing reusable in the KV cache). Rounds are interleaved.
 Each trimmed request also records which path answered and whether its first token is stock's.
+Before the rounds, :func:`batch_costs` measures what the background prefill's small batches cost
+per row against full-size ones.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import time
 from typing import Any, Optional, Sequence
 
 import llama_cpp
+import numpy as np
 
 from ..handlers import HANDLERS
+from ..handlers.decode import decode_rows
 from ..handlers.encoder import EncoderSettings
 from ..llamacpp import configure_encoder, load_llama, load_mmproj
 from . import machine
@@ -59,6 +63,27 @@ def ask(llama: llama_cpp.Llama, handler: Any, messages: list[dict], lead: float)
                        "prefill_s": attached_.prefill_seconds}}
 
 
+BATCHES = (8, 16, 32, 64, 128)  # background batch sizes whose cost per row is measured, with n_batch
+
+
+def batch_costs(llama: llama_cpp.Llama, rows: int = 128, sizes: Sequence[int] = BATCHES) -> dict[int, float]:
+    """Seconds per row of decoding `rows` image rows (random values: speed does not depend on them)
+    into an empty KV cache in batches of each size (and of n_batch): what the background prefill's
+    small batches cost. Leaves the KV cache empty."""
+    vectors = np.random.default_rng(0).standard_normal((rows, llama.n_embd()), dtype=np.float32)
+    memory = llama_cpp.llama_get_memory(llama.ctx)
+    costs = {}
+    for size in sorted({*sizes, llama.n_batch}):
+        llama.reset()
+        llama_cpp.llama_memory_clear(memory, True)
+        began = time.perf_counter()
+        decode_rows(llama.ctx, vectors, np.arange(rows, dtype=np.int32), 0, size)
+        costs[size] = (time.perf_counter() - began) / rows
+    llama.reset()
+    llama_cpp.llama_memory_clear(memory, True)
+    return costs
+
+
 def run(model: str, mmproj: str, messages: list[dict], keep: int, leads: Sequence[float], *, repeat: int = 2,
         chat_format: str = "llava-1-5", method: str = "trimtokenator", n_ctx: int = 2048,
         threads: Optional[int] = None, encoder: Optional[EncoderSettings] = None,
@@ -85,6 +110,7 @@ def run(model: str, mmproj: str, messages: list[dict], keep: int, leads: Sequenc
     ask(llama, trimmed, messages, 0.0)
     trimmed.attach_policy = "full"
     ask(llama, trimmed, messages, 0.0)
+    costs = batch_costs(llama)
     if on_step:
         on_step("warm-up")
     samples: dict[str, list[float]] = {name: [] for name in stocks}
@@ -125,7 +151,7 @@ def run(model: str, mmproj: str, messages: list[dict], keep: int, leads: Sequenc
             "repeat": repeat, "n_ctx": n_ctx, "threads": llama.n_threads, "plain_threads": plain_threads,
             "n_batch": llama.n_batch, "encoder": {"flash_attn": encoder.flash_attn, "threads": encoder.threads,
                                                   "image_max_tokens": encoder.image_max_tokens},
-            "machine": machine(), "leads": entries}
+            "machine": machine(), "batch_costs_s_per_row": costs, "leads": entries}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -142,6 +168,10 @@ def table(result: dict[str, Any]) -> str:
                      f"{e['stock-plain_s'] / auto['ttft_s']:7.2f}x  {e['auto_over_best']:11.2f}")
     lines.append("(seconds from the question to the first token; pruned keeps "
                  f"{result['keep']} rows; stock does nothing before the question: one value for every lead)")
+    costs = result.get("batch_costs_s_per_row") or {}
+    if costs:
+        lines.append("decoding 128 image rows, seconds per row by batch size: "
+                     + ", ".join(f"{size} rows {1e3 * cost:.0f} ms" for size, cost in costs.items()))
     return "\n".join(lines)
 
 

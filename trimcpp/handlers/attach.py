@@ -3,8 +3,8 @@
 :meth:`trimcpp.handlers.mechanism.Trimming.attach` encodes the pictures of the conversation's last
 user message (as ``preload`` does), then, on a background thread, prefills the prompt up to and
 including every row of them: the template's text before the picture (system prompt, "USER:") and
-the rows, in batches of about :data:`BATCH_SECONDS` each, so that a question stops it within about
-that long. Only that much can go ahead of the question: stage 1 reads its text, and the text after
+the rows, in batches of about :data:`BATCH_SECONDS` each (the progress a page can show). Only
+that much can go ahead of the question: stage 1 reads its text, and the text after
 the picture is the question's.
 
 When the question comes, the request decides at once (:meth:`Prefill.claim`):
@@ -33,9 +33,12 @@ import weakref
 from typing import Any, Callable, Optional
 
 POLICIES = ("auto", "full", "pruned")
-BATCH_SECONDS = 1.0  # a background batch takes about this long (a question need not wait for its end)
-FIRST_BATCH = 16  # rows of the first background batch, before the Llama's speed is known
-SMALLEST_BATCH = 4
+# A background batch takes about BATCH_SECONDS (progress moves that often; a question stops one at
+# once through the abort flag, where the backend has one), and at least SMALLEST_BATCH rows: on this
+# project's CPU (LLaVA-1.5-7B shape) 16 rows or more cost about what a full batch does per row, 8 rows 1.3x.
+BATCH_SECONDS = 4.0
+FIRST_BATCH = 32  # rows of the first background batch, before the Llama's speed is known
+SMALLEST_BATCH = 16
 
 
 class PrefillStopped(Exception):

@@ -491,7 +491,7 @@ class Trimming(StockHooks):
         """Starts reading the pictures of the conversation's last user message while the question is
         typed: encodes them into the image cache (as :meth:`preload`), then, on a background thread
         while no call runs, prefills the prompt up to and including their every row into `llama`'s
-        KV cache, in batches of about a second (:mod:`.attach`; a question stops one at once). The question's call
+        KV cache, in batches of a few seconds (:mod:`.attach`; a question stops one at once). The question's call
         then finishes or stops it (:attr:`attach_policy`); ``last_selection`` says which path answered.
 
         `messages`: the conversation so far, ending with the user message that holds the pictures
