@@ -524,3 +524,21 @@ def test_a_qwen_follow_up_after_every_row_reuses_the_whole_picture(families):
     expected, expected_logits = run(other, ask(url) + [expected_first["choices"][0]["message"],
                                                        {"role": "user", "content": "And the colours?"}])
     assert text(got) == text(expected) and np.array_equal(logits, expected_logits)
+
+
+def test_a_llama_closing_in_a_background_thread_leaves_stdout_and_stderr_alone(models, monkeypatch):
+    """A prefill may hold a dropped Llama's last reference, so it may close there: llama-cpp-python's
+    silencing swaps the process's sys.stdout and sys.stderr, which must not happen under the main thread."""
+    import sys
+
+    import llama_cpp.mtmd_cpp as mtmd_cpp
+
+    handler, llama = trimmed(models)
+    run(llama, ask(image_url(27)), max_tokens=1)  # the mmproj context is loaded
+    free, seen = mtmd_cpp.mtmd_free, []
+    monkeypatch.setattr(mtmd_cpp, "mtmd_free", lambda ctx: seen.append((sys.stdout, sys.stderr)) or free(ctx))
+    streams = (sys.stdout, sys.stderr)
+    closing = threading.Thread(target=llama.close)
+    closing.start()
+    closing.join(timeout=30)
+    assert seen and all(pair == streams for pair in seen)

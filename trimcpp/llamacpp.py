@@ -212,7 +212,10 @@ class StockHooks:
                 return
             if self.mtmd_ctx == entry[1]:
                 self.mtmd_ctx = None
-            with suppress_stdout_stderr(disable=self.verbose):
+            # A Llama may close in a background thread (the last reference dropped by a prefill): the
+            # process's stdout and stderr are swapped only from the main thread, never under others.
+            main = threading.current_thread() is threading.main_thread()
+            with suppress_stdout_stderr(disable=self.verbose or not main):
                 mtmd_cpp.mtmd_free(entry[1])
 
     def _create_bitmap_from_bytes(self, image_bytes: bytes):
