@@ -328,14 +328,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = ttft.run(model, mmproj, image_messages(image, args.prompt), args.keep, repeat=args.repeat,
                           chat_format=chat_format, method=args.method, n_ctx=args.n_ctx, threads=args.threads,
                           encoder=encoder, image_max_tokens=args.image_max_tokens, on_step=step)
-    width, height = Image.open(io.BytesIO(image)).size
-    result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height})
-    flash = {True: "on", False: "off"}.get(encoder.flash_attn, encoder.flash_attn)
-    return _report(args, result, f"model   {model}\nmmproj  {mmproj}  ({chat_format})\nimage   "
-                   f"{result['image']['source']} {width}x{height}, prompt {args.prompt!r}",
+    head, flash = _bench_head(args, result, model, mmproj, image, chat_format), _flash_text(encoder)
+    return _report(args, result, head,
                    f"LLM {result['threads']} threads (plain Llama(): {result['plain_threads']}); our encoder: flash "
                    f"attention {flash}, {encoder.threads or 'n_threads_batch'} threads; medians of {args.repeat} "
                    "interleaved rounds", ttft.table(result))
+
+
+def _bench_head(args: argparse.Namespace, result: dict[str, Any], model: str, mmproj: str, image: bytes,
+                chat_format: str) -> str:
+    """The picture and prompt into `result`; the report's first lines (model, mmproj, image)."""
+    width, height = Image.open(io.BytesIO(image)).size
+    result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height})
+    return (f"model   {model}\nmmproj  {mmproj}  ({chat_format})\nimage   {result['image']['source']} "
+            f"{width}x{height}, prompt {args.prompt!r}")
+
+
+def _flash_text(encoder: Any) -> str:
+    return {True: "on", False: "off"}.get(encoder.flash_attn, encoder.flash_attn)
 
 
 def _bench_lead(args: argparse.Namespace, model: str, mmproj: str, image: bytes, chat_format: str, encoder: Any) -> int:
@@ -347,14 +357,12 @@ def _bench_lead(args: argparse.Namespace, model: str, mmproj: str, image: bytes,
         result = lead.run(model, mmproj, image_messages(image, args.prompt), min(args.keep), args.attach_lead,
                           repeat=args.repeat, chat_format=chat_format, method=args.method, n_ctx=args.n_ctx,
                           threads=args.threads, encoder=encoder, on_step=step)
-    width, height = Image.open(io.BytesIO(image)).size
-    result.update(prompt=args.prompt, image={"source": args.image or "synthetic", "width": width, "height": height})
+    head = _bench_head(args, result, model, mmproj, image, chat_format)
     if args.plot:
         name = os.path.basename(model) if args.model else f"{args.family} {args.shape} shape"
         lead.plot(result, args.plot, f"{name}: first token after the question")
-    flash = {True: "on", False: "off"}.get(encoder.flash_attn, encoder.flash_attn)
-    return _report(args, result, f"model   {model}\nmmproj  {mmproj}  ({chat_format})\nimage   "
-                   f"{result['image']['source']} {width}x{height}, prompt {args.prompt!r}",
+    flash = _flash_text(encoder)
+    return _report(args, result, head,
                    f"LLM {result['threads']} threads (plain Llama(): {result['plain_threads']}), n_batch "
                    f"{result['n_batch']}; our encoder: flash attention {flash}; medians of {args.repeat} interleaved "
                    "rounds", lead.table(result))
