@@ -67,7 +67,7 @@ std::vector<int64_t> split_budget(const std::vector<int64_t>& sizes, const std::
 
 std::vector<Indices> select_image(const std::vector<Floats>& chunks, const std::optional<Floats>& text,
                                   int64_t keep_count, double keep_share, trim::Method method, double stage1_ratio,
-                                  uint64_t seed) {
+                                  uint64_t seed, trim::Alignment alignment, trim::Stage1 stage1) {
   std::vector<const float*> data;
   std::vector<int64_t> rows;
   for (const Floats& c : chunks) {
@@ -80,7 +80,8 @@ std::vector<Indices> select_image(const std::vector<Floats>& chunks, const std::
   {
     py::gil_scoped_release release;
     kept = trim::select_image(data, rows, d, has_text ? text->data() : nullptr, has_text ? text->shape(0) : 0,
-                              trim::Keep{keep_count, keep_share}, method, stage1_ratio, seed);
+                              trim::Keep{keep_count, keep_share}, method, stage1_ratio, seed,
+                              trim::Variant{alignment, stage1});
   }
   std::vector<Indices> out;
   for (const auto& k : kept) out.emplace_back(static_cast<py::ssize_t>(k.size()), k.data());
@@ -126,6 +127,7 @@ PYBIND11_MODULE(_core, m) {
         "An image's weight in split_budget.");
   m.def("select_image", &select_image, py::arg("chunks"), py::arg("text"), py::arg("keep_count"),
         py::arg("keep_share"), py::arg("method"), py::arg("stage1_ratio"), py::arg("seed"),
+        py::arg("alignment") = trim::Alignment::l2, py::arg("stage1") = trim::Stage1::ratio,
         "One image's kept rows per chunk, as the patched llama.cpp tools select them (CPU).");
   m.def(
       "abort_callback", [] { return reinterpret_cast<std::uintptr_t>(&trimcpp_abort_requested); },

@@ -33,7 +33,7 @@ double diversity_weight(int64_t rows, double sum_sqnorm) {
 std::vector<std::vector<int64_t>> select_image(const std::vector<const float*>& chunks,
                                                const std::vector<int64_t>& rows, int64_t d, const float* t,
                                                int64_t m, const Keep& keep, Method method, double stage1_ratio,
-                                               uint64_t seed) {
+                                               uint64_t seed, const Variant& variant) {
   const int64_t count = static_cast<int64_t>(chunks.size());
   if (count == 0 || rows.size() != chunks.size()) throw InputError("an image needs one row count per chunk");
   const int64_t total = std::accumulate(rows.begin(), rows.end(), int64_t{0});
@@ -57,7 +57,7 @@ std::vector<std::vector<int64_t>> select_image(const std::vector<const float*>& 
       continue;
     }
     const Problem p{chunks[c], rows[c], d, m > 0 ? t : nullptr, m};
-    out.resize(static_cast<size_t>(select(p, method, budgets[c], stage1_ratio, seed, Backend::cpu, out.data())));
+    out.resize(static_cast<size_t>(select(p, method, budgets[c], stage1_ratio, seed, Backend::cpu, out.data(), variant)));
     std::sort(out.begin(), out.end());
   }
   return kept;

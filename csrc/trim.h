@@ -106,11 +106,11 @@ double diversity_weight(int64_t rows, double sum_sqnorm);
 // The kept rows of one image given as chunks (LLaVA-1.6: slices, then the overview) of rows[c] x d
 // floats each, conditioned on the text rows t (m x d, m may be 0): the image's target split over the
 // chunks with split_budget and diversity weights, each chunk pruned with its budget. Indices per
-// chunk, ascending, on the CPU backend.
+// chunk, ascending, on the CPU backend, with stage 1's variant (select).
 std::vector<std::vector<int64_t>> select_image(const std::vector<const float*>& chunks,
                                                const std::vector<int64_t>& rows, int64_t d, const float* t,
                                                int64_t m, const Keep& keep, Method method, double stage1_ratio,
-                                               uint64_t seed);
+                                               uint64_t seed, const Variant& variant = {});
 // The Method named `name` ("trimtokenator", ...); throws InputError naming the known ones.
 Method method_named(const std::string& name);
 

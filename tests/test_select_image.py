@@ -41,6 +41,24 @@ def test_core_equals_the_handlers_composition(sizes, keep, method, with_text):
     assert all(list(g) == sorted(set(g)) and (len(g) == 0 or 0 <= g[0] and g[-1] < n) for g, n in zip(got, sizes))
 
 
+@pytest.mark.parametrize("alignment, stage1", [("cosine", 0.8), ("l2", "adaptive"), ("cosine", "adaptive")])
+@pytest.mark.parametrize("sizes, keep", [([576], 64), ([144, 144, 144, 144, 144], 40), ([30, 7, 50], 0.25)])
+@pytest.mark.parametrize("method", ["trimtokenator", "align"])
+def test_core_takes_the_stage1_variants_as_the_handlers_do(sizes, keep, method, alignment, stage1):
+    """The tools' --image-alignment and --image-stage1-ratio adaptive select what the handlers select
+    with alignment= and stage1_ratio="adaptive"; and the variant changes the rows (the control)."""
+    chunks = image(len(sizes) * 3 + sum(sizes), sizes)
+    text = np.random.default_rng(6).normal(size=(9, D)).astype(np.float32)
+    want = select_image(chunks, text, keep, method=method, stage1_ratio=stage1, alignment=alignment, backend="cpu")
+    ratio, core_stage1 = (0.8, _core.Stage1.adaptive) if stage1 == "adaptive" else (stage1, _core.Stage1.ratio)
+    got = _core.select_image(chunks, text, *core_keep(keep), getattr(_core.Method, method), ratio, 0,
+                             alignment=getattr(_core.Alignment, alignment), stage1=core_stage1)
+    assert [list(g) for g in got] == [list(w) for w in want]
+    paper = _core.select_image(chunks, text, *core_keep(keep), getattr(_core.Method, method), 0.8, 0)
+    if method == "trimtokenator" or alignment == "cosine":
+        assert [list(g) for g in got] != [list(p) for p in paper]
+
+
 def test_multi_chunk_budgets_follow_diversity():
     """A chunk of near-duplicate rows gets a smaller share of the budget than an equally large diverse one."""
     rng = np.random.default_rng(1)
