@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,10 +118,16 @@ def server(tools, pairs):
         s.stop()
 
 
-def server_log(s: Server) -> str:
-    s.log.flush()
-    s.log.seek(0)
-    return s.log.read()
+def server_log(s: Server, lines: int = 1) -> str:
+    """The server's log once it has at least `lines` "image rows: chunk" lines (it logs from a thread)."""
+    deadline = time.monotonic() + 10
+    while True:
+        s.log.flush()
+        s.log.seek(0)
+        log = s.log.read()
+        if log.count("image rows: chunk") >= lines or time.monotonic() > deadline:
+            return log
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("family, keep", [("qwen", "8"), ("qwen", "0.25"), ("gemma", "10")])
@@ -173,7 +180,7 @@ def test_cli_refuses_bad_variants(tools, pairs, tmp_path, flags, message):
 def test_cli_gemma_rows_beyond_the_ubatch_are_an_error_not_an_abort(tools, pairs, tmp_path):
     image = picture(tmp_path, *SIZE)
     run = cli(tools, pairs["gemma"], image, "--image-keep", "40", "-b", "32", "-ub", "32")
-    assert run["code"] == 1 and "40 kept rows > the physical batch size (-ub 32)" in run["log"]
+    assert run["code"] == 1 and "decoded in one batch: 40 kept rows > the physical batch size 32" in run["log"]
     assert cli(tools, pairs["gemma"], image, "--image-keep", "30", "-b", "32", "-ub", "32")["code"] == 0
 
 
@@ -211,7 +218,7 @@ def test_server_prunes_the_family_as_the_handler_does(server, tools, pairs, tmp_
     stock, trimmed = (python(tools, pairs[family], [ask(image)], settings)[0] for settings in (None, {"keep": 9}))
     stock_top, trimmed_top = (python(tools, pairs[family], [ask(image)], settings, logprobs=True)[0]["top"]
                               for settings in (None, {"keep": 9}))
-    assert kept_rows(server_log(s))[:2] == trimmed["indices"] * 2
+    assert kept_rows(server_log(s, 4))[:2] == trimmed["indices"] * 2
     assert replies["every", "answer"]["choices"][0]["message"]["content"] == stock["answer"]
     assert replies["pruned", "answer"]["choices"][0]["message"]["content"] == trimmed["answer"]
     assert same_top(top_logprobs(replies["every", "top"]), stock_top)
@@ -244,7 +251,7 @@ def test_server_conversation_encodes_a_picture_once(server, tools, pairs, tmp_pa
         assert code == 200, reply
         replies.append(reply)
         answers.append(reply["choices"][0]["message"]["content"])
-    log = server_log(s)
+    log = server_log(s, 3)
     assert len(re.findall(r"image rows: chunk \d+ keeps \d+ of \d+: [\d ]+; encoded in", log)) == 1
     assert len(re.findall(r"image rows: chunk \d+ keeps \d+ of \d+: [\d ]+; from the encoder cache", log)) == 2
     kept = kept_rows(log)
@@ -261,6 +268,22 @@ def test_server_conversation_encodes_a_picture_once(server, tools, pairs, tmp_pa
     assert handler["indices"] == kept[:1]
 
 
+def test_server_selects_each_picture_with_the_user_text_up_to_its_message(server, tools, pairs, tmp_path):
+    """Two pictures in two turns: the first with the first question, the second with both questions
+    (the handlers' follow_ups="keep-rows"), row for row as TrimMTMDChatHandler. Cosine alignment, where
+    the text moves the rows of these random models more than the paper's L2 does."""
+    first, second = picture(tmp_path, *SIZE, seed=8), picture(tmp_path, *SIZE, seed=9)
+    messages = ask(first, "What is in the image?") + [{"role": "assistant", "content": "a cat"}]
+    messages += [{"role": "user", "content": ask(second, "red green blue yellow")[0]["content"]}]
+    s = server("qwen")
+    code, _ = s.chat({"messages": messages, "max_tokens": 2, "image_keep": 5, "image_alignment": "cosine"})
+    assert code == 200
+    [want] = python(tools, pairs["qwen"], [messages], {"keep": 5, "alignment": "cosine"})
+    assert kept_rows(server_log(s, 2)) == want["indices"] and len(want["indices"]) == 2
+    [everything] = python(tools, pairs["qwen"], [messages], {"keep": 5, "alignment": "cosine", "follow_ups": "reselect"})
+    assert everything["indices"][0] != want["indices"][0]  # the control: the first picture's text matters
+
+
 def test_server_without_the_encoder_cache_encodes_every_turn(server, tmp_path):
     """The control for the count above: --image-cache-mib 0 encodes the picture again each turn."""
     image = picture(tmp_path, *SIZE, seed=4)
@@ -269,7 +292,7 @@ def test_server_without_the_encoder_cache_encodes_every_turn(server, tmp_path):
     assert s.chat({"messages": messages, "max_tokens": 2})[0] == 200
     messages += [{"role": "assistant", "content": "a cat"}, {"role": "user", "content": "Which colour?"}]
     assert s.chat({"messages": messages, "max_tokens": 2})[0] == 200
-    log = server_log(s)
+    log = server_log(s, 2)
     assert len(re.findall(r"image rows: chunk \d+ keeps \d+ of \d+: [\d ]+; encoded in", log)) == 2
     assert "from the encoder cache" not in log
 
