@@ -13,6 +13,7 @@ libraries, so both encode with the same libmtmd (tests/test_llama_cpp_patches.py
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -323,6 +324,19 @@ def test_server_bad_settings_are_400s_and_it_goes_on(server, tmp_path, extra, me
     assert code == 400 and message in json.dumps(error)
     code, good = s.chat(chat_body(image, QUESTION, image_keep=20))
     assert code == 200 and good["choices"][0]["message"]["content"] is not None
+
+
+def test_server_completion_refuses_malformed_chat_route_fields(server, tmp_path):
+    """The chat route's own per-image texts, sent malformed to the completion endpoint: a 400, and on."""
+    image = picture(tmp_path, *SIZE)
+    s = server("qwen")
+    marker = json.loads(s.get("/props")[1])["media_marker"]
+    prompt = {"prompt_string": marker + QUESTION,
+              "multimodal_data": [base64.b64encode(image.read_bytes()).decode()]}
+    body = {"prompt": prompt, "n_predict": 1, "image_keep": 5}
+    code, error = s.post("/completion", dict(body, image_prune_texts=5, image_prune_user_texts=[]))
+    assert code == 400 and "image_prune_texts" in json.dumps(error)
+    assert s.post("/completion", body)[0] == 200
 
 
 def test_server_refuses_bad_variant_flags_at_startup(tools, pairs):
