@@ -285,6 +285,27 @@ def test_server_selects_each_picture_with_the_user_text_up_to_its_message(server
     assert everything["indices"][0] != want["indices"][0]  # the control: the first picture's text matters
 
 
+def test_server_anthropic_route_selects_as_the_chat_route(server, tmp_path):
+    """/v1/messages (converted to a chat request inside the server) gives each picture the same text."""
+    first, second = picture(tmp_path, *SIZE, seed=8), picture(tmp_path, *SIZE, seed=9)
+    s = server("qwen", "--image-keep", "5", "--image-alignment", "cosine")
+
+    def image(path: Path) -> dict:
+        return {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                            "data": base64.b64encode(path.read_bytes()).decode()}}
+
+    messages = [{"role": "user", "content": [image(first), {"type": "text", "text": "What is in the image?"}]},
+                {"role": "assistant", "content": "a cat"},
+                {"role": "user", "content": [image(second), {"type": "text", "text": "red green blue yellow"}]}]
+    code, reply = s.post("/v1/messages", {"model": "m", "max_tokens": 2, "messages": messages})
+    assert code == 200, reply
+    chat = ask(first, "What is in the image?") + [{"role": "assistant", "content": "a cat"}]
+    chat += [{"role": "user", "content": ask(second, "red green blue yellow")[0]["content"]}]
+    assert s.chat({"messages": chat, "max_tokens": 2})[0] == 200
+    rows = kept_rows(server_log(s, 4))
+    assert len(rows) == 4 and rows[:2] == rows[2:]
+
+
 def test_server_without_the_encoder_cache_encodes_every_turn(server, tmp_path):
     """The control for the count above: --image-cache-mib 0 encodes the picture again each turn."""
     image = picture(tmp_path, *SIZE, seed=4)
@@ -337,6 +358,15 @@ def test_server_completion_refuses_malformed_chat_route_fields(server, tmp_path)
     code, error = s.post("/completion", dict(body, image_prune_texts=5, image_prune_user_texts=[]))
     assert code == 400 and "image_prune_texts" in json.dumps(error)
     assert s.post("/completion", body)[0] == 200
+
+
+def test_server_token_count_refuses_bad_settings(server, tmp_path):
+    s = server("qwen")
+    for extra, message in (({"image_prune_method": "best"}, "unknown method"),
+                           ({"image_alignment": "manhattan"}, "unknown alignment")):
+        code, error = s.post("/v1/chat/completions/input_tokens", chat_body(picture(tmp_path, *SIZE), QUESTION,
+                                                                             image_keep=5, **extra))
+        assert code == 400 and message in json.dumps(error)
 
 
 def test_server_refuses_bad_variant_flags_at_startup(tools, pairs):
