@@ -327,6 +327,12 @@ def test_attach_arguments(models):
         handler.attach(attached(image_url(0)) + [{"role": "assistant", "content": "Hi"}], llama=llama)
     with pytest.raises(ValueError, match="has no picture"):
         handler.attach([{"role": "user", "content": "Hello"}], llama=llama)
+    marked = [{"role": "system", "content": "Answer <__media__> briefly."}] + attached(image_url(0))
+    with pytest.raises(ValueError, match="a system message's text contains '<__media__>'"):
+        handler.attach(marked, llama=llama)
+    with pytest.raises(ValueError, match="a system message's text contains '<__media__>'"):
+        llama.create_chat_completion(messages=marked, max_tokens=1)
+    assert text(run(llama, ask(image_url(0)))[0]) is not None  # and the Llama goes on
     with pytest.raises(ValueError, match="attach_policy must be one of auto, full, pruned"):
         handler.attach_policy = "fast"
     with pytest.raises(ValueError, match="attach_policy must be one of"):

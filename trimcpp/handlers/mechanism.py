@@ -136,6 +136,24 @@ def user_texts(messages: list[Any]) -> list[str]:
     return [t for t in texts if t]
 
 
+def check_no_marker(owner: str, messages: list[Any]) -> None:
+    """Raises ValueError when a message's text holds libmtmd's picture marker: libmtmd would take it for
+    a picture and fail to tokenise the prompt (llama-cpp-python says "error code 2")."""
+    marker = mtmd_cpp.mtmd_default_marker().decode()
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts = [content]
+        elif isinstance(content, list):
+            texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        else:
+            continue
+        if any(isinstance(text, str) and marker in text for text in texts):
+            raise ValueError(f"{owner}: a {message.get('role', 'chat')} message's text contains {marker!r}, "
+                             "libmtmd's placeholder for a picture; send pictures as image_url parts and leave "
+                             "the placeholder out of the text")
+
+
 def image_target(keep: KeepArg, method: str, rows: int, chunks: int) -> int:
     """Rows the LLM sees of an image of `rows` rows in `chunks` chunks (at least one per chunk)."""
     if keep is None or method == "none":
@@ -511,6 +529,7 @@ class Trimming(StockHooks):
                 or messages[-1].get("role") != "user":
             raise ValueError(f"{owner}: messages must be a list of chat messages ending with the user message "
                              "that holds the picture")
+        check_no_marker(owner, messages)
         parts = [part for i, part in image_parts(messages) if i == len(messages) - 1]
         if not parts:
             raise ValueError(f"{owner}: the last user message has no picture (an image_url part)")
@@ -686,6 +705,7 @@ class Trimming(StockHooks):
         super()._llama_closing(llama, key)
 
     def __call__(self, *, llama: llama_cpp.Llama, messages: list[Any], **kwargs: Any):
+        check_no_marker(type(self).__name__, messages)
         with self._attach:
             self._active += 1  # no new prefill starts now; the one this call finishes does
         try:
