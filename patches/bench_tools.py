@@ -128,11 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or os.cpu_count() or 1
     folder = cache_dir() / "models"
     llm, mmproj = write_pair(folder, args.shape, family=args.family)
-    template: list[str] = []
+    template: list[str] = []  # the server's flags (it reads a template from a file), then the cli's
+    cli_template: list[str] = []
     if args.family == "llava":
         path = folder / "bench-template.jinja"
         path.write_text(LLAVA_TEMPLATE)
-        template = ["--chat-template-file", str(path)]
+        template, cli_template = ["--chat-template-file", str(path)], ["--chat-template", LLAVA_TEMPLATE]
     image = folder / "demo-640x480.png"
     image.write_bytes(png(0))
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeat):
             if not args.no_cli:
                 for arm, keep in (("all", None), ("keep", args.keep)):
-                    cli[arm].append(cli_run(args.bin, llm, mmproj, image, threads, keep, template))
+                    cli[arm].append(cli_run(args.bin, llm, mmproj, image, threads, keep, cli_template))
             for arm, keep in (("all", 0), ("keep", args.keep)):
                 seed += 1  # a picture the encoder cache has not seen
                 single[arm].append(server.request(conversation(png(seed), 1)[0], keep, False)[0])
