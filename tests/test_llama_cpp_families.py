@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_llama_cpp_patches import Server, chat_body, free_port, picture
+from test_llama_cpp_patches import Server, chat_body, cli_answer, free_port, kept_rows, picture
 
 from trimcpp.testing import write_pair
 
@@ -50,13 +50,8 @@ def cli(tools: Path, pair: tuple[str, str], image: Path, *flags: str, question: 
                           capture_output=True, text=True, timeout=300)
     counts = re.findall(r"image rows: (\d+) prompt tokens so far", done.stderr)
     return {"code": done.returncode, "log": done.stderr, "kept": kept_rows(done.stderr),
-            # the tool frames the answer with newlines and prints control tokens, which the handlers' text omits
-            "answer": re.sub(r"<\|?unused_?\d+\|?>", "", done.stdout.removeprefix("\n").removesuffix("\n\n")),
+            "answer": cli_answer(done.stdout),
             "positions": int(counts[-1]) if counts else None}
-
-
-def kept_rows(log: str) -> list[list[int]]:
-    return [[int(x) for x in rows.split()] for rows in re.findall(r"image rows: chunk \d+ keeps \d+ of \d+: ([\d ]+)", log)]
 
 
 PROBE = r"""

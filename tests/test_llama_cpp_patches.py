@@ -82,11 +82,18 @@ def run_cli(tools: Path, llm: str, mmproj: str, image: Path, *flags: str, questi
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = re.findall(r"image rows: (\d+) prompt tokens so far", done.stderr)
-    kept = [[int(x) for x in rows.split()] for rows in re.findall(r"image rows: chunk \d+ keeps \d+ of \d+: ([\d ]+)",
-                                                                   done.stderr)]
-    # The tool frames the answer with newlines and prints control tokens, which the handlers' text omits.
-    answer = re.sub(r"<unused\d+>|</?s>", "", done.stdout.removeprefix("\n").removesuffix("\n\n"))
-    return CliRun(answer, int(counts[-1]) if counts else None, kept, done.stderr)
+    return CliRun(cli_answer(done.stdout), int(counts[-1]) if counts else None, kept_rows(done.stderr), done.stderr)
+
+
+def kept_rows(log: str) -> list[list[int]]:
+    """The rows each pruned image chunk kept, as the tools log them."""
+    return [[int(x) for x in rows.split()] for rows in re.findall(r"image rows: chunk \d+ keeps \d+ of \d+: ([\d ]+)", log)]
+
+
+def cli_answer(stdout: str) -> str:
+    """llama-mtmd-cli's answer as the handlers' text: the tool frames it with newlines and prints control
+    tokens (LLaVA's <unusedN>, </s>; Qwen's <|unused_N|>), which the handlers' text omits."""
+    return re.sub(r"<\|?unused_?\d+\|?>|</?s>", "", stdout.removeprefix("\n").removesuffix("\n\n"))
 
 
 HANDLER_PROBE = r"""

@@ -122,18 +122,19 @@ def image_parts(messages: list[Any]) -> list[tuple[int, dict[str, Any]]]:
             for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url"]
 
 
+def message_texts(message: Any) -> list[str]:
+    """The text of a chat message: its content string, or its text parts."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+    return []
+
+
 def user_texts(messages: list[Any]) -> list[str]:
     """The text parts of the user messages (ALGORITHM.md: no template boilerplate)."""
-    texts = []
-    for message in messages:
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            texts += [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-    return [t for t in texts if t]
+    return [t for message in messages if message.get("role") == "user" for t in message_texts(message) if t]
 
 
 def check_no_marker(owner: str, messages: list[Any]) -> None:
@@ -141,14 +142,7 @@ def check_no_marker(owner: str, messages: list[Any]) -> None:
     a picture and fail to tokenise the prompt (llama-cpp-python says "error code 2")."""
     marker = mtmd_cpp.mtmd_default_marker().decode()
     for message in messages if isinstance(messages, list) else ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            texts = [content]
-        elif isinstance(content, list):
-            texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-        else:
-            continue
-        if any(isinstance(text, str) and marker in text for text in texts):
+        if any(isinstance(text, str) and marker in text for text in message_texts(message)):
             raise ValueError(f"{owner}: a {message.get('role', 'chat')} message's text contains {marker!r}, "
                              "libmtmd's placeholder for a picture; send pictures as image_url parts and leave "
                              "the placeholder out of the text")
