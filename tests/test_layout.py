@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from trimcpp.layout import Vision, chunks, pixel_rows, read_vision
-from trimcpp.show import render
+from trimcpp.show import masks, render
 from trimcpp.testing import SHAPES, pinpoints, write_mmproj
 
 V15 = Vision(84, 14)
@@ -131,3 +131,24 @@ def test_caption_adds_a_strip_below():
 def test_wrong_chunk_count_is_refused():
     with pytest.raises(ValueError, match="cuts into 3"):
         render(picture(168, 84), V16, [np.array([0])])
+
+
+@pytest.mark.parametrize("size, out", [((168, 84), (37, 19)), ((300, 133), (300, 133)), ((500, 400), (512, 410))])
+def test_a_sampled_map_takes_the_row_under_each_cells_centre(size, out):
+    """pixel_rows(out=...) / masks(out=...): cell (i, j) of a w x h sample is the original pixel whose
+    area holds the cell's centre, at ((j + 0.5) W / w, (i + 0.5) H / h)."""
+    width, height = size
+    xs = np.floor((np.arange(out[0]) + 0.5) * width / out[0]).astype(int)
+    ys = np.floor((np.arange(out[1]) + 0.5) * height / out[1]).astype(int)
+    for vision in (V15, V16):
+        for chunk in chunks(vision, width, height):
+            full = pixel_rows(vision, chunk, width, height)
+            assert np.array_equal(pixel_rows(vision, chunk, width, height, out), full[np.ix_(ys, xs)])
+    kept = [np.array([i, 7 + i, 20 + i]) for i in range(len(chunks(V16, width, height)))]
+    for (_, whole), (_, sampled) in zip(masks(V16, width, height, kept), masks(V16, width, height, kept, out=out)):
+        assert sampled.shape == out[::-1] and np.array_equal(sampled, whole[np.ix_(ys, xs)])
+
+
+def test_chunk_rows_other_than_the_layout_are_refused():
+    with pytest.raises(RuntimeError, match=r"chunks of \[36, 36\] rows; the layout expected \[36\]"):
+        masks(V15, 84, 84, [np.array([0])], chunk_rows=[36, 36])

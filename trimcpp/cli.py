@@ -227,29 +227,21 @@ def _answer(args: argparse.Namespace, llama: Any, handler: Any, image: bytes, qu
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .layout import chunk_size, chunks, class_token_last, read_vision
-    from .show import render
+    from .show import picture_vision, render
 
     try:
-        vision = read_vision(args.mmproj)
+        vision = picture_vision(args.mmproj)
     except ValueError as error:
         raise UsageError(str(error)) from None
     llama, handler, image_bytes, chat_format = _session(args)
     llama.create_chat_completion(messages=image_messages(image_bytes, args.question), max_tokens=1, temperature=0.0)
     [selection] = handler.last_selection
     image = Image.open(io.BytesIO(image_bytes))
-    if vision.class_token:  # row r is patch r + 1 only in a libmtmd without the class-token fix
-        vision = dataclasses.replace(vision, class_token=class_token_last())
-    parts = chunks(vision, *image.size)
-    expected = [a * b for a, b in (chunk_size(vision, part) for part in parts)]
-    if selection.chunk_rows != expected:
-        raise RuntimeError(f"libmtmd cut the image into chunks of {selection.chunk_rows} rows; the layout expected "
-                           f"{expected} (unsupported preprocessing)")
     caption = None
     if not args.no_caption:
         caption = (f"Q: {args.question}\nkept {selection.kept} of {selection.rows} image rows "
                    f"({handler.method}, {chat_format}, image {image.size[0]}x{image.size[1]})")
-    render(image, vision, selection.indices, caption).save(args.out)
+    render(image, vision, selection.indices, caption, chunk_rows=selection.chunk_rows).save(args.out)
     print(f"wrote {args.out}: kept {selection.kept} of {selection.rows} image rows")
     return 0
 

@@ -36,6 +36,7 @@ import functools
 import math
 import os
 import tempfile
+from typing import Optional
 
 import gguf
 import numpy as np
@@ -244,13 +245,15 @@ def chunks(vision: Vision, width: int, height: int) -> list[Chunk]:
     return slices + [stretched]
 
 
-def pixel_rows(vision: Vision, chunk: Chunk, width: int, height: int) -> np.ndarray:
+def pixel_rows(vision: Vision, chunk: Chunk, width: int, height: int, out: Optional[tuple[int, int]] = None) -> np.ndarray:
     """height x width int64: the row of `chunk` that carries the patch covering each pixel's centre,
-    -1 if none (padding, or patch 0 when the mmproj has a class token)."""
+    -1 if none (padding, or patch 0 when the mmproj has a class token). With `out` (w, h), a w x h
+    sample of that map: each cell takes the row of the original pixel under the cell's centre."""
     size = vision.cell
     across, down = chunk_size(vision, chunk)
-    x = (np.arange(width) + 0.5) * chunk.scale_x + chunk.offset_x - chunk.left
-    y = (np.arange(height) + 0.5) * chunk.scale_y + chunk.offset_y - chunk.top
+    out_w, out_h = out or (width, height)
+    x = (np.floor((np.arange(out_w) + 0.5) * width / out_w) + 0.5) * chunk.scale_x + chunk.offset_x - chunk.left
+    y = (np.floor((np.arange(out_h) + 0.5) * height / out_h) + 0.5) * chunk.scale_y + chunk.offset_y - chunk.top
     px = np.where((x >= 0) & (x < across * size), np.floor(x / size), -1).astype(np.int64)
     py = np.where((y >= 0) & (y < down * size), np.floor(y / size), -1).astype(np.int64)
     rows = py[:, None] * across + px[None, :] - vision.class_token  # libmtmd's shift, see above

@@ -8,53 +8,76 @@ picture) and the overview.
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .layout import Chunk, Vision, chunks, pixel_rows
+from .layout import Chunk, Vision, chunk_size, chunks, class_token_last, pixel_rows, read_vision
 
 DIM = 0.3  # a dropped patch keeps this share of its brightness
 GAP = 8  # pixels between panels
 BACKGROUND = (24, 24, 24)
 
 
-def kept_mask(vision: Vision, parts: Sequence[Chunk], kept: Sequence[np.ndarray], width: int, height: int) -> np.ndarray:
-    """height x width bool: pixels whose patch (in any of `parts`) is among that part's kept rows."""
-    mask = np.zeros((height, width), bool)
+def kept_mask(vision: Vision, parts: Sequence[Chunk], kept: Sequence[np.ndarray], width: int, height: int,
+              out: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """height x width bool (or `out`'s size, a sample of it): pixels whose patch (in any of `parts`)
+    is among that part's kept rows."""
+    out_w, out_h = out or (width, height)
+    mask = np.zeros((out_h, out_w), bool)
     for part, rows_kept in zip(parts, kept):
-        rows = pixel_rows(vision, part, width, height)
+        rows = pixel_rows(vision, part, width, height, out)
         mask |= (rows >= 0) & np.isin(rows, np.asarray(rows_kept, dtype=np.int64))
     return mask
 
 
-def panels(image: Image.Image, vision: Vision, kept: Sequence[np.ndarray]) -> list[tuple[str, Image.Image]]:
-    """(title, picture) per panel: the original with kept patches as they are and the rest dimmed.
+def picture_vision(mmproj_path: str) -> Vision:
+    """The mmproj's layout settings, as the libmtmd in use places CLIP's class token."""
+    vision = read_vision(mmproj_path)
+    if vision.class_token:  # row r is patch r + 1 only in a libmtmd without the class-token fix
+        vision = dataclasses.replace(vision, class_token=class_token_last())
+    return vision
 
-    `kept` holds the kept row indices of each of libmtmd's chunks, in chunk order."""
-    rgb = image.convert("RGB")
-    width, height = rgb.size
+
+def masks(vision: Vision, width: int, height: int, kept: Sequence[np.ndarray], *, chunk_rows: Optional[Sequence[int]] = None,
+          out: Optional[tuple[int, int]] = None) -> list[tuple[str, np.ndarray]]:
+    """(title, mask) per panel of a `width` x `height` picture (:func:`kept_mask`): one for a picture
+    libmtmd encodes whole, two for LLaVA-1.6 slices (the slices together, then the overview).
+
+    `kept` holds the kept row indices of each of libmtmd's chunks, in chunk order; `chunk_rows`, if
+    given, the rows of each (an :class:`~trimcpp.handlers.ImageSelection`'s): RuntimeError if the
+    layout cuts the picture otherwise."""
     parts = chunks(vision, width, height)
     if len(kept) != len(parts):
         raise ValueError(f"{len(kept)} chunks of kept rows for a {width}x{height} image that libmtmd cuts into {len(parts)}")
-    pixels = np.asarray(rgb)
-    dimmed = (pixels * DIM).astype(np.uint8)
+    expected = [a * b for a, b in (chunk_size(vision, part) for part in parts)]
+    if chunk_rows is not None and list(chunk_rows) != expected:
+        raise RuntimeError(f"libmtmd cut the {width}x{height} image into chunks of {list(chunk_rows)} rows; the layout "
+                           f"expected {expected} (unsupported preprocessing)")
     groups = [("image", parts, kept)]
     if len(parts) > 1:  # LLaVA-1.6 slices + overview
         groups = [(f"{len(parts) - 1} slices", parts[:-1], kept[:-1]), ("overview", parts[-1:], kept[-1:])]
-    out = []
-    for title, group, rows in groups:
-        mask = kept_mask(vision, group, rows, width, height)
-        out.append((title, Image.fromarray(np.where(mask[..., None], pixels, dimmed))))
-    return out
+    return [(title, kept_mask(vision, group, rows, width, height, out)) for title, group, rows in groups]
 
 
-def render(image: Image.Image, vision: Vision, kept: Sequence[np.ndarray], caption: Optional[str] = None) -> Image.Image:
+def panels(image: Image.Image, vision: Vision, kept: Sequence[np.ndarray], *,
+           chunk_rows: Optional[Sequence[int]] = None) -> list[tuple[str, Image.Image]]:
+    """(title, picture) per panel (:func:`masks`): the original with kept patches as they are and the
+    rest dimmed."""
+    pixels = np.asarray(image.convert("RGB"))
+    dimmed = (pixels * DIM).astype(np.uint8)
+    return [(title, Image.fromarray(np.where(mask[..., None], pixels, dimmed)))
+            for title, mask in masks(vision, image.size[0], image.size[1], kept, chunk_rows=chunk_rows)]
+
+
+def render(image: Image.Image, vision: Vision, kept: Sequence[np.ndarray], caption: Optional[str] = None, *,
+           chunk_rows: Optional[Sequence[int]] = None) -> Image.Image:
     """The panels side by side (left-aligned, the picture's own size each), `caption` below them.
     Without a caption and with one panel the result has exactly the picture's size."""
-    pictures = panels(image, vision, kept)
+    pictures = panels(image, vision, kept, chunk_rows=chunk_rows)
     width, height = image.size
     canvas_w, lines = len(pictures) * width + (len(pictures) - 1) * GAP, []
     if caption is not None:

@@ -220,6 +220,7 @@ class Trimming(StockHooks):
         self.last_selection: list[ImageSelection] = []
         self.last_text_rows = 0  # M: text-token rows of all user text in the last call
         self.last_reused = 0  # prompt positions the last call found in the KV cache
+        self.images_encoded = 0  # pictures the image encoder has run on (a call's or a preload's)
         self._tables: dict[str, TokenEmbeddings] = {}
         self._lock = threading.RLock()  # one call (or background prefill) on the LLM at a time
         self._attach = threading.Condition()  # guards the fields below and every Prefill's
@@ -490,6 +491,7 @@ class Trimming(StockHooks):
                         # meanwhile; libmtmd's logs go through llama-cpp-python's logger (StockHooks).
                         cached = encode_picture(entry[1], data, llama_cpp.llama_model_n_embd_inp(llama.model))
                         seconds = time.perf_counter() - began
+                        self.images_encoded += 1
                 self._cache.put(key, cached)
             result = Preloaded(digest, sum(c.shape[0] for c in cached), [c.shape[0] for c in cached], seconds, cached)
         except BaseException as error:  # noqa: BLE001 - the future carries it to whoever waits
@@ -1087,6 +1089,7 @@ class TrimmedMtmd(MtmdView):
                     if rows is None:
                         raise RuntimeError(f"libmtmd failed to encode image {selection.image}")
                     chunks.append(rows)
+                handler.images_encoded += 1
             selection.encode_seconds = time.perf_counter() - began
             if key is not None:
                 cache.put(key, chunks)

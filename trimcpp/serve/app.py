@@ -28,6 +28,7 @@ import base64
 import contextlib
 import contextvars
 import functools
+import importlib.resources
 import json
 import os
 import time
@@ -37,7 +38,7 @@ import anyio
 import llama_cpp
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from llama_cpp.server import app as stock_app
 from llama_cpp.server.errors import RouteErrorHandler
@@ -51,6 +52,7 @@ from ..handlers import HANDLERS
 from ..handlers.mechanism import Preloaded, PreloadSuperseded, Trimming
 from ..selection import ALIGNMENTS, METHODS
 from .fetch import ImagePolicy, ImageRefused, localise
+from .overlay import image_masks
 from .settings import STAGE1_HELP, TRIM_FORMATS, Stage1Setting, TrimModelSettings, TrimServerSettings, handler_keep, token_limit
 
 CHAT_PATH = "/v1/chat/completions"
@@ -141,13 +143,17 @@ class TrimOptions(BaseModel):
 
     keep: Optional[float] = Field(default=None, ge=0, description="rows kept per image: a count, a share in (0, 1), "
                                                                   "0 for every row")
-    method: Optional[str] = Field(default=None, description=f"one of {', '.join(METHODS)}")
+    method: Optional[str] = Field(default=None, description=f"one of {', '.join(METHODS)}",
+                                  json_schema_extra={"enum": list(METHODS)})
     stage1_ratio: Optional[Stage1Setting] = Field(default=None, description=STAGE1_HELP)
-    alignment: Optional[str] = Field(default=None, description=f"stage 1's score, one of {', '.join(ALIGNMENTS)}")
+    alignment: Optional[str] = Field(default=None, description=f"stage 1's score, one of {', '.join(ALIGNMENTS)}",
+                                     json_schema_extra={"enum": list(ALIGNMENTS)})
     image_min_tokens: Optional[int] = token_limit("image_min_tokens", "dynamic-resolution encoders: fewest rows per "
                                                   "image (a value other than the model's reloads its mmproj)")
     image_max_tokens: Optional[int] = token_limit("image_max_tokens", "dynamic-resolution encoders: most rows per "
                                                   "image (a value other than the model's reloads its mmproj)")
+    masks: bool = Field(default=False, description="also answer, per image, which parts of the picture the LLM saw "
+                                                   "(1-bit PNG masks; the chat page's overlay)")
 
     @field_validator("keep")
     @classmethod
@@ -181,7 +187,7 @@ ENCODER_OPTIONS = {"image_min_tokens": "image_min_tokens", "image_max_tokens": "
 @contextlib.contextmanager
 def request_options(handler: Optional[Trimming], options: Optional[TrimOptions], model: str) -> Iterator[None]:
     """The handler with this request's pruning options, its own settings back afterwards."""
-    given = {} if options is None else options.model_dump(exclude_none=True)
+    given = {} if options is None else options.model_dump(exclude_none=True, exclude={"masks"})  # masks: an answer's
     if not given:
         yield
         return
@@ -203,12 +209,16 @@ def request_options(handler: Optional[Trimming], options: Optional[TrimOptions],
 
 
 def image_rows(handler: Optional[Trimming]) -> Optional[list[dict[str, Any]]]:
-    """Per image of the last call: the rows the LLM saw and the image's rows; for a picture sent to
-    the preload route, which ``path`` answered ("full": every row, prefilled while the question was
-    typed; "pruned") and ``prefilled_rows``."""
+    """Per image of the last call: the rows the LLM saw and the image's rows; ``preloaded`` (the
+    rows came from the image cache or a preload: this call encoded nothing) and this call's
+    ``seconds`` (``encode``, ``wait`` for a preload still encoding, ``select``, ``prefill`` of the
+    image rows); for a picture sent to the preload route, which ``path`` answered ("full": every row,
+    prefilled while the question was typed; "pruned") and ``prefilled_rows``."""
     if handler is None:
         return None
-    return [{"kept": image.kept, "rows": image.rows,
+    return [{"kept": image.kept, "rows": image.rows, "preloaded": image.preloaded,
+             "seconds": {"encode": round(image.encode_seconds, 4), "wait": round(image.wait_seconds, 4),
+                         "select": round(image.select_seconds, 4), "prefill": round(image.decode_seconds, 4)},
              **({} if image.path is None else {"path": image.path, "prefilled_rows": image.prefilled_rows})}
             for image in handler.last_selection]
 
@@ -275,6 +285,7 @@ router = APIRouter(route_class=TrimRoute)
 @router.post(CHAT_PATH, summary="Chat", dependencies=[Depends(stock_app.authenticate)], tags=["OpenAI V1"])
 async def create_chat_completion(request: Request, body: TrimChatCompletionRequest):
     """OpenAI's chat completions, with the request's images pruned by trim-* models."""
+    began = time.perf_counter()
     _HANDLER_ROUTE.set(True)
     server: TrimServerSettings = next(stock_app.get_server_settings())
     messages = await run_in_threadpool(localise, body.messages, ImagePolicy.from_settings(server))
@@ -295,15 +306,22 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
             result = await run_in_threadpool(llama.create_chat_completion, **kwargs)
             if body.stream:  # the prompt is evaluated at the first chunk: its errors are the request's
                 first = await run_in_threadpool(next, result, None)
+                first_token = time.perf_counter() - began
         finally:
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(options.__exit__, None, None, None)
         rows = image_rows(handler)
+        if rows is not None and body.trimcpp is not None and body.trimcpp.masks:
+            drawn = await run_in_threadpool(image_masks, handler.clip_model_path, messages, handler.last_selection,
+                                            _data_only)
+            rows = [{**row, **mask} for row, mask in zip(rows, drawn)]
     except BaseException:
         await hold.aclose()
         raise
     headers = {} if rows is None else {ROWS_HEADER: ", ".join(f"{r['kept']}/{r['rows']}" for r in rows)}
     extra = {} if rows is None else {"trimcpp": {"images": rows}}
+    if rows is not None and body.stream:
+        extra["trimcpp"]["first_token_seconds"] = round(first_token, 4)
     if not body.stream:
         await hold.aclose()
         return JSONResponse({**result, **extra}, headers=headers)
@@ -411,8 +429,9 @@ async def preload(body: PreloadRequest):
 async def preload_progress(model: Optional[str] = None):
     """The last preload's progress on the model (default: the default one): ``prefill`` with its
     ``state`` ("encoding", "waiting" for the model to be idle, "prefilling", "prefilled", "stopped",
-    "encoded" when the model's attach_policy is pruned, "failed"), ``rows`` and ``prefilled_rows``;
-    null when there is none or the model is not loaded. Does not wait for the model."""
+    "encoded" when the model's attach_policy is pruned, "failed"), ``rows`` and ``prefilled_rows``,
+    null when there is none; and ``images_encoded``, the pictures the model's image encoder has run on
+    since it loaded. ``{"prefill": null}`` when the model is not loaded. Does not wait for the model."""
     proxy = stock_app._llama_proxy
     llama = getattr(proxy, "_current_model", None)
     alias = model if proxy is not None and model in proxy._model_settings_dict else getattr(proxy, "_default_model_alias", None)
@@ -421,7 +440,31 @@ async def preload_progress(model: Optional[str] = None):
     handler = trimmed_handler(llama)
     if handler is None:
         raise ValueError(f"model {model or 'default'!r} does not prune images: preload is for trim-* chat formats")
-    return {"prefill": handler.attach_progress()}
+    return {"prefill": handler.attach_progress(), "images_encoded": handler.images_encoded}
+
+
+PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+              "style.css": "text/css; charset=utf-8"}
+# The page loads nothing from another host and runs no inline script: model text that reached the
+# document as markup could still not run.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
+                "frame-ancestors 'none'", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-cache"}
+
+
+def page_router() -> APIRouter:
+    """``GET /``: the chat page (``trimcpp/serve/page``), and its script and style under ``/page/``."""
+    folder = importlib.resources.files(__package__) / "page"
+    pages = APIRouter()
+
+    def route(name: str) -> Any:
+        return lambda: Response(folder.joinpath(name).read_bytes(), media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
+    pages.add_api_route("/", route("index.html"), methods=["GET"], include_in_schema=False)
+    for name in PAGE_FILES:
+        pages.add_api_route(f"/page/{name}", route(name), methods=["GET"], include_in_schema=False)
+    return pages
 
 
 @contextlib.contextmanager
@@ -450,5 +493,7 @@ def create_app(server_settings: TrimServerSettings, model_settings: list[TrimMod
     finally:
         if config_file is not None:
             os.environ["CONFIG_FILE"] = config_file
+    if server_settings.page:
+        app.include_router(page_router())
     app.add_middleware(MarkPath)
     return app

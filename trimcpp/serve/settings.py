@@ -146,6 +146,7 @@ class TrimServerSettings(ServerSettings):
     image_timeout: float = Field(default=10.0, gt=0, description="Seconds a download may take in all")
     max_image_bytes: int = Field(default=20 << 20, ge=1, description="Largest image file accepted, in bytes")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="Largest image accepted, in pixels")
+    page: bool = Field(default=True, description="Serve the chat page at / (false: the API only)")
 
 
 class TrimSettings(TrimServerSettings, TrimModelSettings):
