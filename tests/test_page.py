@@ -78,7 +78,7 @@ def server(models, tmp_path_factory):
     """A trimmed tiny LLaVA-1.5 whose preloads only encode (attach_policy "pruned"): with "auto" the
     answer takes every row or the kept ones depending on how far the background prefill got."""
     folder = tmp_path_factory.mktemp("page")
-    config = {"models": [{"model": models["llm"], "clip_model_path": models["1.5"], "n_ctx": 1024, "verbose": False,
+    config = {"models": [{"model": models["llm"], "clip_model_path": models["1.5"], "n_ctx": 4096, "verbose": False,
                           "model_alias": "trim", "chat_format": "trim-llava-1-5", "keep": KEEP,
                           "attach_policy": "pruned"}]}
     (folder / "config.json").write_text(json.dumps(config))
@@ -288,6 +288,54 @@ def test_bad_keep_is_the_servers_400_in_the_turn(server, page):
     page.find_element("id", "keep-value").send_keys("2.5")
     answer = ask(page, "Hello?")
     assert answer["state"] == "failed" and "keep must be 0" in answer["info"], answer
+
+
+def test_stop_ends_the_answer_and_the_chat_goes_on(server, page):
+    page.find_element("css selector", "details summary").click()
+    long = "root ::= " + " ".join(['"word "'] * 1500)  # about 3000 tokens: seconds to stream whole
+    page.execute_script("document.getElementById('extra').value = arguments[0];",
+                        json.dumps({"grammar": long, "max_tokens": 3500}))
+    page.find_element("id", "question").send_keys("Talk.")
+    page.find_element("id", "send").click()
+    wait(page, "document.querySelector('.answer-text') && document.querySelector('.answer-text').textContent.length > 0")
+    page.find_element("id", "stop").click()
+    wait(page, "document.querySelector('.answer').dataset.state === 'stopped'")
+    stopped = page.execute_script("return document.querySelector('.answer-text').textContent;")
+    assert stopped.startswith("word ") and len(stopped) < 1500 * 5
+    page.find_element("id", "extra").clear()
+    assert ask(page, "Hello?")["state"] == "done"
+
+
+def test_several_pictures_in_a_turn_and_a_new_chat_forgets_them(server, page):
+    for seed, how in ((1, "drop"), (2, "paste")):
+        give_file(page, f"p{seed}.png", png_bytes(colour=(40 * seed, 200, 90)), how=how)
+    wait(page, "[...document.querySelectorAll('.chip')].map((c) => c.dataset.status).join() === 'ready,ready'")
+    answer = ask(page, "Compare them.")
+    assert answer["kept"] == [KEEP, KEEP]
+    assert page.execute_script("return document.querySelectorAll('.turn canvas.overlay').length;") == 2
+    assert ask(page, "Which is greener?")["kept"] == [KEEP, KEEP]  # a follow-up: both pictures are still there
+    page.find_element("id", "new-chat").click()
+    assert page.execute_script("return document.querySelectorAll('.turn').length;") == 0
+    give_file(page, "p3.png", png_bytes(colour=(10, 20, 30)))
+    wait(page, "document.querySelector('.chip').dataset.status === 'ready'")
+    assert ask(page, "And this one?")["kept"] == [KEEP]  # a new conversation: one picture
+
+
+def test_the_api_key_is_asked_once_and_kept_in_memory(models, tmp_path, browser):
+    args = ["--model", models["llm"], "--clip_model_path", models["1.5"], "--chat_format", "trim-llava-1-5",
+            "--n_ctx", "512", "--verbose", "False", "--api_key", "sesame"]
+    with launch("trimcpp.serve", args, log=str(tmp_path / "server.log"), ready_s=120, api_key="sesame") as locked:
+        assert locked.request("GET", "/v1/models", key=False)[0] == 401
+        browser.get(locked.url + "/")
+        wait(browser, "document.getElementById('key-dialog').open")
+        browser.find_element("id", "key").send_keys("sesame")
+        browser.find_element("css selector", "#key-form button[value=ok]").click()
+        wait(browser, "document.body.dataset.ready === 'yes'")
+        give_file(browser, "white.png", png_bytes())
+        wait(browser, "document.querySelector('.chip').dataset.status === 'ready'")
+        assert ask(browser, "Hello?")["state"] == "done"
+        assert not browser.execute_script("return document.getElementById('key-dialog').open;")  # asked once
+        assert browser.execute_script("return localStorage.length + sessionStorage.length + document.cookie.length;") == 0
 
 
 def test_page_can_be_turned_off(models, tmp_path):

@@ -21,23 +21,29 @@ def free_port() -> int:
 
 
 class Server:
-    """A started server: its process, port and log file."""
+    """A started server: its process, port, log file and API key (if it has one)."""
 
-    def __init__(self, process: subprocess.Popen, port: int, log: str):
+    def __init__(self, process: subprocess.Popen, port: int, log: str, api_key: Optional[str] = None):
         self.process = process
         self.port = port
         self.log = log
+        self.api_key = api_key
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def request(self, method: str, path: str, body: Any = None, *, timeout: float = 600) -> tuple[int, dict, bytes]:
-        """One HTTP request (JSON body unless bytes): (status, headers, body)."""
+    def request(self, method: str, path: str, body: Any = None, *, timeout: float = 600,
+                key: bool = True) -> tuple[int, dict, bytes]:
+        """One HTTP request (JSON body unless bytes), with the API key unless `key` is false:
+        (status, headers, body)."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        headers = {"Content-Type": "application/json"}
+        if key and self.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         try:
             data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-            connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            connection.request(method, path, body=data, headers=headers)
             response = connection.getresponse()
             return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
         finally:
@@ -67,7 +73,7 @@ class Server:
 
 @contextlib.contextmanager
 def launch(module: str, args: Sequence[str], *, log: str, ready_s: float = 600,
-           env: Optional[dict] = None) -> Iterator[Server]:
+           env: Optional[dict] = None, api_key: Optional[str] = None) -> Iterator[Server]:
     """``python -m <module> <args> --host 127.0.0.1 --port <free>`` (also as HOST and PORT, which a
     config file does not override), run in the log's folder (so that ``-m`` imports the installed
     package, not a source tree in the current directory), until it answers ``GET /v1/models``; stopped
@@ -77,7 +83,7 @@ def launch(module: str, args: Sequence[str], *, log: str, ready_s: float = 600,
         process = subprocess.Popen([sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port)],
                                    stdout=out, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(log)),
                                    env={**os.environ, **(env or {}), "HOST": "127.0.0.1", "PORT": str(port)})
-    server = Server(process, port, log)
+    server = Server(process, port, log, api_key)
     try:
         deadline = time.monotonic() + ready_s
         while True:
