@@ -27,9 +27,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from trimcpp.handlers.mechanism import ImageSelection
+from trimcpp.layout import chunks, pixel_rows
+from trimcpp.serve.overlay import LONGEST, image_masks
 from trimcpp.serve.process import launch
+from trimcpp.show import masks, picture_vision
 
 KEEP = 8
+MAX_TOKENS = 24
 WHITE = (84, 84)  # the tiny mmproj's own size: no padding, one 6 x 6 grid of patches
 
 
@@ -80,7 +85,9 @@ def server(models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("page")
     config = {"models": [{"model": models["llm"], "clip_model_path": models["1.5"], "n_ctx": 4096, "verbose": False,
                           "model_alias": "trim", "chat_format": "trim-llava-1-5", "keep": KEEP,
-                          "attach_policy": "pruned"}]}
+                          "attach_policy": "pruned"},
+                         {"model": models["llm"], "clip_model_path": models["1.5"], "n_ctx": 1024, "verbose": False,
+                          "model_alias": "stock", "chat_format": "llava-1-5"}]}
     (folder / "config.json").write_text(json.dumps(config))
     with launch("trimcpp.serve", ["--config_file", str(folder / "config.json")], log=str(folder / "server.log"),
                 ready_s=120) as started:
@@ -96,9 +103,10 @@ def browser():
 
 @pytest.fixture
 def page(server, browser):
-    """The page, loaded afresh, its logs emptied; yields the driver."""
+    """The page, loaded afresh (answers of at most MAX_TOKENS), its logs emptied; yields the driver."""
     browser.get(server.url + "/")
     wait(browser, "document.body.dataset.ready === 'yes'")
+    browser.execute_script(f"document.getElementById('max-tokens').value = {MAX_TOKENS};")
     browser.get_log("browser")
     browser.get_log("performance")
     return browser
@@ -196,7 +204,8 @@ def test_page_is_served_with_a_policy_and_loads_nothing_from_elsewhere(server, b
     sent = requests_sent(browser)
     assert sent and all(url.startswith(server.url + "/") for _, url in sent), sent
     assert ("GET", server.url + "/v1/models") in sent
-    assert browser.execute_script("return [...document.querySelectorAll('#model option')].map((o) => o.value);") == ["trim"]
+    models = browser.execute_script("return [...document.querySelectorAll('#model option')].map((o) => o.value);")
+    assert models == ["trim", "stock"]
     methods = browser.execute_script("return [...document.querySelectorAll('#method option')].map((o) => o.value);")
     assert methods[0] == "" and "trimtokenator" in methods and "divprune" in methods
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
@@ -216,7 +225,7 @@ def test_attach_encodes_once_before_send_and_the_answer_equals_the_clients(model
     assert "encoded before you asked" in answer["info"]
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(picture)}},
                                              {"type": "text", "text": question}]}]
-    expected = client_answer(server, messages, temperature=0, max_tokens=256)
+    expected = client_answer(server, messages, temperature=0, max_tokens=MAX_TOKENS)
     assert answer["text"] == expected["text"]
     assert answer["kept"] == [image["kept"] for image in expected["images"]] == [KEEP]
     assert answer["rows"] == [36]
@@ -229,9 +238,6 @@ def test_attach_encodes_once_before_send_and_the_answer_equals_the_clients(model
     assert set(np.unique(np.round(cells / 255, 1))) <= {0.3, 1.0}, cells  # each patch wholly one or the other
     bright = {int(i) for i in np.flatnonzero(cells.ravel() > 128)}
     [indices] = expected["images"][0]["indices"]
-    from trimcpp.layout import chunks, pixel_rows
-    from trimcpp.show import picture_vision
-
     vision = picture_vision(models["1.5"])
     rows = pixel_rows(vision, chunks(vision, *WHITE)[0], *WHITE)[7::14, 7::14].ravel()  # each patch's row
     assert bright == {cell for cell, row in enumerate(rows) if row in indices}
@@ -273,7 +279,7 @@ def test_model_text_is_shown_as_text_and_runs_nothing(server, page):
     evil = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
     grammar = 'root ::= "' + evil.replace('"', '\\"') + '"'
     page.find_element("css selector", "details summary").click()
-    page.find_element("id", "extra").send_keys(json.dumps({"grammar": grammar}))
+    page.find_element("id", "extra").send_keys(json.dumps({"grammar": grammar, "max_tokens": 200}))
     answer = ask(page, "Say something.")
     assert answer["state"] == "done" and answer["text"] == evil
     assert page.execute_script("return window.pwned === undefined && document.querySelectorAll('#log img[src=x], "
@@ -338,6 +344,17 @@ def test_the_api_key_is_asked_once_and_kept_in_memory(models, tmp_path, browser)
         assert browser.execute_script("return localStorage.length + sessionStorage.length + document.cookie.length;") == 0
 
 
+def test_a_stock_model_answers_on_the_page_without_an_overlay(server, page):
+    page.execute_script("document.getElementById('model').value = 'stock';")
+    give_file(page, "white.png", png_bytes())
+    status = wait(page, "document.querySelector('.chip').dataset.status !== 'encoding' && "
+                        "document.querySelector('.chip .status').textContent")
+    assert status.startswith("attached"), status  # the preload route is for trimmed models
+    answer = ask(page, "What is it?")
+    assert answer["state"] == "done" and answer["kept"] == []
+    assert page.execute_script("return document.querySelectorAll('.turn canvas').length;") == 0
+
+
 def test_page_can_be_turned_off(models, tmp_path):
     args = ["--model", models["llm"], "--clip_model_path", models["1.5"], "--chat_format", "trim-llava-1-5",
             "--n_ctx", "512", "--verbose", "False", "--page", "False"]
@@ -354,9 +371,10 @@ def screenshot(out: str) -> None:
     scenes, minivlm = DATA / "scenes-test", DATA / "minivlm"
     question = json.loads((scenes / "questions.json").read_text())[0]
     args = ["--model", str(minivlm / "llm.gguf"), "--clip_model_path", str(minivlm / "mmproj.gguf"),
-            "--chat_format", "trim-llava-1-5", "--keep", "32", "--n_ctx", "1024", "--verbose", "False"]
+            "--chat_format", "trim-llava-1-5", "--keep", "32", "--n_ctx", "1024", "--verbose", "False",
+            "--model_alias", "minivlm"]
     with launch("trimcpp.serve", args, log=str(folder / "screenshot-server.log"), ready_s=120) as started:
-        driver = open_browser(1000, 760)
+        driver = open_browser(1000, 860)
         try:
             driver.get(started.url + "/")
             wait(driver, "document.body.dataset.ready === 'yes'")
@@ -372,3 +390,25 @@ def screenshot(out: str) -> None:
 
 if __name__ == "__main__":
     screenshot(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else "page.png")
+
+
+def test_masks_of_a_sliced_picture_are_the_slices_and_the_overview(models):
+    """trimcpp.serve.overlay on a LLaVA-1.6 selection: one mask per panel, at most LONGEST a side, equal
+    to trimcpp.show.masks sampled at that size (no browser needed)."""
+
+    big = png_bytes((1200, 500), (200, 10, 10))  # wider than 84 px: slices of 36 rows, then the overview
+    vision = picture_vision(models["1.6"])
+    n = len(chunks(vision, 1200, 500))
+    indices = [np.array([0, 5, 35 - i]) for i in range(n)]
+    selection = ImageSelection(image=0, rows=36 * n, kept=3 * n, chunk_rows=[36] * n, indices=indices)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(big)}}]}]
+    [drawn] = image_masks(models["1.6"], messages, [selection], lambda url: base64.b64decode(url.split(",", 1)[1]))
+    assert drawn["indices"] == [list(map(int, rows)) for rows in indices]
+    expected = masks(vision, 1200, 500, indices, out=(LONGEST, round(500 * LONGEST / 1200)))
+    assert [panel["title"] for panel in drawn["masks"]] == [title for title, _ in expected] == [f"{n - 1} slices", "overview"]
+    for panel, (_, mask) in zip(drawn["masks"], expected):
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(panel["png"].split(",", 1)[1]))).convert("L")) > 127
+        assert got.shape == (213, LONGEST) and np.array_equal(got, mask) and 0 < got.sum() < got.size
+    selection.chunk_rows = [36]  # libmtmd cut it otherwise than the layout: no overlay, and why
+    [drawn] = image_masks(models["1.6"], messages, [selection], lambda url: base64.b64decode(url.split(",", 1)[1]))
+    assert drawn["masks"] is None and "the layout expected" in drawn["mask_error"]

@@ -152,6 +152,9 @@ class TrimOptions(BaseModel):
                                                   "image (a value other than the model's reloads its mmproj)")
     image_max_tokens: Optional[int] = token_limit("image_max_tokens", "dynamic-resolution encoders: most rows per "
                                                   "image (a value other than the model's reloads its mmproj)")
+    reuse_kv: Optional[bool] = Field(default=None, description="false: this request prefills its whole prompt, reusing "
+                                     "nothing the KV cache holds (a picture prefilled on attach included), so that "
+                                     "answers with different keeps are measured alike (the chat page's compare)")
     masks: bool = Field(default=False, description="also answer, per image, which parts of the picture the LLM saw "
                                                    "(1-bit PNG masks; the chat page's overlay)")
 

@@ -329,7 +329,9 @@ async function send(event) {
   const promptPictures = [...state.pictures, ...pictures.map((p) => p.url)];
   const answers = addTurn(question, pictures);
   const options = keepOption();
-  const runs = $("compare").checked && options.keep !== 0 ? [{ keep: 0 }, options] : [options];
+  // Compared answers both prefill from scratch: neither finds the other's rows in the KV cache.
+  const runs = $("compare").checked && options.keep !== 0
+    ? [{ keep: 0, reuse_kv: false }, { ...options, reuse_kv: false }] : [options];
   let answer = null;
   for (const run of runs) {
     answer = await ask(messages, run, answers, promptPictures);
