@@ -51,26 +51,30 @@ def masks(vision: Vision, width: int, height: int, kept: Sequence[np.ndarray], *
     given, the rows of each (an :class:`~trimcpp.handlers.ImageSelection`'s): RuntimeError if the
     layout cuts the picture otherwise."""
     parts = chunks(vision, width, height)
-    if len(kept) != len(parts):
-        raise ValueError(f"{len(kept)} chunks of kept rows for a {width}x{height} image that libmtmd cuts into {len(parts)}")
     expected = [a * b for a, b in (chunk_size(vision, part) for part in parts)]
     if chunk_rows is not None and list(chunk_rows) != expected:
         raise RuntimeError(f"libmtmd cut the {width}x{height} image into chunks of {list(chunk_rows)} rows; the layout "
                            f"expected {expected} (unsupported preprocessing)")
+    if len(kept) != len(parts):
+        raise ValueError(f"{len(kept)} chunks of kept rows for a {width}x{height} image that libmtmd cuts into {len(parts)}")
     groups = [("image", parts, kept)]
     if len(parts) > 1:  # LLaVA-1.6 slices + overview
         groups = [(f"{len(parts) - 1} slices", parts[:-1], kept[:-1]), ("overview", parts[-1:], kept[-1:])]
     return [(title, kept_mask(vision, group, rows, width, height, out)) for title, group, rows in groups]
 
 
-def panels(image: Image.Image, vision: Vision, kept: Sequence[np.ndarray], *,
-           chunk_rows: Optional[Sequence[int]] = None) -> list[tuple[str, Image.Image]]:
+def panels(image: Image.Image, vision: Vision, kept: Sequence[np.ndarray], *, chunk_rows: Optional[Sequence[int]] = None,
+           longest: Optional[int] = None) -> list[tuple[str, Image.Image]]:
     """(title, picture) per panel (:func:`masks`): the original with kept patches as they are and the
-    rest dimmed."""
-    pixels = np.asarray(image.convert("RGB"))
+    rest dimmed; with `longest`, scaled down to at most that many pixels a side first."""
+    width, height = image.size
+    scale = 1.0 if longest is None else min(1.0, longest / max(width, height))
+    out = (max(1, round(width * scale)), max(1, round(height * scale)))
+    rgb = image.convert("RGB")
+    pixels = np.asarray(rgb if out == image.size else rgb.resize(out, Image.Resampling.LANCZOS))
     dimmed = (pixels * DIM).astype(np.uint8)
     return [(title, Image.fromarray(np.where(mask[..., None], pixels, dimmed)))
-            for title, mask in masks(vision, image.size[0], image.size[1], kept, chunk_rows=chunk_rows)]
+            for title, mask in masks(vision, width, height, kept, chunk_rows=chunk_rows, out=out)]
 
 
 def render(image: Image.Image, vision: Vision, kept: Sequence[np.ndarray], caption: Optional[str] = None, *,

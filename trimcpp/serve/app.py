@@ -32,7 +32,7 @@ import importlib.resources
 import json
 import os
 import time
-from typing import Any, AsyncIterator, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Iterator, Literal, Optional, Union
 
 import anyio
 import llama_cpp
@@ -49,10 +49,10 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..handlers import HANDLERS
-from ..handlers.mechanism import Preloaded, PreloadSuperseded, Trimming
+from ..handlers.mechanism import Preloaded, PreloadSuperseded, Trimming, image_parts
 from ..selection import ALIGNMENTS, METHODS
 from .fetch import ImagePolicy, ImageRefused, localise
-from .overlay import image_masks
+from .overlay import image_overlays
 from .settings import STAGE1_HELP, TRIM_FORMATS, Stage1Setting, TrimModelSettings, TrimServerSettings, handler_keep, token_limit
 
 CHAT_PATH = "/v1/chat/completions"
@@ -144,19 +144,20 @@ class TrimOptions(BaseModel):
     keep: Optional[float] = Field(default=None, ge=0, description="rows kept per image: a count, a share in (0, 1), "
                                                                   "0 for every row")
     method: Optional[str] = Field(default=None, description=f"one of {', '.join(METHODS)}",
-                                  json_schema_extra={"enum": list(METHODS)})
+                                  json_schema_extra=lambda schema: schema["anyOf"][0].update(enum=list(METHODS)))
     stage1_ratio: Optional[Stage1Setting] = Field(default=None, description=STAGE1_HELP)
     alignment: Optional[str] = Field(default=None, description=f"stage 1's score, one of {', '.join(ALIGNMENTS)}",
-                                     json_schema_extra={"enum": list(ALIGNMENTS)})
+                                     json_schema_extra=lambda schema: schema["anyOf"][0].update(enum=list(ALIGNMENTS)))
     image_min_tokens: Optional[int] = token_limit("image_min_tokens", "dynamic-resolution encoders: fewest rows per "
                                                   "image (a value other than the model's reloads its mmproj)")
     image_max_tokens: Optional[int] = token_limit("image_max_tokens", "dynamic-resolution encoders: most rows per "
                                                   "image (a value other than the model's reloads its mmproj)")
-    reuse_kv: Optional[bool] = Field(default=None, description="false: this request prefills its whole prompt, reusing "
-                                     "nothing the KV cache holds (a picture prefilled on attach included), so that "
-                                     "answers with different keeps are measured alike (the chat page's compare)")
-    masks: bool = Field(default=False, description="also answer, per image, which parts of the picture the LLM saw "
-                                                   "(1-bit PNG masks; the chat page's overlay)")
+    reuse_kv: Optional[Literal[False]] = Field(default=None, description="false: this request prefills its whole "
+                                               "prompt, reusing nothing the KV cache holds (a picture prefilled on "
+                                               "attach included), so that answers with different keeps are timed "
+                                               "alike (the chat page's compare); the next request prefills anew too")
+    overlay: bool = Field(default=False, exclude=True, description="also answer, per image, the picture with the "
+                          "patches the LLM saw as they are and the others dimmed (the chat page's overlay)")
 
     @field_validator("keep")
     @classmethod
@@ -190,7 +191,7 @@ ENCODER_OPTIONS = {"image_min_tokens": "image_min_tokens", "image_max_tokens": "
 @contextlib.contextmanager
 def request_options(handler: Optional[Trimming], options: Optional[TrimOptions], model: str) -> Iterator[None]:
     """The handler with this request's pruning options, its own settings back afterwards."""
-    given = {} if options is None else options.model_dump(exclude_none=True, exclude={"masks"})  # masks: an answer's
+    given = {} if options is None else options.model_dump(exclude_none=True)  # less overlay: the answer's, not the handler's
     if not given:
         yield
         return
@@ -314,19 +315,29 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(options.__exit__, None, None, None)
         rows = image_rows(handler)
-        if rows is not None and body.trimcpp is not None and body.trimcpp.masks:
-            drawn = await run_in_threadpool(image_masks, handler.clip_model_path, messages, handler.last_selection,
-                                            _data_only)
-            rows = [{**row, **mask} for row, mask in zip(rows, drawn)]
+        selections = list(handler.last_selection) if handler is not None else []
     except BaseException:
         await hold.aclose()
         raise
     headers = {} if rows is None else {ROWS_HEADER: ", ".join(f"{r['kept']}/{r['rows']}" for r in rows)}
     extra = {} if rows is None else {"trimcpp": {"images": rows}}
+    overlay = rows is not None and body.trimcpp is not None and body.trimcpp.overlay
+
+    async def overlaid() -> list[dict[str, Any]]:
+        """The images with their overlays (trimcpp.serve.overlay): drawn after the answer."""
+        pictures = [_data_only(part["image_url"] if isinstance(part["image_url"], str) else part["image_url"]["url"])
+                    for _, part in image_parts(messages)]
+        drawn = await run_in_threadpool(image_overlays, handler.clip_model_path, pictures, selections)
+        return [{**row, **image} for row, image in zip(rows, drawn)]
+
     if rows is not None and body.stream:
         extra["trimcpp"]["first_token_seconds"] = round(first_token, 4)
     if not body.stream:
-        await hold.aclose()
+        try:
+            if overlay:
+                extra["trimcpp"]["images"] = await overlaid()
+        finally:
+            await hold.aclose()
         return JSONResponse({**result, **extra}, headers=headers)
 
     async def events() -> AsyncIterator[dict[str, str]]:
@@ -336,6 +347,9 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
                 yield {"data": json.dumps(chunk)}
                 if server.interrupt_requests and stock_app.llama_outer_lock.locked():
                     break  # another request waits: the stock server's interrupt_requests
+            if overlay:  # a last chunk without choices, as OpenAI's usage chunk
+                last = {name: first[name] for name in ("id", "object", "created", "model") if name in first}
+                yield {"data": json.dumps({**last, "choices": [], "trimcpp": {"images": await overlaid()}})}
         yield {"data": "[DONE]"}
 
     ping = (lambda: bytes()) if server.disable_ping_events else None
@@ -393,8 +407,9 @@ async def preload(body: PreloadRequest):
     ``chunk_rows``, ``encode_seconds`` (0 and ``cached`` when the picture was already encoded) and
     ``digest`` (of the first picture; ``images`` has one such entry per picture), ``prefill`` (its
     ``state``, ``rows`` and ``prefilled_rows`` so far; ``GET`` this route for later progress), or
-    the encode's error (400 for a picture that is refused or not an image; 409 when the preload gave
-    up because the model's encoder settings changed or the model was unloaded before it started).
+    the encode's error (400 for a picture that is refused or not an image, or code
+    ``model_not_trimmed`` for a stock model; 409 when the preload gave up because the model's encoder
+    settings changed or the model was unloaded before it started).
     Without, 202 at once with ``status`` "encoding" (or "ready"; an encode already failed is its
     error). The images policy is the chat route's. It takes the model as a chat request does: an
     answer in progress is waited for before it returns, even with ``wait`` false (and with
@@ -411,7 +426,8 @@ async def preload(body: PreloadRequest):
         llama = await run_in_threadpool(proxy, body.model)  # another model: loading it frees this one
         handler = trimmed_handler(llama)
         if handler is None:
-            raise ValueError(f"model {body.model or 'default'!r} does not prune images: preload is for trim-* chat formats")
+            return client_error(f"model {body.model or 'default'!r} does not prune images: preload is for trim-* chat "
+                                "formats", code="model_not_trimmed")
         # In the threadpool: a first preload loads the mmproj, and may wait for an encode in flight.
         future = await run_in_threadpool(handler.attach, messages, llama=llama)
     encodes = future.encodes

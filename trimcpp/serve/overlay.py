@@ -1,8 +1,11 @@
-"""What the LLM saw of each picture of a chat request, for the chat page: per image, a mask of the
-picture's pixels whose patches reached the LLM (:func:`trimcpp.show.masks`, libmtmd's geometry run
-backwards), as a small black-and-white PNG with the picture's aspect ratio (white: kept).
+"""What the LLM saw of each picture of a chat request, for the chat page: per image, the picture
+with the patches whose rows reached the LLM as they are and the others dimmed
+(:func:`trimcpp.show.panels`: libmtmd's geometry run backwards), scaled to at most LONGEST pixels a
+side, as a JPEG ``data:`` URL.
 
-The page lays the mask over the picture it sent; the geometry stays in Python, in one place.
+The server draws it from the bytes libmtmd decoded, so it shows the picture as the encoder got it
+(libmtmd, like PIL, does not apply a JPEG's EXIF rotation; a browser would), and the geometry stays
+in Python, in one place.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from typing import Any
 
 from PIL import Image
 
-from ..handlers.mechanism import ImageSelection, image_parts
+from ..handlers.mechanism import ImageSelection
 from ..layout import Vision
-from ..show import masks, picture_vision
+from ..show import panels, picture_vision
 
-LONGEST = 512  # a mask's longest side in pixels, at most (a picture smaller than this: its own size)
+LONGEST = 512  # pixels a side, at most (a smaller picture: its own size)
+QUALITY = 85  # JPEG
 
 
 @functools.lru_cache(maxsize=8)
@@ -26,34 +30,27 @@ def _vision(mmproj_path: str) -> Vision:
     return picture_vision(mmproj_path)
 
 
-def png_url(mask: Any) -> str:
-    """A bool array as a 1-bit PNG ``data:`` URL."""
+def jpeg_url(picture: Image.Image) -> str:
     out = io.BytesIO()
-    Image.fromarray(mask).convert("1").save(out, "PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    picture.save(out, "JPEG", quality=QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
 
 
-def image_masks(mmproj_path: str, messages: list[Any], selections: list[ImageSelection],
-                picture: Any) -> list[dict[str, Any]]:
-    """Per image of the call (`selections`, the handler's ``last_selection``): ``indices`` (the kept
-    rows of each of libmtmd's chunks) and ``masks``, ``[{"title", "png"}...]`` (one panel, or the
-    slices and the overview of a LLaVA-1.6 picture), or ``"masks": None`` and ``mask_error`` where
-    the layout does not follow libmtmd's cut. `picture(url)` gives the bytes of an ``image_url`` of `messages`."""
-    parts = image_parts(messages)
+def image_overlays(mmproj_path: str, pictures: list[bytes], selections: list[ImageSelection]) -> list[dict[str, Any]]:
+    """Per image of a call (`selections`, the handler's ``last_selection``; `pictures`, the bytes of
+    the prompt's pictures in prompt order): ``indices``, the kept rows of each of libmtmd's chunks, and
+    ``overlay``, ``[{"title", "url"}]`` (one panel; a LLaVA-1.6 picture cut into slices: the slices,
+    then the overview), or ``"overlay": None`` and ``overlay_error`` where the layout cannot draw it
+    (a projector it does not know, libmtmd cut the picture otherwise)."""
     out = []
     for selection in selections:
-        url = parts[selection.image][1]["image_url"]
-        with Image.open(io.BytesIO(picture(url if isinstance(url, str) else url["url"]))) as image:
-            width, height = image.size
-        scale = min(1.0, LONGEST / max(width, height))
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
         drawn: dict[str, Any] = {"indices": [rows.tolist() for rows in selection.indices]}
         try:
-            panels = masks(_vision(mmproj_path), width, height, selection.indices, chunk_rows=selection.chunk_rows, out=size)
-            drawn["masks"] = [{"title": title, "png": png_url(mask)} for title, mask in panels]
-        except RuntimeError as error:
-            drawn.update(masks=None, mask_error=str(error))
+            with Image.open(io.BytesIO(pictures[selection.image])) as image:
+                views = panels(image, _vision(mmproj_path), selection.indices, chunk_rows=selection.chunk_rows,
+                               longest=LONGEST)
+            drawn["overlay"] = [{"title": title, "url": jpeg_url(view)} for title, view in views]
+        except (OSError, ValueError, RuntimeError, IndexError) as error:
+            drawn.update(overlay=None, overlay_error=str(error))
         out.append(drawn)
     return out
-
-

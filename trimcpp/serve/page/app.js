@@ -1,20 +1,23 @@
-// trimcpp serve's chat page. It talks to the server's public routes only: /v1/models, the
-// OpenAI-compatible /v1/chat/completions (streamed) and /v1/trimcpp/preload, which encodes a
-// picture the moment it is attached. Everything the model or the user wrote is put into the page
-// as text (textContent), never as markup. The API key, if the server asks for one, lives in this
-// page's memory only.
+// trimcpp serve's chat page. It talks to the server's public routes only: /v1/models, /openapi.json
+// (the methods), the OpenAI-compatible /v1/chat/completions (streamed) and /v1/trimcpp/preload,
+// which encodes a picture the moment it is attached. Everything the model or the user wrote is put
+// into the page as text (textContent), never as markup. The API key, if the server asks for one,
+// lives in this page's memory only.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const DIM = 0.3; // a dropped patch keeps this share of its brightness (as `trimcpp show`)
 
 const state = {
   history: [], // the conversation's messages, as the server gets them
   pictures: [], // data: URLs of the pictures sent so far, in prompt order
   pending: [], // attached, not sent yet: {url, name, status, chip}
   attaching: Promise.resolve(), // attaches run one after another
+  turn: Promise.resolve(), // the turn in progress (an attach waits for it: the conversation it preloads)
+  busy: false, // a turn is in progress
+  stop: false, // Stop was pressed during this turn
   controller: null, // the answer in flight
   apiKey: null,
+  asking: null, // the API key dialog, while it is open
   chat: 0, // bumped by "new chat": answers and preloads of an older chat are dropped
 };
 
@@ -26,7 +29,8 @@ async function api(path, init = {}) {
     if (state.apiKey !== null) headers.Authorization = `Bearer ${state.apiKey}`;
     const response = await fetch(path, { ...init, headers });
     if (response.status !== 401) return response;
-    const key = await askKey();
+    state.asking = state.asking || askKey().finally(() => { state.asking = null; });
+    const key = await state.asking;
     if (key === null) return response;
     state.apiKey = key;
   }
@@ -35,28 +39,25 @@ async function api(path, init = {}) {
 function askKey() {
   const dialog = $("key-dialog");
   $("key").value = "";
+  dialog.returnValue = "";
   return new Promise((resolve) => {
-    const done = (event) => {
-      event.preventDefault();
-      dialog.close();
-      $("key-form").removeEventListener("submit", done);
-      resolve(event.submitter && event.submitter.value === "ok" ? $("key").value : null);
-    };
-    $("key-form").addEventListener("submit", done);
+    // Closed by its buttons (a method="dialog" form) or by Escape (returnValue stays "").
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok" ? $("key").value : null), { once: true });
     dialog.showModal();
   });
 }
 
-async function errorText(response) {
+async function apiError(response) {
   const text = await response.text();
   try {
     const body = JSON.parse(text);
-    return (body.error && body.error.message) || body.detail || text;
+    return { message: (body.error && body.error.message) || body.detail || text, code: body.error && body.error.code };
   } catch {
-    return text || `HTTP ${response.status}`;
+    return { message: text || `HTTP ${response.status}`, code: null };
   }
 }
 
+// The events of a streamed answer; null for the final [DONE].
 async function* events(response) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -69,8 +70,7 @@ async function* events(response) {
       buffer = buffer.slice(end + 1);
       if (!line.startsWith("data:")) continue;
       const data = line.slice(5).trim();
-      if (data === "[DONE]") return;
-      yield JSON.parse(data);
+      yield data === "[DONE]" ? null : JSON.parse(data);
     }
   }
 }
@@ -105,73 +105,67 @@ function readDataUrl(file) {
   });
 }
 
-function loadImage(url) {
-  return new Promise((resolve, reject) => {
-    const image = new Image();
-    image.onload = () => resolve(image);
-    image.onerror = () => reject(new Error("the browser cannot show this picture"));
-    image.src = url;
-  });
-}
-
 function setStatus(picture, status, text) {
   picture.status = status;
   picture.chip.dataset.status = status;
   picture.chip.querySelector(".status").textContent = text;
 }
 
-// Encodes the picture on the server now (the preload route), with the conversation so far, so that
-// the question finds its rows ready; the server also prefills it while it waits.
-async function attach(file) {
-  const chat = state.chat;
+function chipFor(picture) {
   const chip = element("div", "chip");
-  chip.append(element("span", "name", file.name), element("span", "status", "reading"));
   const remove = element("button", "remove", "\u00d7");
   remove.type = "button";
   remove.title = "remove";
-  chip.append(remove);
-  $("attachments").append(chip);
-  const picture = { url: null, name: file.name, status: "reading", chip };
   remove.addEventListener("click", () => {
     state.pending = state.pending.filter((p) => p !== picture);
     chip.remove();
   });
-  try {
-    picture.url = await readDataUrl(file);
-  } catch (error) {
-    setStatus(picture, "failed", `failed: ${error}`);
-    return;
-  }
-  const thumb = element("img", "thumb");
-  thumb.src = picture.url;
-  thumb.alt = "";
-  chip.prepend(thumb);
-  state.pending.push(picture);
-  setStatus(picture, "encoding", "encoding\u2026");
-  const pictures = state.pending.filter((p) => p.status !== "failed");
-  const content = pictures.map((p) => imagePart(p.url));
-  const body = { model: model(), messages: [...state.history, { role: "user", content }] };
-  let response;
-  try {
-    response = await api("v1/trimcpp/preload", { method: "POST", body: JSON.stringify(body) });
-  } catch (error) {
-    setStatus(picture, "failed", `failed: ${error}`);
-    return;
-  }
-  if (chat !== state.chat) return;
-  if (!response.ok) {
-    const why = await errorText(response);
-    if (why.includes("does not prune images")) setStatus(picture, "attached", "attached (this model encodes it with the question)");
-    else setStatus(picture, "failed", `failed: ${why}`);
-    return;
-  }
-  const mine = (await response.json()).images[pictures.indexOf(picture)];
-  setStatus(picture, "ready", mine.cached ? `ready: ${mine.rows} rows (encoded already)`
-    : `ready: ${mine.rows} rows, encoded in ${seconds(mine.encode_seconds)}`);
+  chip.append(element("span", "name", picture.name), element("span", "status"), remove);
+  return chip;
 }
 
 function attachFiles(files) {
-  for (const file of files) state.attaching = state.attaching.then(() => attach(file));
+  for (const file of files) {
+    const picture = { url: null, name: file.name, status: "queued", chip: null };
+    picture.chip = chipFor(picture);
+    setStatus(picture, "queued", "queued");
+    $("attachments").append(picture.chip);
+    state.pending.push(picture);
+    state.attaching = state.attaching.then(() => attach(picture, file))
+      .catch((error) => setStatus(picture, "failed", `failed: ${error.message || error}`));
+  }
+}
+
+// Encodes the picture on the server now (the preload route), with the conversation so far, so that
+// the question finds its rows ready; the server also prefills it while it waits.
+async function attach(picture, file) {
+  await state.turn; // a turn in progress is part of the conversation to preload
+  if (!state.pending.includes(picture)) return; // removed, sent, or a new chat meanwhile
+  setStatus(picture, "reading", "reading");
+  picture.url = await readDataUrl(file);
+  const thumb = element("img", "thumb");
+  thumb.src = picture.url;
+  thumb.alt = "";
+  picture.chip.prepend(thumb);
+  if (!state.pending.includes(picture)) return;
+  setStatus(picture, "encoding", "encoding\u2026");
+  const chat = state.chat;
+  const pictures = state.pending.filter((p) => p.url !== null && p.status !== "failed");
+  const body = { model: model(), messages: [...state.history, { role: "user", content: pictures.map((p) => imagePart(p.url)) }] };
+  const response = await api("v1/trimcpp/preload", { method: "POST", body: JSON.stringify(body) });
+  if (chat !== state.chat) return;
+  if (response.ok) {
+    const mine = (await response.json()).images[pictures.indexOf(picture)];
+    setStatus(picture, "ready", mine.cached ? `ready: ${mine.rows} rows (encoded already)`
+      : `ready: ${mine.rows} rows, encoded in ${seconds(mine.encode_seconds)}`);
+    return;
+  }
+  const error = await apiError(response);
+  if (response.status >= 400 && response.status < 500 && response.status !== 409 && error.code !== "model_not_trimmed") {
+    setStatus(picture, "failed", `failed: ${error.message}`); // the picture itself: it is not sent
+  } else {
+    setStatus(picture, "attached", `attached (encoded with the question: ${error.message})`);
+  }
 }
 
 function keepOption() {
@@ -194,14 +188,14 @@ function requestBody(messages, options) {
     if (typeof extra !== "object" || extra === null || Array.isArray(extra)) throw new Error("extra request fields: a JSON object");
   }
   const method = $("method").value;
-  const trimcpp = { ...options, ...(method ? { method } : {}), masks: true, ...(extra.trimcpp || {}) };
+  const trimcpp = { ...options, ...(method ? { method } : {}), overlay: true, ...(extra.trimcpp || {}) };
   return {
-    model: model(), messages, stream: true, temperature: Number($("temperature").value),
-    max_tokens: Number($("max-tokens").value), ...extra, trimcpp,
+    temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value), ...extra,
+    model: model(), messages, stream: true, trimcpp,
   };
 }
 
-function timings(image, firstToken) {
+function timings(image) {
   const parts = [`kept ${image.kept} of ${image.rows} rows`];
   const spent = image.seconds || {};
   if (image.path === "full") parts.push(`prefilled before you asked (${image.prefilled_rows} rows)`);
@@ -209,33 +203,7 @@ function timings(image, firstToken) {
   else parts.push(`encode ${seconds(spent.encode || 0)}`);
   if (spent.wait) parts.push(`waited ${seconds(spent.wait)} for the encode`);
   parts.push(`select ${seconds(spent.select || 0)}`, `image prefill ${seconds(spent.prefill || 0)}`);
-  if (firstToken !== undefined) parts.push(`first token ${seconds(firstToken)}`);
   return parts.join(" \u00b7 ");
-}
-
-// The picture with the patches the LLM saw as they are and the others dimmed: the server's mask
-// (libmtmd's geometry, computed there) decides which pixels are which.
-async function overlay(pictureUrl, mask) {
-  const [picture, shape] = await Promise.all([loadImage(pictureUrl), loadImage(mask.png)]);
-  const canvas = element("canvas", "overlay");
-  canvas.width = shape.naturalWidth;
-  canvas.height = shape.naturalHeight;
-  const context = canvas.getContext("2d");
-  context.imageSmoothingEnabled = false;
-  context.drawImage(shape, 0, 0);
-  const kept = context.getImageData(0, 0, canvas.width, canvas.height).data;
-  context.imageSmoothingEnabled = true;
-  context.drawImage(picture, 0, 0, canvas.width, canvas.height);
-  const pixels = context.getImageData(0, 0, canvas.width, canvas.height);
-  for (let i = 0; i < kept.length; i += 4) {
-    if (kept[i] < 128) {
-      for (let c = 0; c < 3; c++) pixels.data[i + c] = Math.round(pixels.data[i + c] * DIM);
-    }
-  }
-  context.putImageData(pixels, 0, 0);
-  const figure = element("figure");
-  figure.append(canvas, element("figcaption", "", mask.title));
-  return figure;
 }
 
 function addTurn(question, pictures) {
@@ -255,9 +223,31 @@ function addTurn(question, pictures) {
   return answers;
 }
 
-// One streamed answer into a column of the turn; the answer's text, or null if there is none.
-async function ask(messages, options, answers, pictures) {
-  const chat = state.chat;
+// What the answer's images looked like to the LLM: the server draws each picture with the kept
+// patches as they are and the others dimmed (libmtmd's geometry stays on the server).
+function showImages(info, meta) {
+  for (const [i, image] of meta.images.entries()) {
+    const line = element("p", "rows", timings(image));
+    line.dataset.kept = image.kept;
+    line.dataset.rows = image.rows;
+    const figures = element("div", "figures");
+    figures.dataset.image = i;
+    info.append(line, figures);
+    for (const panel of image.overlay || []) {
+      const picture = element("img", "overlay");
+      picture.src = panel.url;
+      picture.alt = `image ${i + 1}, ${panel.title}: kept patches bright`;
+      const figure = element("figure");
+      figure.append(picture, element("figcaption", "", panel.title));
+      figures.append(figure);
+    }
+    if (image.overlay_error) figures.append(element("p", "note", `no overlay: ${image.overlay_error}`));
+  }
+  if (meta.first_token_seconds !== undefined) info.prepend(element("p", "first-token", `first token ${seconds(meta.first_token_seconds)}`));
+}
+
+// One streamed answer into a column of the turn; the answer's text, or null if it failed.
+async function ask(messages, options, answers) {
   const column = element("article", "answer");
   column.dataset.state = "streaming";
   const text = element("p", "answer-text");
@@ -268,49 +258,40 @@ async function ask(messages, options, answers, pictures) {
   $("stop").disabled = false;
   let answer = "";
   let meta = null;
+  let finished = false;
   try {
     const body = requestBody(messages, options);
     const response = await api("v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal: state.controller.signal });
-    if (!response.ok) throw new Error(await errorText(response));
+    if (!response.ok) throw new Error((await apiError(response)).message);
     for await (const event of events(response)) {
+      if (event === null) {
+        finished = true;
+        break;
+      }
       if (event.error) throw new Error(event.error.message || JSON.stringify(event.error));
-      if (event.trimcpp) meta = event.trimcpp;
+      if (event.trimcpp) meta = { ...meta, ...event.trimcpp };
       const delta = event.choices && event.choices[0] && event.choices[0].delta;
       if (delta && delta.content) {
         answer += delta.content;
         text.textContent = answer;
       }
     }
-    column.dataset.state = "done";
+    column.dataset.state = finished ? "done" : "cut";
+    if (!finished) info.append(element("p", "error", "the answer was cut short (the server closed the stream)"));
   } catch (error) {
     if (error.name === "AbortError") {
       column.dataset.state = "stopped";
       info.append(element("p", "note", "stopped"));
     } else {
       column.dataset.state = "failed";
-      column.dataset.drawn = "yes";
       info.append(element("p", "error", String(error.message || error)));
-      return null;
+      answer = null;
     }
   } finally {
     state.controller = null;
     $("stop").disabled = true;
   }
-  if (meta && chat === state.chat) {
-    for (const [i, image] of meta.images.entries()) {
-      const line = element("p", "rows", timings(image, meta.first_token_seconds));
-      line.dataset.kept = image.kept;
-      line.dataset.rows = image.rows;
-      const figures = element("div", "figures");
-      figures.dataset.image = i;
-      info.append(line, figures);
-      if (image.masks) {
-        for (const mask of image.masks) figures.append(await overlay(pictures[i], mask));
-      } else if (image.mask_error) {
-        figures.append(element("p", "note", `no overlay: ${image.mask_error}`));
-      }
-    }
-  }
+  if (meta && meta.images) showImages(info, meta);
   column.dataset.drawn = "yes";
   return answer;
 }
@@ -318,32 +299,53 @@ async function ask(messages, options, answers, pictures) {
 async function send(event) {
   event.preventDefault();
   const question = $("question").value.trim();
-  if (state.controller !== null) return;
-  const pictures = state.pending.filter((p) => p.status !== "failed" && p.url !== null);
-  if (!question && !pictures.length) return;
-  for (const picture of state.pending) picture.chip.remove();
-  state.pending = [];
+  if (state.busy || (!question && !state.pending.length)) return;
+  state.busy = true;
+  state.stop = false;
+  $("send").disabled = true;
   $("question").value = "";
-  const user = { role: "user", content: [...pictures.map((p) => imagePart(p.url)), { type: "text", text: question }] };
-  const messages = [...state.history, user];
-  const promptPictures = [...state.pictures, ...pictures.map((p) => p.url)];
-  const answers = addTurn(question, pictures);
-  const options = keepOption();
-  // Compared answers both prefill from scratch: neither finds the other's rows in the KV cache.
-  const runs = $("compare").checked && options.keep !== 0
-    ? [{ keep: 0, reuse_kv: false }, { ...options, reuse_kv: false }] : [options];
-  let answer = null;
-  for (const run of runs) {
-    answer = await ask(messages, run, answers, promptPictures);
-    if (answer === null) return; // the turn failed: it stays out of the conversation
+  let done;
+  state.turn = new Promise((resolve) => { done = resolve; });
+  const chat = state.chat;
+  try {
+    await state.attaching; // every picture read, and encoded or failed
+    if (chat !== state.chat) return; // a new chat began meanwhile
+    const pictures = state.pending.filter((p) => p.status !== "failed" && p.url !== null);
+    for (const picture of state.pending) picture.chip.remove();
+    state.pending = [];
+    const user = { role: "user", content: [...pictures.map((p) => imagePart(p.url)), { type: "text", text: question }] };
+    const messages = [...state.history, user];
+    const answers = addTurn(question, pictures);
+    const options = keepOption();
+    // Compared answers both prefill from scratch: neither finds the other's rows in the KV cache.
+    const runs = $("compare").checked && options.keep !== 0
+      ? [{ keep: 0, reuse_kv: false }, { ...options, reuse_kv: false }] : [options];
+    let answer = null;
+    for (const run of runs) {
+      if (state.stop) break;
+      answer = await ask(messages, run, answers);
+      if (answer === null || state.stop || chat !== state.chat) break;
+    }
+    if (chat !== state.chat) return; // a new chat began meanwhile
+    if (answer === null) { // the turn failed: it stays out of the conversation, its input comes back
+      $("question").value = question;
+      for (const picture of pictures) $("attachments").append(picture.chip);
+      state.pending = [...pictures, ...state.pending];
+      return;
+    }
+    state.history.push(user, { role: "assistant", content: answer });
+    state.pictures = [...state.pictures, ...pictures.map((p) => p.url)];
+  } finally {
+    state.busy = false;
+    $("send").disabled = false;
+    done();
   }
-  state.history.push(user, { role: "assistant", content: answer });
-  state.pictures = promptPictures;
 }
 
 function newChat() {
-  if (state.controller !== null) state.controller.abort();
   state.chat += 1;
+  state.stop = true;
+  if (state.controller !== null) state.controller.abort();
   state.history = [];
   state.pictures = [];
   for (const picture of state.pending) picture.chip.remove();
@@ -353,24 +355,32 @@ function newChat() {
 }
 
 async function loadChoices() {
-  const response = await api("v1/models");
-  if (response.ok) {
-    for (const entry of (await response.json()).data) $("model").append(element("option", "", entry.id));
+  try {
+    const response = await api("v1/models");
+    if (response.ok) {
+      for (const entry of (await response.json()).data) $("model").append(element("option", "", entry.id));
+    }
+    const schema = await fetch("openapi.json").then((r) => (r.ok ? r.json() : null)).catch(() => null);
+    const method = schema?.components?.schemas?.TrimOptions?.properties?.method;
+    for (const name of (method?.anyOf || [method]).flatMap((s) => s?.enum || [])) {
+      $("method").append(element("option", "", name));
+    }
+  } finally {
+    document.body.dataset.ready = "yes";
   }
-  const schema = await fetch("openapi.json").then((r) => (r.ok ? r.json() : null)).catch(() => null);
-  const methods = schema && schema.components.schemas.TrimOptions.properties.method.enum;
-  for (const name of methods || []) $("method").append(element("option", "", name));
-  document.body.dataset.ready = "yes";
 }
 
 $("composer").addEventListener("submit", send);
 $("question").addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && !event.shiftKey) {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     $("composer").requestSubmit();
   }
 });
-$("stop").addEventListener("click", () => state.controller && state.controller.abort());
+$("stop").addEventListener("click", () => {
+  state.stop = true;
+  if (state.controller !== null) state.controller.abort();
+});
 $("new-chat").addEventListener("click", newChat);
 $("file").addEventListener("change", (event) => {
   attachFiles([...event.target.files]);
