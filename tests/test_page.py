@@ -312,22 +312,27 @@ def test_bad_keep_is_the_servers_400_in_the_turn(server, page):
     assert answer["state"] == "failed" and "keep must be 0" in answer["info"], answer
 
 
-def test_stop_ends_the_answer_and_the_chat_goes_on(server, page):
-    page.find_element("id", "compare").click()  # stopped, the turn's second answer never starts
-    page.find_element("css selector", "details summary").click()
-    long = "root ::= " + " ".join(['"word "'] * 1500)  # about 3000 tokens: seconds to stream whole
+def start_a_long_answer(page) -> None:
+    """Sends a question whose answer a grammar makes about 3000 tokens long (seconds to stream whole),
+    and waits for its first text."""
+    long = "root ::= " + " ".join(['"word "'] * 1500)
     page.execute_script("document.getElementById('extra').value = arguments[0];",
                         json.dumps({"grammar": long, "max_tokens": 3500}))
     page.find_element("id", "question").send_keys("Talk.")
     page.find_element("id", "send").click()
     wait(page, "document.querySelector('.answer-text') && document.querySelector('.answer-text').textContent.length > 0")
+
+
+def test_stop_ends_the_answer_and_the_chat_goes_on(server, page):
+    page.find_element("id", "compare").click()  # stopped, the turn's second answer never starts
+    start_a_long_answer(page)
     page.find_element("id", "stop").click()
     wait(page, "document.querySelector('.answer').dataset.state === 'stopped' && !document.getElementById('send').disabled")
     stopped = page.execute_script("return document.querySelector('.answer-text').textContent;")
     assert stopped.startswith("word ") and len(stopped) < 1500 * 5
     assert page.execute_script("return document.querySelectorAll('.answer').length;") == 1
     page.find_element("id", "compare").click()
-    page.find_element("id", "extra").clear()
+    page.execute_script("document.getElementById('extra').value = '';")
     assert ask(page, "Hello?")["state"] == "done"
 
 
@@ -349,12 +354,7 @@ def test_several_pictures_in_a_turn_and_a_new_chat_forgets_them(server, page):
 def test_a_new_chat_during_an_answer_leaves_nothing_of_it(server, page):
     give_file(page, "a.png", png_bytes(colour=(0, 0, 255)))
     wait(page, "document.querySelector('.chip').dataset.status === 'ready'")
-    long = "root ::= " + " ".join(['"word "'] * 1500)
-    page.execute_script("document.getElementById('extra').value = arguments[0];",
-                        json.dumps({"grammar": long, "max_tokens": 3500}))
-    page.find_element("id", "question").send_keys("Talk.")
-    page.find_element("id", "send").click()
-    wait(page, "document.querySelector('.answer-text') && document.querySelector('.answer-text').textContent.length > 0")
+    start_a_long_answer(page)
     page.find_element("id", "new-chat").click()
     wait(page, "!document.getElementById('send').disabled")
     assert page.execute_script("return document.querySelectorAll('.turn').length;") == 0
