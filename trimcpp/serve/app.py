@@ -191,7 +191,7 @@ ENCODER_OPTIONS = {"image_min_tokens": "image_min_tokens", "image_max_tokens": "
 @contextlib.contextmanager
 def request_options(handler: Optional[Trimming], options: Optional[TrimOptions], model: str) -> Iterator[None]:
     """The handler with this request's pruning options, its own settings back afterwards."""
-    given = {} if options is None else options.model_dump(exclude_none=True)  # less overlay: the answer's, not the handler's
+    given = {} if options is None else options.model_dump(exclude_none=True)  # not overlay: the answer's, not the handler's
     if not given:
         yield
         return
@@ -333,11 +333,9 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
     if rows is not None and body.stream:
         extra["trimcpp"]["first_token_seconds"] = round(first_token, 4)
     if not body.stream:
-        try:
-            if overlay:
-                extra["trimcpp"]["images"] = await overlaid()
-        finally:
-            await hold.aclose()
+        await hold.aclose()
+        if overlay:
+            extra["trimcpp"]["images"] = await overlaid()
         return JSONResponse({**result, **extra}, headers=headers)
 
     async def events() -> AsyncIterator[dict[str, str]]:
