@@ -156,12 +156,17 @@ def give_file(driver, name: str, data: bytes, how: str = "drop", folder: Path | 
     """, name, base64.b64encode(data).decode(), how)
 
 
-def ask(driver, question: str) -> dict:
-    """Types the question, sends it, waits for every answer of the turn; the turn's last answer."""
+def ask(driver, question: str, at_once: bool = False) -> dict:
+    """Types the question, sends it (`at_once`: in the page's current task, before any file read or
+    preload of the pictures just given can finish), waits for every answer of the turn; the turn's
+    last answer."""
     turns = driver.execute_script("return document.querySelectorAll('.turn').length;")
-    box = driver.find_element("id", "question")
-    box.send_keys(question)
-    driver.find_element("id", "send").click()
+    if at_once:
+        driver.execute_script("document.getElementById('question').value = arguments[0];"
+                              "document.getElementById('composer').requestSubmit();", question)
+    else:
+        driver.find_element("id", "question").send_keys(question)
+        driver.find_element("id", "send").click()
     wait(driver, f"document.querySelectorAll('.turn').length > {turns} && "
                  "[...document.querySelectorAll('.turn')].pop().querySelector('.answer') && "
                  "!document.getElementById('send').disabled && "
@@ -203,7 +208,7 @@ def test_page_is_served_with_a_policy_and_loads_nothing_from_elsewhere(server, b
     assert "default-src 'none'" in policy and "script-src 'self'" in policy and "connect-src 'self'" in policy
     for name in ("app.js", "style.css"):
         assert server.request("GET", f"/page/{name}")[0] == 200
-    assert server.request("GET", "/page/../app.py")[0] == 404
+    assert server.request("GET", "/page/app.py")[0] == 404  # the page's three files only
     browser.get_log("performance")
     browser.get(server.url + "/")
     wait(browser, "document.body.dataset.ready === 'yes'")
@@ -310,6 +315,7 @@ def test_bad_keep_is_the_servers_400_in_the_turn(server, page):
     page.find_element("id", "keep-value").send_keys("2.5")
     answer = ask(page, "Hello?")
     assert answer["state"] == "failed" and "keep must be 0" in answer["info"], answer
+    assert page.execute_script("return document.getElementById('question').value;") == "Hello?"  # given back
 
 
 def start_a_long_answer(page) -> None:
@@ -339,8 +345,8 @@ def test_stop_ends_the_answer_and_the_chat_goes_on(server, page):
 def test_several_pictures_in_a_turn_and_a_new_chat_forgets_them(server, page):
     for seed, how in ((1, "drop"), (2, "paste")):
         give_file(page, f"p{seed}.png", png_bytes(colour=(40 * seed, 200, 90)), how=how)
-    wait(page, "[...document.querySelectorAll('.chip')].map((c) => c.dataset.status).join() === 'ready,ready'")
-    answer = ask(page, "Compare them.")
+    # Sent at once, before either picture is read: the turn waits for both.
+    answer = ask(page, "Compare them.", at_once=True)
     assert answer["kept"] == [KEEP, KEEP]
     assert page.execute_script("return document.querySelectorAll('.turn img.overlay').length;") == 2
     assert ask(page, "Which is greener?")["kept"] == [KEEP, KEEP]  # a follow-up: both pictures are still there
@@ -349,6 +355,18 @@ def test_several_pictures_in_a_turn_and_a_new_chat_forgets_them(server, page):
     give_file(page, "p3.png", png_bytes(colour=(10, 20, 30)))
     wait(page, "document.querySelector('.chip').dataset.status === 'ready'")
     assert ask(page, "And this one?")["kept"] == [KEEP]  # a new conversation: one picture
+
+
+def test_a_picture_attached_during_an_answer_waits_for_the_next_turn(server, page):
+    start_a_long_answer(page)
+    give_file(page, "later.png", png_bytes(colour=(0, 128, 0)))
+    assert page.execute_script("return document.querySelector('.chip').dataset.status;") == "queued"
+    page.find_element("id", "stop").click()
+    wait(page, "document.querySelector('.answer').dataset.state === 'stopped' && "
+               "document.querySelector('.chip') && document.querySelector('.chip').dataset.status === 'ready'")
+    page.execute_script("document.getElementById('extra').value = '';")
+    assert page.execute_script("return document.querySelector('.turn .user img') === null;")  # not in the first turn
+    assert ask(page, "What is it?")["kept"] == [KEEP]
 
 
 def test_a_new_chat_during_an_answer_leaves_nothing_of_it(server, page):
@@ -391,7 +409,7 @@ def test_a_stock_model_answers_on_the_page_without_an_overlay(server, page):
     give_file(page, "white.png", png_bytes())
     status = wait(page, "['attached', 'ready', 'failed'].includes(document.querySelector('.chip').dataset.status) && "
                         "document.querySelector('.chip .status').textContent")
-    assert status.startswith("attached"), status  # the preload route is for trimmed models
+    assert status.startswith("attached") and "does not prune images" in status, status  # preloads: trimmed models
     answer = ask(page, "What is it?")
     assert answer["state"] == "done" and answer["kept"] == []
     assert page.execute_script("return document.querySelectorAll('.turn img.overlay').length;") == 0

@@ -191,6 +191,7 @@ def bad_requests(folder) -> dict[str, tuple[object, str]]:
         "prompt over n_ctx": ({"messages": user(image_url(1), "hi " * 1200), "max_tokens": 4}, "exceeds n_ctx"),
         "streamed prompt over n_ctx": ({"messages": user(image_url(1), "hi " * 1200), "stream": True}, "exceeds n_ctx"),
         "messages not a list": ({"messages": 3}, "messages"),
+        "reuse_kv true": ({"messages": user(image_url(1), "q"), "trimcpp": {"reuse_kv": True}}, "trimcpp.reuse_kv"),
         "picture marker in the text": ({"messages": user(image_url(1), "what is <__media__> here?")},
                                        "contains '<__media__>', libmtmd's placeholder for a picture"),
         "not JSON": (b"{\"messages\": [", "JSON"),
@@ -206,7 +207,7 @@ def png_url(pixels: np.ndarray) -> str:
 BAD = ("corrupt image", "image over max_image_bytes", "image over max_image_pixels", "file outside image_dir",
        "http image", "bad keep", "unknown option", "unknown method", "bad stage1_ratio", "image_max_tokens on LLaVA",
        "image_max_tokens 0", "image_min_tokens 2**31", "prompt over n_ctx",
-       "streamed prompt over n_ctx", "messages not a list", "picture marker in the text", "not JSON")
+       "streamed prompt over n_ctx", "messages not a list", "reuse_kv true", "picture marker in the text", "not JSON")
 
 
 @pytest.mark.parametrize("case", BAD)

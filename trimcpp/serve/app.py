@@ -333,9 +333,11 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
     if rows is not None and body.stream:
         extra["trimcpp"]["first_token_seconds"] = round(first_token, 4)
     if not body.stream:
-        await hold.aclose()
-        if overlay:
-            extra["trimcpp"]["images"] = await overlaid()
+        try:  # drawn holding the model: a first overlay may probe libmtmd's layout with a Llama of its own
+            if overlay:
+                extra["trimcpp"]["images"] = await overlaid()
+        finally:
+            await hold.aclose()
         return JSONResponse({**result, **extra}, headers=headers)
 
     async def events() -> AsyncIterator[dict[str, str]]:

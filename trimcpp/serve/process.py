@@ -33,14 +33,19 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def headers(self, key: bool = True) -> dict[str, str]:
+        """A JSON request's headers, with the API key (if the server has one) unless `key` is false."""
+        headers = {"Content-Type": "application/json"}
+        if key and self.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
     def request(self, method: str, path: str, body: Any = None, *, timeout: float = 600,
                 key: bool = True) -> tuple[int, dict, bytes]:
         """One HTTP request (JSON body unless bytes), with the API key unless `key` is false:
         (status, headers, body)."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        headers = {"Content-Type": "application/json"}
-        if key and self.api_key is not None:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        headers = self.headers(key)
         try:
             data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
             connection.request(method, path, body=data, headers=headers)
@@ -55,7 +60,7 @@ class Server:
         began = time.perf_counter()
         try:
             connection.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": True}).encode(),
-                               headers={"Content-Type": "application/json"})
+                               headers=self.headers())
             response = connection.getresponse()
             if response.status != 200:
                 raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")

@@ -9,10 +9,9 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   history: [], // the conversation's messages, as the server gets them
-  pictures: [], // data: URLs of the pictures sent so far, in prompt order
   pending: [], // attached, not sent yet: {url, name, status, chip}
   attaching: Promise.resolve(), // attaches run one after another
-  turn: Promise.resolve(), // the turn in progress (an attach waits for it: the conversation it preloads)
+  turn: Promise.resolve(), // the turn in progress (a picture attached meanwhile waits for it)
   busy: false, // a turn is in progress
   stop: false, // Stop was pressed during this turn
   controller: null, // the answer in flight
@@ -131,7 +130,9 @@ function attachFiles(files) {
     setStatus(picture, "queued", "queued");
     $("attachments").append(picture.chip);
     state.pending.push(picture);
-    state.attaching = state.attaching.then(() => attach(picture, file))
+    // Attached during a turn, it is preloaded with that turn in the conversation, for the next one.
+    const after = state.turn;
+    state.attaching = state.attaching.then(() => after).then(() => attach(picture, file))
       .catch((error) => setStatus(picture, "failed", `failed: ${error.message || error}`));
   }
 }
@@ -139,8 +140,7 @@ function attachFiles(files) {
 // Encodes the picture on the server now (the preload route), with the conversation so far, so that
 // the question finds its rows ready; the server also prefills it while it waits.
 async function attach(picture, file) {
-  await state.turn; // a turn in progress is part of the conversation to preload
-  if (!state.pending.includes(picture)) return; // removed, sent, or a new chat meanwhile
+  if (!state.pending.includes(picture)) return; // removed, or a new chat meanwhile
   setStatus(picture, "reading", "reading");
   picture.url = await readDataUrl(file);
   const thumb = element("img", "thumb");
@@ -152,7 +152,13 @@ async function attach(picture, file) {
   const chat = state.chat;
   const pictures = state.pending.filter((p) => p.url !== null && p.status !== "failed");
   const body = { model: model(), messages: [...state.history, { role: "user", content: pictures.map((p) => imagePart(p.url)) }] };
-  const response = await api("v1/trimcpp/preload", { method: "POST", body: JSON.stringify(body) });
+  let response;
+  try {
+    response = await api("v1/trimcpp/preload", { method: "POST", body: JSON.stringify(body) });
+  } catch (error) {
+    setStatus(picture, "attached", `attached (not encoded ahead: ${error.message || error})`);
+    return;
+  }
   if (chat !== state.chat) return;
   if (response.ok) {
     const mine = (await response.json()).images[pictures.indexOf(picture)];
@@ -161,10 +167,11 @@ async function attach(picture, file) {
     return;
   }
   const error = await apiError(response);
-  if (response.status >= 400 && response.status < 500 && response.status !== 409 && error.code !== "model_not_trimmed") {
+  const refused = response.status >= 400 && response.status < 500 && ![401, 409].includes(response.status);
+  if (refused && error.code !== "model_not_trimmed") {
     setStatus(picture, "failed", `failed: ${error.message}`); // the picture itself: it is not sent
   } else {
-    setStatus(picture, "attached", `attached (encoded with the question: ${error.message})`);
+    setStatus(picture, "attached", `attached (not encoded ahead: ${error.message})`);
   }
 }
 
@@ -255,7 +262,6 @@ async function ask(messages, options, answers) {
   column.append(element("h2", "", keepLabel(options)), text, info);
   answers.append(column);
   state.controller = new AbortController();
-  $("stop").disabled = false;
   let answer = "";
   let meta = null;
   let finished = false;
@@ -283,17 +289,23 @@ async function ask(messages, options, answers) {
       column.dataset.state = "stopped";
       info.append(element("p", "note", "stopped"));
     } else {
-      column.dataset.state = "failed";
+      column.dataset.state = answer ? "cut" : "failed"; // text that arrived before the error stays
       info.append(element("p", "error", String(error.message || error)));
-      answer = null;
     }
+    if (!answer) answer = null; // nothing came: no answer to keep
   } finally {
     state.controller = null;
-    $("stop").disabled = true;
   }
   if (meta && meta.images) showImages(info, meta);
   column.dataset.drawn = "yes";
   return answer;
+}
+
+// A turn that was not asked or failed: its question and pictures back in the composer.
+function giveBack(question, pictures) {
+  if (!$("question").value) $("question").value = question;
+  for (const picture of [...pictures].reverse()) $("attachments").prepend(picture.chip);
+  state.pending = [...pictures, ...state.pending];
 }
 
 async function send(event) {
@@ -303,18 +315,21 @@ async function send(event) {
   state.busy = true;
   state.stop = false;
   $("send").disabled = true;
+  $("stop").disabled = false;
   $("question").value = "";
+  const chat = state.chat;
+  const taken = [...state.pending]; // pictures attached from now on wait for the next turn
   let done;
   state.turn = new Promise((resolve) => { done = resolve; });
-  const chat = state.chat;
   try {
-    await state.attaching; // every picture read, and encoded or failed
+    await state.attaching; // the taken pictures read, and encoded or failed
     if (chat !== state.chat) return; // a new chat began meanwhile
-    const pictures = state.pending.filter((p) => p.status !== "failed" && p.url !== null);
-    for (const picture of state.pending) picture.chip.remove();
-    state.pending = [];
+    const pictures = taken.filter((p) => state.pending.includes(p) && p.status !== "failed" && p.url !== null);
+    for (const picture of taken) picture.chip.remove();
+    state.pending = state.pending.filter((p) => !taken.includes(p));
+    if (state.stop) return giveBack(question, pictures); // stopped before it was asked
+    if (!question && !pictures.length) return;
     const user = { role: "user", content: [...pictures.map((p) => imagePart(p.url)), { type: "text", text: question }] };
-    const messages = [...state.history, user];
     const answers = addTurn(question, pictures);
     const options = keepOption();
     // Compared answers both prefill from scratch: neither finds the other's rows in the KV cache.
@@ -323,21 +338,19 @@ async function send(event) {
     let answer = null;
     for (const run of runs) {
       if (state.stop) break;
-      answer = await ask(messages, run, answers);
+      answer = await ask([...state.history, user], run, answers);
       if (answer === null || state.stop || chat !== state.chat) break;
     }
     if (chat !== state.chat) return; // a new chat began meanwhile
     if (answer === null) { // the turn failed: it stays out of the conversation, its input comes back
-      $("question").value = question;
-      for (const picture of pictures) $("attachments").append(picture.chip);
-      state.pending = [...pictures, ...state.pending];
-      return;
+      answers.parentElement.dataset.failed = "yes";
+      return giveBack(question, pictures);
     }
     state.history.push(user, { role: "assistant", content: answer });
-    state.pictures = [...state.pictures, ...pictures.map((p) => p.url)];
   } finally {
     state.busy = false;
     $("send").disabled = false;
+    $("stop").disabled = true;
     done();
   }
 }
@@ -347,7 +360,6 @@ function newChat() {
   state.stop = true;
   if (state.controller !== null) state.controller.abort();
   state.history = [];
-  state.pictures = [];
   for (const picture of state.pending) picture.chip.remove();
   state.pending = [];
   for (const turn of document.querySelectorAll(".turn")) turn.remove();
