@@ -122,6 +122,13 @@ def image_parts(messages: list[Any]) -> list[tuple[int, dict[str, Any]]]:
             for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url"]
 
 
+def part_url(part: dict[str, Any]) -> Optional[str]:
+    """An ``image_url`` part's URL (given as a string or as ``{"url": ...}``), or None if it has none."""
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    return url if isinstance(url, str) else None
+
+
 def message_texts(message: Any) -> list[str]:
     """The text of a chat message: its content string, or its text parts."""
     content = message.get("content") if isinstance(message, dict) else None
@@ -529,9 +536,8 @@ class Trimming(StockHooks):
         parts = [part for i, part in image_parts(messages) if i == len(messages) - 1]
         if not parts:
             raise ValueError(f"{owner}: the last user message has no picture (an image_url part)")
-        urls = [part["image_url"] if isinstance(part.get("image_url"), str) else (part.get("image_url") or {}).get("url")
-                for part in parts]
-        data = [self._picture_bytes(owner, url) if isinstance(url, str) else b"" for url in urls]
+        urls = [part_url(part) for part in parts]
+        data = [self._picture_bytes(owner, url) if url is not None else b"" for url in urls]
         if not all(data):
             raise ValueError(f"{owner}: an image_url part has no URL")
         encodes = [self._start_preload(owner, picture, llama) for picture in data]

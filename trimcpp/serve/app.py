@@ -49,7 +49,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..handlers import HANDLERS
-from ..handlers.mechanism import Preloaded, PreloadSuperseded, Trimming, image_parts
+from ..handlers.mechanism import Preloaded, PreloadSuperseded, Trimming, image_parts, part_url
 from ..selection import ALIGNMENTS, METHODS
 from .fetch import ImagePolicy, ImageRefused, localise
 from .overlay import image_overlays
@@ -325,8 +325,7 @@ async def create_chat_completion(request: Request, body: TrimChatCompletionReque
 
     async def overlaid() -> list[dict[str, Any]]:
         """The images with their overlays (trimcpp.serve.overlay): drawn after the answer."""
-        pictures = [_data_only(part["image_url"] if isinstance(part["image_url"], str) else part["image_url"]["url"])
-                    for _, part in image_parts(messages)]
+        pictures = [_data_only(part_url(part)) for _, part in image_parts(messages)]
         drawn = await run_in_threadpool(image_overlays, handler.clip_model_path, pictures, selections)
         return [{**row, **image} for row, image in zip(rows, drawn)]
 

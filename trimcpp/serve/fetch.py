@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from ..handlers.mechanism import image_parts
+from ..handlers.mechanism import image_parts, part_url
 
 # What libmtmd's decoder (stb_image) reads as is; other pillow formats are converted to PNG.
 LIBMTMD_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp"}
@@ -65,10 +65,8 @@ def localise(messages: list[Any], policy: ImagePolicy) -> list[Any]:
     """A copy of `messages` whose image URLs are ``data:`` URIs of checked bytes (ImageRefused if not)."""
     messages = copy.deepcopy(messages)
     for i, (_, part) in enumerate(image_parts(messages)):
-        url = part["image_url"]
-        if isinstance(url, dict):
-            url = url.get("url")
-        if not isinstance(url, str):
+        url = part_url(part)
+        if url is None:
             raise ImageRefused(f"image {i + 1}: image_url must be a URL string or {{\"url\": ...}}")
         try:
             local = resolve(url, policy)
