@@ -105,7 +105,8 @@ PYBIND11_MODULE(_core, m) {
       .value("divprune", trim::Method::divprune)
       .value("uniform", trim::Method::uniform)
       .value("random", trim::Method::random)
-      .value("none", trim::Method::none);
+      .value("none", trim::Method::none)
+      .value("cdpruner", trim::Method::cdpruner);
   py::enum_<trim::Backend>(m, "Backend")
       .value("cpu", trim::Backend::cpu)
       .value("cuda", trim::Backend::cuda)

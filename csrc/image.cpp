@@ -64,11 +64,11 @@ std::vector<std::vector<int64_t>> select_image(const std::vector<const float*>& 
 }
 
 Method method_named(const std::string& name) {
-  static const char* const names[] = {"trimtokenator", "align", "divprune", "uniform", "random", "none"};
-  for (int i = 0; i < 6; ++i) {
+  static const char* const names[] = {"trimtokenator", "align", "divprune", "uniform", "random", "none", "cdpruner"};
+  for (int i = 0; i < 7; ++i) {
     if (name == names[i]) return static_cast<Method>(i);
   }
-  throw InputError("unknown method '" + name + "' (trimtokenator, align, divprune, uniform, random or none)");
+  throw InputError("unknown method '" + name + "' (trimtokenator, align, divprune, cdpruner, uniform, random or none)");
 }
 
 }  // namespace trim

@@ -9,7 +9,7 @@
 
 namespace trim {
 
-enum class Method : int { trimtokenator = 0, align = 1, divprune = 2, uniform = 3, random = 4, none = 5 };
+enum class Method : int { trimtokenator = 0, align = 1, divprune = 2, uniform = 3, random = 4, none = 5, cdpruner = 6 };
 
 enum class Backend : int { cpu = 0, cuda = 1, metal = 2 };
 
@@ -121,6 +121,9 @@ bool available();
 void alignment_scores(const Problem& p, float* out);
 // Scored selection (trimtokenator, align, divprune) of k < n rows; indices in pick order into out[k].
 void select_scored(const Problem& p, Method method, int64_t k, double stage1_ratio, int64_t* out);
+// cdpruner's greedy MAP inference of k < n rows (ALGORITHM.md); indices in pick order into out[k].
+// The GPU backends do not run it (select throws InputError for them).
+void select_cdpruner(const Problem& p, int64_t k, int64_t* out);
 // ||sum_i v_i / max(||v_i||, 1e-12)||^2 over the n rows of v, in double (its errors name no subject).
 double normalized_sum_sqnorm(const float* v, int64_t n, int64_t d);
 }  // namespace cpu

@@ -9,10 +9,12 @@ import io
 import numpy as np
 from PIL import Image
 
+from trimcpp.selection import CPU_ONLY, METHODS
+
 import reference as ref
 
 ROWS = 36  # image rows per chunk of the tiny test mmproj (84 px, patch 14)
-SCORED = ("trimtokenator", "align", "divprune")
+SCORED = ("trimtokenator", "align", "divprune")  # the methods every backend scores (cdpruner: the CPU)
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,12 +35,19 @@ def check(method, picks, v, t, keep, stage1_ratio=0.8, seed=0, alignment="l2"):
         ref.check_align(picks, v, t, keep, alignment_kind=alignment)
     elif method == "divprune":
         ref.check_divprune(picks, v, keep)
+    elif method == "cdpruner":
+        ref.check_cdpruner(picks, v, t, keep)
     elif method == "uniform":
         assert list(picks) == ref.uniform(v.shape[0], ref.resolve_keep(keep, v.shape[0]))
     elif method == "random":
         assert list(picks) == ref.random_draws(v.shape[0], ref.resolve_keep(keep, v.shape[0]), seed)
     else:
         assert list(picks) == list(range(v.shape[0]))
+
+
+def methods_on(backend) -> list[str]:
+    """The methods a backend runs (the GPU backends do not run cdpruner)."""
+    return [m for m in METHODS if backend in (None, "cpu") or m not in CPU_ONLY]
 
 
 def check_duplicate_ties(method, pick) -> None:
@@ -54,6 +63,9 @@ def check_duplicate_ties(method, pick) -> None:
             ref.check_trimtokenator(picks, v, t, keep, exact=True)
         elif method == "align":
             ref.check_align(picks, v, t, keep, exact=True)
+        elif method == "cdpruner":
+            # Past the 12 distinct rows every d2 is under the floor: the rest go by index, exactly.
+            ref.check_cdpruner(picks, v, t, keep, exact=True)
         else:
             # Past the 12 distinct rows every candidate is ~0 from S: rounding, not ties, decides.
             ref.check_divprune(picks, v, keep, exact=keep <= 12)

@@ -225,6 +225,44 @@ def check_divprune(picks, v, keep, exact=False) -> None:
     _finish(picks, steps, "divprune", exact)
 
 
+def cdpruner_relevance(u, t) -> np.ndarray:
+    """q of ALGORITHM.md for the unit rows u: the mean cosine to the text rows scaled to [0, 1]; all
+    ones without text or when every row scores the same."""
+    if t is None or t.shape[0] == 0:
+        return np.ones(u.shape[0])
+    r = (u @ normalized(t).T).mean(axis=1)
+    spread = r.max() - r.min()
+    return (r - r.min()) / spread if spread > 0 else np.ones(u.shape[0])
+
+
+CDPRUNER_FLOOR = 1e-4  # a d2 at or under this counts as 0 (ALGORITHM.md)
+
+
+def check_cdpruner(picks, v, t, keep, exact=False) -> None:
+    """CDPruner's greedy MAP inference, literally: the kernel L = diag(q) S diag(q) built whole."""
+    n = v.shape[0]
+    keep = resolve_keep(keep, n)
+    if _keeps_all(picks, n, keep):
+        return
+    uu, inverse, _ = _dedup(v)  # copies get bit-identical kernel values, so their ties stay exact
+    q = cdpruner_relevance(uu, t)[inverse]
+    kernel = q[:, None] * (uu @ uu.T)[np.ix_(inverse, inverse)] * q[None, :]
+
+    def steps():
+        allowed = np.ones(n, bool)
+        d2 = np.diag(kernel).copy()
+        columns = []
+        while True:
+            pick = yield np.where(d2 > CDPRUNER_FLOOR, d2, 0.0), allowed, False, 1.0
+            allowed[pick] = False
+            if d2[pick] > CDPRUNER_FLOOR:
+                e = (kernel[pick] - sum(c[pick] * c for c in columns)) / math.sqrt(d2[pick])
+                columns.append(e)
+                d2 = d2 - e**2
+
+    _finish(picks, steps, "cdpruner", exact)
+
+
 def uniform(n: int, keep: int) -> list[int]:
     if keep >= n:
         return list(range(n))

@@ -153,7 +153,7 @@ def test_every_method_against_the_reference_and_the_x86_module(build):
                     assert np.array_equal(picks, expected), (n, d, m, method, keep)
 
 
-@pytest.mark.parametrize("method", ["trimtokenator", "divprune"])
+@pytest.mark.parametrize("method", ["trimtokenator", "divprune", "cdpruner"])
 def test_several_threads(build, method):
     """TRIMCPP_NUM_THREADS=3 on rows enough for three threads: the barrier and the per-thread sums."""
     v, t = embeddings(211, 4096, 40)
@@ -195,7 +195,7 @@ def test_a_team_that_waits_too_long_leaves_the_caller_alone(build, method):
         spinner.wait()
 
 
-@pytest.mark.parametrize("method", ["trimtokenator", "align", "divprune"])
+@pytest.mark.parametrize("method", ["trimtokenator", "align", "divprune", "cdpruner"])
 def test_duplicate_rows_ties_go_to_the_lower_index(quick_build, method):
     check_duplicate_ties(method, lambda v, t, keep: run(quick_build, v, t, keep, method))
 

@@ -74,7 +74,7 @@ def test_float64_overflowing_float32_is_reported():
         trimcpp.prune(v, T, 8)
 
 
-@pytest.mark.parametrize("method", ["trimtokenator", "align", "divprune"])
+@pytest.mark.parametrize("method", ["trimtokenator", "align", "divprune", "cdpruner"])
 def test_huge_finite_values_are_an_error_not_a_crash(method):
     v = V.copy()
     v[2] = 1e30  # finite, but its squared norm overflows float32

@@ -398,10 +398,117 @@ def test_cluttered_scenes(tmp_path):
         assert min(kinds.count(k) for k in set(kinds)) <= 1 < max(kinds.count(k) for k in set(kinds))
         background = np.asarray(image)[scenes.patch_labels(figures).reshape(16, 16).repeat(14, 0).repeat(14, 1) == 0]
         assert len(np.unique(background, axis=0)) > 1000  # textured and strewn with marks, not flat
-    with pytest.raises(ValueError, match="style must be one of plain, cluttered"):
+    with pytest.raises(ValueError, match="style must be one of plain, cluttered, crowded"):
         scenes.scene(np.random.default_rng(0), style="busy")
 
     folder = scenes.write_split(tmp_path / "c", SEEDS["test"], 2, MINI.image_size, per_image=2, style="cluttered")
     assert json.loads((folder / "split.json").read_text())["style"] == "cluttered"
     result = coverage(BUNDLED["model"].parent, folder, ("trimtokenator+cosine",), (256,))
     assert result["trimtokenator+cosine 256"]["evidence_kept"] == 1.0
+
+
+def test_crowded_scenes(tmp_path):
+    """24-40 figures of one size, each look 1-4 times; every question names its figures by colour
+    and kind, its answer follows from the drawing, and its evidence is those figures' patches."""
+    from trimcpp.quality.minivlm.stages import MINI, SEEDS
+
+    drawn = list(scenes.split(SEEDS["test"], 40, style="crowded"))
+    assert np.asarray(drawn[0][0]).tobytes() == np.asarray(next(scenes.split(SEEDS["test"], 1, style="crowded"))[0]).tobytes()
+    kinds = []
+    for _, figures, pairs in drawn:
+        looks = [(f.color, f.kind) for f in figures]
+        assert 24 <= len(figures) <= 40 and all(7 <= f.r <= 10 for f in figures)
+        assert max(looks.count(x) for x in looks) <= 4
+        assert min([f.kind for f in figures].count(k) for k in scenes.KINDS) >= 2  # no kind occurs once
+        labels = scenes.patch_labels(figures)
+        assert (labels > 0).sum() > 64  # more figure patches than 64 kept rows
+        for question, answer in pairs:
+            words = question.rstrip("?").split()
+            kinds.append(scenes.question_kind(question))
+            assert answer in ANSWER_WORDS[kinds[-1]] and kinds[-1] != "colour", question
+            if question.startswith("How many"):
+                named = (words[2], words[3][:-1])
+                assert scenes.NUMBERS.index(answer) == looks.count(named)
+            elif question.startswith("Is there"):
+                named = (words[3], words[4])
+                assert (answer == "yes") == (named in looks)
+            else:
+                named = (words[2], words[3])
+                [figure] = [f for f in figures if (f.color, f.kind) == named]
+                assert answer in (("left" if figure.x < 112 else "right"), ("top" if figure.y < 112 else "bottom"))
+            shown = scenes.evidence(question, labels)
+            assert shown.any() == (named in looks), question
+            colour_of, kind_of = (labels - 1) // 3, (labels - 1) % 3
+            assert (colour_of[shown] == list(scenes.COLORS).index(named[0])).all()
+            assert (kind_of[shown] == scenes.KINDS.index(named[1])).all()
+    assert set(kinds) == {"count", "exists", "side", "height"} and min(kinds.count(k) for k in set(kinds)) > 0.15 * len(kinds)
+
+    from trimcpp.quality.minivlm.__main__ import main as minivlm
+
+    minivlm(["split", "--data", str(tmp_path / "c"), "--images", "3", "--style", "crowded"])
+    assert json.loads((tmp_path / "c" / "split.json").read_text()) == {
+        "seed": SEEDS["test"], "images": 3, "size": MINI.image_size, "per_image": 2, "style": "crowded"}
+    assert [(q.question, q.answer) for q in load(tmp_path / "c")] == [
+        qa for _, _, pairs in scenes.split(SEEDS["test"], 3, per_image=2, style="crowded") for qa in pairs]
+
+
+def test_agreement_against_every_row(capsys, models, tmp_path):
+    """`trimcpp eval --agreement` on a dataset without answers: keep-all agrees with itself, a keep
+    >= the rows agrees fully, and each cell is the share of the handler's own replies that equal
+    keep-all's (counted here); the table names the share and the speed-up."""
+    llm, mmproj = models["llm"], models["1.5"]
+    folder = scenes.write_split(tmp_path / "data", seed=4, images=3, size=84, per_image=2)
+    records = json.loads((folder / "questions.json").read_text())
+    for r in records:
+        del r["answer"]
+    (folder / "questions.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="needs string fields image, question and answer"):
+        load(folder)
+    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=None, verbose=False)
+    threads = os.cpu_count()
+    llama = Llama(model_path=llm, chat_handler=handler, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                  verbose=False, seed=0)
+
+    def replies(method, keep):
+        handler.method, handler.keep = method, keep
+        return [(llama.create_chat_completion(messages=image_messages((folder / r["image"]).read_bytes(), r["question"]),
+                                              max_tokens=6, temperature=0.0)["choices"][0]["message"]["content"] or "").strip()
+                for r in records]
+
+    every = replies("none", None)
+    expected = {(m, k): np.mean([a == b for a, b in zip(replies(m, k), every)]) for m in ("uniform", "cdpruner")
+                for k in (36, 2)}
+    assert min(expected.values()) < 1.0  # 2 of 36 rows change some reply: the share can be wrong
+
+    code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(folder), "--methods", "uniform,cdpruner",
+                 "--keep", "36,2", "--agreement", "--max-tokens", "6", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["methods"] == ["none", "uniform", "cdpruner"]
+    cells = {(r["method"], r["keep"]): r for r in result["results"]}
+    assert cells[("none", None)]["agreement"] == 1.0 and cells[("none", None)]["accuracy"] is None
+    for config, share in expected.items():
+        assert cells[config]["agreement"] == pytest.approx(share), config
+        assert cells[config]["seconds"] > 0
+    code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(folder), "--methods", "cdpruner",
+                 "--keep", "2", "--agreement"])
+    out = capsys.readouterr().out
+    assert code == 0 and "accuracy" not in out and "the same as with every row" in out
+    row = next(line for line in out.splitlines() if line.startswith("cdpruner")).split()
+    assert row[1] == f"{100 * expected[('cdpruner', 2)]:.1f}%" and row[2].endswith("x")
+
+
+def test_agreement_reads_unlabelled_pope_and_mmbench(tmp_path):
+    (tmp_path / "a.png").write_bytes(_picture(1))
+    (tmp_path / "q.jsonl").write_text(json.dumps({"image": "a.png", "text": "Is there a cat?"}) + "\n")
+    with pytest.raises(ValueError, match="needs string fields"):
+        load(tmp_path / "q.jsonl")
+    [q] = load(tmp_path / "q.jsonl", answers=False)
+    assert q.question == "Is there a cat?" and q.answer is None
+    import base64
+
+    picture = base64.b64encode(_picture(2)).decode()
+    (tmp_path / "m.tsv").write_text("index\tquestion\tA\tB\timage\n0\tWhich?\tcat\tdog\t" + picture + "\n")
+    with pytest.raises(ValueError, match="no column answer"):
+        load(tmp_path / "m.tsv")
+    [q] = load(tmp_path / "m.tsv", answers=False)
+    assert q.answer is None and "A. cat" in q.question

@@ -11,7 +11,7 @@ import trimcpp
 from trimcpp.selection import pick_order
 
 import reference as ref
-from helpers import SCORED, check, check_duplicate_ties, embeddings
+from helpers import SCORED, check, check_duplicate_ties, embeddings, methods_on
 
 
 @pytest.mark.parametrize("n", [1, 2, 31, 577, 2880])
@@ -33,6 +33,32 @@ def test_divprune_grid(backend, n, d):
         check("divprune", pick_order(v, None, keep, method="divprune", backend=backend), v, None, keep)
 
 
+@pytest.mark.parametrize("n", [1, 2, 31, 577, 2880])
+@pytest.mark.parametrize("d", [1, 33, 4096])
+@pytest.mark.parametrize("m", [0, 1, 40])
+def test_cdpruner_grid(n, d, m):
+    v, t = embeddings(n, d, m)
+    for keep in (1, 64, 0.3, n):
+        check("cdpruner", pick_order(v, t, keep, method="cdpruner"), v, t, keep)
+
+
+def test_cdpruner_uses_the_question_and_the_gpus_refuse_it(monkeypatch):
+    v, t = embeddings(300, 64, 6)
+    _, other = embeddings(300, 64, 6, seed=1)
+    with_text = trimcpp.prune(v, t, 24, method="cdpruner")
+    assert list(with_text) != list(trimcpp.prune(v, other, 24, method="cdpruner"))
+    assert list(with_text) != list(trimcpp.prune(v, None, 24, method="cdpruner"))
+    args = (v, t, 24, trimcpp._core.Method.cdpruner, 0.8, 0)
+    for gpu in (trimcpp._core.Backend.cuda, trimcpp._core.Backend.metal):
+        with pytest.raises(ValueError, match="cdpruner runs on the CPU backend only"):
+            trimcpp._core.select(*args, gpu)
+    monkeypatch.setattr(trimcpp.selection, "check_backend", lambda func, backend: None)  # as if a GPU were here
+    with pytest.raises(ValueError, match="prune: method 'cdpruner' runs on the CPU backend only, not 'cuda'"):
+        trimcpp.prune(v, t, 24, method="cdpruner", backend="cuda")
+    monkeypatch.setattr(trimcpp.selection, "backend_for", lambda rows: "cuda" if rows else "cpu")
+    assert list(trimcpp.prune(v, t, 24, method="cdpruner")) == list(with_text)  # backend=None: the CPU
+
+
 @pytest.mark.parametrize("case", range(40))
 def test_random_cases_all_methods(backend, case):
     rng = np.random.default_rng(1000 + case)
@@ -41,7 +67,7 @@ def test_random_cases_all_methods(backend, case):
     keep = int(rng.integers(1, n + 3)) if case % 3 else float(rng.uniform(0.01, 1.0))
     ratio = float(rng.uniform(0.05, 1.0))
     seed = int(rng.integers(0, 2**63))
-    for method in trimcpp.selection.METHODS:
+    for method in methods_on(backend):
         picks = pick_order(v, t, keep, method=method, stage1_ratio=ratio, seed=seed, backend=backend)
         check(method, picks, v, t, keep, ratio, seed)
         result = trimcpp.prune(v, t, keep, method=method, stage1_ratio=ratio, seed=seed, backend=backend)
@@ -65,15 +91,19 @@ def test_tiny_stage1_ratio_is_pure_alignment(backend):
     assert list(a) == list(b)
 
 
-@pytest.mark.parametrize("method", SCORED)
+@pytest.mark.parametrize("method", [*SCORED, "cdpruner"])
 def test_duplicate_rows_ties_go_to_the_lower_index(backend, method):
+    if method not in methods_on(backend):
+        with pytest.raises(ValueError, match="CPU backend only"):
+            pick_order(*embeddings(40, 8, 2), 5, method=method, backend=backend)
+        return
     check_duplicate_ties(method, lambda v, t, keep: pick_order(v, t, keep, method=method, backend=backend))
 
 
 def test_all_identical_rows_keep_the_first_k(backend):
     v = np.tile(np.arange(1, 34, dtype=np.float32), (50, 1))
     t = np.ones((3, 33), np.float32)
-    for method in ("trimtokenator", "align", "divprune"):
+    for method in ("trimtokenator", "align", "divprune", "cdpruner")[: 4 if backend == "cpu" else 3]:
         assert list(trimcpp.prune(v, t, 7, method=method, backend=backend)) == list(range(7))
 
 
@@ -87,6 +117,12 @@ def test_checker_catches_a_wrong_pick():
     dp = pick_order(v, None, 30, method="divprune")
     with pytest.raises(ref.Mismatch):
         ref.check_divprune(np.roll(dp, 1), v, 30)
+    cd = pick_order(v, t, 30, method="cdpruner")
+    ref.check_cdpruner(cd, v, t, 30)
+    with pytest.raises(ref.Mismatch):
+        ref.check_cdpruner(np.roll(cd, 1), v, t, 30)
+    with pytest.raises(ref.Mismatch):  # the question matters to the reference too
+        ref.check_cdpruner(cd, v, None, 30, exact=True)
 
 
 def test_keep_semantics():

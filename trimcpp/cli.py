@@ -424,23 +424,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.images and not paths["data"].lower().endswith(".jsonl"):
         raise UsageError("--images goes with a .jsonl dataset")
     try:
-        questions = evaluate.load(paths["data"], args.images)[: args.limit]
+        questions = evaluate.load(paths["data"], args.images, answers=not args.agreement)[: args.limit]
     except ValueError as error:
         raise UsageError(str(error)) from None
     args.mmproj = paths["mmproj"]
     chat_format = _chat_format(args)
-    methods = list(dict.fromkeys(args.methods))
+    methods = list(dict.fromkeys((["none"] if args.agreement else []) + args.methods))
     quiet_logs(args.verbose)
     steps = len(questions) * sum(1 if m == "none" else len(args.keep) for m in methods)
     with tqdm(total=steps, desc="questions x (method, keep)", unit="req", leave=False) as bar:
         result = evaluate.run(paths["model"], paths["mmproj"], questions, methods, args.keep, chat_format=chat_format,
-                              n_ctx=args.n_ctx, threads=args.threads, encoder=encoder_options(args), on_step=bar.update)
+                              n_ctx=args.n_ctx, threads=args.threads, max_tokens=args.max_tokens,
+                              encoder=encoder_options(args), on_step=bar.update)
     result["data"] = paths["data"]
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"model   {paths['model']}\nmmproj  {paths['mmproj']}  ({chat_format})\ndata    {paths['data']}\n")
+        return 0
+    print(f"model   {paths['model']}\nmmproj  {paths['mmproj']}  ({chat_format})\ndata    {paths['data']}\n")
+    labelled = result["results"][0]["accuracy"] is not None
+    if labelled:
         print(evaluate.table(result))
+    if args.agreement:
+        print(("\n" if labelled else "") + evaluate.agreement_table(result))
     return 0
 
 
@@ -552,7 +557,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--no-caption", action="store_true", help="only the picture, at the image's own size")
     show.set_defaults(run=cmd_show)
 
-    evaluate = commands.add_parser("eval", help="accuracy of each method and budget on a dataset",
+    evaluate = commands.add_parser("eval", help="accuracy (or agreement with every row) of each method and budget",
                                    description="Accuracy of every (method, keep) pair on a dataset (a folder of "
                                                "pictures + questions.json, POPE-style JSONL or MMBench-style TSV), "
                                                "through the trimmed handler (greedy).")
@@ -566,6 +571,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--methods", type=parse_methods, default=list(METHODS[::-1]),
                           help="comma-separated (default: none,random,uniform,divprune,align,trimtokenator); a method "
                                "may add stage-1 variants: trimtokenator+cosine, trimtokenator+adaptive, align+cosine, ...")
+    evaluate.add_argument("--agreement", action="store_true",
+                          help="also (or, for a dataset without answers, only) the share of replies unchanged against "
+                               "every row (method none, added) and how much sooner the LLM answers: answers not needed")
+    evaluate.add_argument("--max-tokens", type=int, default=4,
+                          help="tokens per reply (default 4; --agreement compares whole replies: raise it for long ones)")
     evaluate.add_argument("--limit", type=int, help="only the first N questions")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON (with every answer)")
     common(evaluate, method=False)

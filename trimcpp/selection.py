@@ -13,7 +13,8 @@ from numpy.typing import ArrayLike
 from . import _core
 
 BACKENDS = ("cpu", "cuda", "metal")
-METHODS = ("trimtokenator", "align", "divprune", "uniform", "random", "none")
+METHODS = ("trimtokenator", "align", "divprune", "cdpruner", "uniform", "random", "none")
+CPU_ONLY = ("cdpruner",)  # methods the GPU backends do not run (backend=None runs them on the CPU)
 ALIGNMENTS = ("l2", "cosine")  # stage 1's score: the paper's L2, or (ours) the cosine (ALGORITHM.md)
 ADAPTIVE = "adaptive"  # stage1_ratio: K1 = round(sqrt(K N)) instead of a share of N (ours, ALGORITHM.md)
 
@@ -204,7 +205,10 @@ def pick_order(
     args = (v, t, k, getattr(_core.Method, method), 1.0 if adaptive else float(stage1_ratio), int(seed) % 2**64)
     variant = {"alignment": getattr(_core.Alignment, alignment),
                "stage1": _core.Stage1.adaptive if adaptive else _core.Stage1.ratio}
-    order = _run_on(func, backend, v.shape[0],
+    if method in CPU_ONLY and backend not in (None, "cpu"):
+        raise ValueError(f"{func}: method {method!r} runs on the CPU backend only, not {backend!r}")
+    rows = 0 if method in CPU_ONLY else v.shape[0]  # backend=None: the CPU for these
+    order = _run_on(func, backend, rows,
                     lambda name: _core_call(func, partial(_core.select, **variant), *args, getattr(_core.Backend, name)))
     return np.asarray(order, dtype=np.int64)
 
@@ -226,7 +230,8 @@ def prune(
         visual: N x D image embeddings after the projector, in decode order (any real dtype).
         text: M x D text-token embeddings of the question, or None (stage 1 is then skipped).
         keep: how many rows to keep (int >= 1; K >= N keeps all), or a share of N in (0, 1].
-        method: "trimtokenator" (default), "align", "divprune", "uniform", "random" or "none".
+        method: "trimtokenator" (default), "align", "divprune", "cdpruner" (a conditional DPP, CPU
+            backend only), "uniform", "random" or "none".
         stage1_ratio: share of N that survives the alignment stage, in (0, 1], or "adaptive":
             round(sqrt(K N)) rows (ours; ALGORITHM.md).
         alignment: stage 1's score: "l2" (the paper's) or "cosine" (ours; ALGORITHM.md).

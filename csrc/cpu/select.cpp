@@ -171,15 +171,16 @@ void retire(Region& r, int tid, int64_t position) {
   }
 }
 
-// The global pick of a step: every thread reduces the same slots to the same answer.
-Pick reduce_slots(const Region& r, int64_t step) {
+// The best of `threads` offers: every thread reduces the same slots to the same answer.
+Pick reduce_slots_of(const Pick* slots, int threads) {
   Pick best;
-  for (int tid = 0; tid < r.threads; ++tid) {
-    const Pick& s = r.slots[step & 1][tid];
-    if (better(s.value, s.index, best)) best = s;
-  }
+  for (int tid = 0; tid < threads; ++tid)
+    if (better(slots[tid].value, slots[tid].index, best)) best = slots[tid];
   return best;
 }
+
+// The global pick of a step.
+Pick reduce_slots(const Region& r, int64_t step) { return reduce_slots_of(r.slots[step & 1], r.threads); }
 
 // Share `tid`'s best candidate of a step; values are u^_j . w (trimtokenator) or the running max of
 // it (divprune).
@@ -418,7 +419,118 @@ void select_divprune(Region& r, int64_t k, int64_t* out) {
   if (r.bad_input) throw_bad_rows(p);
 }
 
+// cdpruner (ALGORITHM.md): greedy MAP inference of the DPP with kernel L_ij = q_i s_ij q_j. Thread
+// `tid` owns the rows of share `tid`: each step it computes the kernel row of the last pick against
+// its rows (one dot product each), updates their c columns and d2, and offers its best row; the
+// threads meet at a barrier once per step and reduce the offers to the same pick.
+struct Dpp {
+  const Problem& p;
+  const int64_t k;
+  const int threads;
+  const Kernels& kern = kernels();
+  Barrier barrier;
+  std::vector<float> inv;       // 1 / max(||v_i||, 1e-12)
+  std::vector<double> q;        // relevance in [0, 1]
+  std::vector<double> d2;       // squared residual of each row's kernel feature
+  std::vector<float> c;         // n x k: row i's c columns, one per pick that updated
+  std::vector<char> taken;
+  std::vector<float> text_mean; // mean of the unit text rows
+  double low[kMaxThreads], high[kMaxThreads];
+  Pick slots[2][kMaxThreads];
+  std::atomic<bool> bad_input{false};
+
+  Dpp(const Problem& problem, int64_t keep, int count)
+      : p(problem), k(keep), threads(count), barrier(count), inv(p.n), q(p.n), d2(p.n),
+        c(static_cast<size_t>(p.n * keep)), taken(p.n, 0) {}
+  const float* row(int64_t i) const { return p.v + i * p.d; }
+};
+
+constexpr double kSpanned = 1e-4;  // a d2 at or under this counts as 0
+
+void dpp_region(Dpp& r, int tid, int64_t* out) {
+  const Problem& p = r.p;
+  const auto [lo, hi] = share(p.n, tid, r.threads);
+  // Pass 1: norms, the raw relevance (mean cosine to the text rows) and its range in this share.
+  double low = std::numeric_limits<double>::infinity(), high = -low;
+  bool finite = true;
+  for (int64_t i = lo; i < hi; ++i) {
+    float sqnorm = 0, unused = 0;
+    r.kern.sqnorm_sqdist(r.row(i), nullptr, p.d, &sqnorm, &unused);
+    finite = finite && std::isfinite(sqnorm);
+    r.inv[i] = 1.0f / std::max(std::sqrt(sqnorm), 1e-12f);
+    const double inv = r.inv[i];
+    r.d2[i] = static_cast<double>(sqnorm) * inv * inv;  // s_ii: 1, or 0 for a zero row
+    if (p.m > 0) {
+      r.q[i] = r.kern.dot(r.row(i), r.text_mean.data(), p.d) * inv;
+      low = std::min(low, r.q[i]);
+      high = std::max(high, r.q[i]);
+    }
+  }
+  if (!finite) r.bad_input = true;
+  r.low[tid] = low;
+  r.high[tid] = high;
+  r.barrier.wait();
+  if (r.bad_input) return;
+  for (int t = 0; t < r.threads; ++t) {
+    low = std::min(low, r.low[t]);
+    high = std::max(high, r.high[t]);
+  }
+  const bool relevance = p.m > 0 && high > low;
+  for (int64_t i = lo; i < hi; ++i) {
+    r.q[i] = relevance ? (r.q[i] - low) / (high - low) : 1.0;
+    r.d2[i] *= r.q[i] * r.q[i];
+  }
+  int64_t columns = 0;  // c columns so far (picks with d2 above kSpanned)
+  for (int64_t step = 0;; ++step) {
+    Pick best;
+    for (int64_t i = lo; i < hi; ++i) {
+      if (r.taken[i]) continue;
+      const float g = r.d2[i] > kSpanned ? static_cast<float>(r.d2[i]) : 0.0f;
+      if (better(-g, i, best)) best = {-g, i, i};  // the largest g
+    }
+    r.slots[step & 1][tid] = best;
+    r.barrier.wait();
+    const Pick pick = reduce_slots_of(r.slots[step & 1], r.threads);
+    const int64_t j = pick.index;
+    if (tid == 0) out[step] = j;
+    if (j >= lo && j < hi) r.taken[j] = 1;  // only the owner reads it
+    if (step + 1 == r.k) return;
+    const double dj = r.d2[j];
+    if (dj <= kSpanned) continue;  // spanned: no update, the rest go by index
+    const double scale = 1.0 / std::sqrt(dj), qj = r.q[j] * r.inv[j];
+    const float* cj = r.c.data() + j * r.k;
+    for (int64_t i = lo; i < hi; ++i) {
+      if (r.taken[i]) continue;
+      float* ci = r.c.data() + i * r.k;
+      double known = 0;
+      for (int64_t t = 0; t < columns; ++t) known += static_cast<double>(ci[t]) * cj[t];
+      const double kernel = qj * r.q[i] * r.inv[i] * r.kern.dot(r.row(i), r.row(j), p.d);
+      const double e = (kernel - known) * scale;
+      ci[columns] = static_cast<float>(e);
+      r.d2[i] -= e * e;
+    }
+    ++columns;  // the next step's barrier orders these writes before any other thread reads them
+  }
+}
+
 }  // namespace
+
+void select_cdpruner(const Problem& p, int64_t k, int64_t* out) {
+  Dpp r(p, k, thread_count(p.n * p.d));
+  if (p.m > 0) {
+    std::vector<double> mean(static_cast<size_t>(p.d), 0.0);
+    for (int64_t j = 0; j < p.m; ++j) {
+      const float* t = p.t + j * p.d;
+      double sq = 0;
+      for (int64_t i = 0; i < p.d; ++i) sq += static_cast<double>(t[i]) * t[i];
+      const double scale = 1.0 / std::max(std::sqrt(sq), 1e-12) / static_cast<double>(p.m);
+      for (int64_t i = 0; i < p.d; ++i) mean[i] += t[i] * scale;
+    }
+    r.text_mean.assign(mean.begin(), mean.end());
+  }
+  run_parallel(r.threads, [&](int tid) { dpp_region(r, tid, out); });
+  if (r.bad_input) throw_bad_rows(p);
+}
 
 void alignment_scores(const Problem& p, float* out) {
   Region r(p, thread_count(p.n * p.d));

@@ -15,6 +15,10 @@ Three layouts (:func:`load`):
 
 Each question is asked through the trimmed handler with greedy decoding; the reply counts as right
 when its first word, lower-cased and without punctuation, is the answer (a yes/no, a word, a letter).
+
+Agreement (``trimcpp eval --agreement``) needs no answers: the share of replies that are the same as
+keep-all's (method ``none``, same model, same question), at each keep and method, and how much sooner
+the LLM answers. It is the quality figure a user can measure on their own model and pictures.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import os
 import re
 import string
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -48,7 +53,7 @@ BUNDLED = {"model": DATA / "minivlm" / "llm.gguf", "mmproj": DATA / "minivlm" / 
 class Question:
     image: Optional[Path]  # the picture's file (folder and JSONL datasets)
     question: str
-    answer: str  # normalised
+    answer: Optional[str]  # normalised; None for a dataset without answers (agreement only)
     data: Optional[bytes] = None  # the picture itself (TSV datasets)
 
     def picture(self) -> bytes:
@@ -56,20 +61,21 @@ class Question:
         return self.data if self.data is not None else self.image.read_bytes()  # type: ignore[union-attr]
 
 
-def load(source: os.PathLike | str, images: Optional[os.PathLike | str] = None) -> list[Question]:
+def load(source: os.PathLike | str, images: Optional[os.PathLike | str] = None, answers: bool = True) -> list[Question]:
     """The questions of a dataset: a folder with ``questions.json``, a POPE-style ``.jsonl`` (pictures
-    under `images`, default its folder) or an MMBench-style ``.tsv`` (ValueError naming the problem)."""
+    under `images`, default its folder) or an MMBench-style ``.tsv`` (ValueError naming the problem).
+    With ``answers=False`` a question may come without its answer (then None)."""
     path = Path(source)
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, answers)
     if path.suffix.lower() == ".jsonl":
-        return _load_jsonl(path, Path(images) if images is not None else path.parent)
+        return _load_jsonl(path, Path(images) if images is not None else path.parent, answers)
     if path.suffix.lower() == ".tsv":
-        return _load_tsv(path)
+        return _load_tsv(path, answers)
     raise ValueError(f"{path} is not a dataset: a folder with questions.json, a .jsonl (POPE) or a .tsv (MMBench)")
 
 
-def _load_folder(folder: Path) -> list[Question]:
+def _load_folder(folder: Path, answers: bool = True) -> list[Question]:
     index = folder / "questions.json"
     if not index.is_file():
         raise ValueError(f"{folder} has no questions.json (a list of {{image, question, answer}} records)")
@@ -81,16 +87,17 @@ def _load_folder(folder: Path) -> list[Question]:
         raise ValueError(f"{index} must hold a non-empty list of records")
     questions = []
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("image", "question", "answer")):
-            raise ValueError(f"{index}: record {i} needs string fields image, question and answer")
+        needed = ("image", "question", "answer") if answers or (isinstance(r, dict) and "answer" in r) else ("image", "question")
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in needed):
+            raise ValueError(f"{index}: record {i} needs string fields {', '.join(needed[:-1])} and {needed[-1]}")
         image = folder / r["image"]
         if not image.is_file():
             raise ValueError(f"{index}: record {i} names {r['image']!r}, which is not in {folder}")
-        questions.append(Question(image, r["question"], normalise(r["answer"])))
+        questions.append(Question(image, r["question"], normalise(r["answer"]) if "answer" in r else None))
     return questions
 
 
-def _load_jsonl(path: Path, images: Path) -> list[Question]:
+def _load_jsonl(path: Path, images: Path, answers: bool = True) -> list[Question]:
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
     questions = []
@@ -103,13 +110,15 @@ def _load_jsonl(path: Path, images: Path) -> list[Question]:
             raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
         fields = {"image": r.get("image"), "question": r.get("text", r.get("question")),
                   "answer": r.get("label", r.get("answer"))} if isinstance(r, dict) else {}
+        if fields and not answers and fields["answer"] is None:
+            fields["answer"] = ""
         if not fields or not all(isinstance(v, str) for v in fields.values()):
             raise ValueError(f"{path}, line {number}: needs string fields image, text (or question) and label "
                              "(or answer)")
         image = images / fields["image"]
         if not image.is_file():
             raise ValueError(f"{path}, line {number}: {fields['image']!r} is not in {images} (--images names the folder)")
-        questions.append(Question(image, fields["question"], normalise(fields["answer"])))
+        questions.append(Question(image, fields["question"], normalise(fields["answer"]) if fields["answer"] else None))
     if not questions:
         raise ValueError(f"{path} holds no questions")
     return questions
@@ -131,13 +140,14 @@ def mmbench_prompt(row: dict[str, str]) -> str:
     return prompt
 
 
-def _load_tsv(path: Path) -> list[Question]:
+def _load_tsv(path: Path, answers: bool = True) -> list[Question]:
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
     csv.field_size_limit(1 << 30)  # base64 pictures
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    missing = [c for c in ("index", "question", "answer", "image", "A") if not rows or c not in rows[0]]
+    columns = ("index", "question", "answer", "image", "A") if answers else ("index", "question", "image", "A")
+    missing = [c for c in columns if not rows or c not in rows[0]]
     if missing:
         raise ValueError(f"{path}: no rows, or no column {', '.join(missing)} (the MMBench / VLMEvalKit layout)")
     pictures = {row["index"]: row["image"] for row in rows}
@@ -154,9 +164,10 @@ def _load_tsv(path: Path) -> list[Question]:
                 image.verify()
         except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
             raise ValueError(f"{path}, line {number}: the image column is not a base64 picture") from None
-        if not _present(row["answer"]) or not _present(row.get(row["answer"].strip())):
-            raise ValueError(f"{path}, line {number}: answer {row['answer']!r} is not one of the row's options")
-        questions.append(Question(None, mmbench_prompt(row), normalise(row["answer"]), data=data))
+        answer = row.get("answer")
+        if (answers or _present(answer)) and (not _present(answer) or not _present(row.get(answer.strip()))):
+            raise ValueError(f"{path}, line {number}: answer {answer!r} is not one of the row's options")
+        questions.append(Question(None, mmbench_prompt(row), normalise(answer) if _present(answer) else None, data=data))
     return questions
 
 
@@ -183,47 +194,78 @@ def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequenc
         chat_format: str = "llava-1-5", n_ctx: int = 2048, threads: Optional[int] = None, max_tokens: int = 4,
         encoder: Optional[dict[str, Any]] = None, on_step: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     """Asks every question under every (method, keep); `none` runs once (it keeps every row). A method
-    may carry variants of stage 1 (:func:`method_spec`). `encoder`: the handler's encoder arguments."""
+    may carry variants of stage 1 (:func:`method_spec`). `encoder`: the handler's encoder arguments.
+
+    Per (method, keep): accuracy (None without answers), the replies, and ``seconds``, the mean time
+    of a call less its image encode (which pruning does not change; a picture is encoded once and
+    then found in the image cache); with `none` among the methods also ``agreement``, the share of
+    replies identical to keep-all's."""
     handler = HANDLERS[chat_format][1](clip_model_path=mmproj, verbose=False, **(encoder or {}))
     specs = {m: method_spec(m) for m in methods}
     llama = load_llama(model, handler, n_ctx=n_ctx, threads=threads, seed=0)
     configs = [(m, None) if m == "none" else (m, k) for m in methods for k in ([None] if m == "none" else keeps)]
     right = {c: 0 for c in configs}
     kept = {c: 0 for c in configs}
+    seconds = {c: 0.0 for c in configs}
+    answers: dict[tuple, list[str]] = {c: [] for c in configs}
     replies: dict[tuple, list[str]] = {c: [] for c in configs}
     for q in questions:
         messages = image_messages(q.picture(), q.question)
         for method, keep in configs:
             handler.method, handler.alignment, handler.stage1_ratio = specs[method]
             handler.keep = keep
+            began = time.perf_counter()
             reply = llama.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
-            answer = normalise(reply["choices"][0]["message"]["content"] or "")
-            replies[(method, keep)].append(answer)
-            right[(method, keep)] += answer == q.answer
+            seconds[(method, keep)] += time.perf_counter() - began - sum(s.encode_seconds for s in handler.last_selection)
+            text = (reply["choices"][0]["message"]["content"] or "").strip()
+            replies[(method, keep)].append(text)
+            answers[(method, keep)].append(normalise(text))
+            right[(method, keep)] += answers[(method, keep)][-1] == q.answer
             kept[(method, keep)] += sum(s.kept for s in handler.last_selection)
             if on_step:
                 on_step()
     n = len(questions)
-    base = right[("none", None)] / n if ("none", None) in right else None
-    results = [{"method": m, "keep": k, "accuracy": right[(m, k)] / n, "mean_kept": kept[(m, k)] / n,
-                "relative": None if not base else right[(m, k)] / n / base, "answers": replies[(m, k)]}
+    labelled = all(q.answer is not None for q in questions)
+    base = right[("none", None)] / n if labelled and ("none", None) in right else None
+    every = replies.get(("none", None))
+    results = [{"method": m, "keep": k, "accuracy": right[(m, k)] / n if labelled else None,
+                "mean_kept": kept[(m, k)] / n, "relative": right[(m, k)] / n / base if base else None,
+                "agreement": None if every is None else sum(a == b for a, b in zip(replies[(m, k)], every)) / n,
+                "seconds": seconds[(m, k)] / n, "answers": answers[(m, k)], "replies": replies[(m, k)]}
                for m, k in configs]
     return {"model": model, "mmproj": mmproj, "chat_format": chat_format, "questions": n, "keeps": list(keeps),
-            "methods": list(methods), "machine": machine(), "results": results}
+            "methods": list(methods), "max_tokens": max_tokens, "machine": machine(), "results": results}
 
 
-def table(result: dict[str, Any]) -> str:
-    """Accuracy (and relative to keep-all) per method and budget."""
+def _grid(result: dict[str, Any], cell: Callable[[dict[str, Any]], str], footer: str) -> str:
     keeps = result["keeps"]
     cells = {(r["method"], r["keep"]): r for r in result["results"]}
     width = max(14, *(len(m) + 2 for m in result["methods"]))
     lines = [f"{'method':<{width}}" + "".join(f"{'keep ' + str(k):>16}" for k in keeps)]
     for method in result["methods"]:
-        row = f"{method:<{width}}"
-        for keep in keeps:
-            r = cells[(method, None if method == "none" else keep)]
-            relative = "" if r["relative"] is None else f"({100 * r['relative']:.0f}%)"
-            row += f"{100 * r['accuracy']:>9.1f} {relative:>6}"
-        lines.append(row)
-    lines.append(f"{result['questions']} questions; accuracy in %, (relative to keeping every row, method none)")
+        lines.append(f"{method:<{width}}" + "".join(cell(cells[(method, None if method == 'none' else k)]) for k in keeps))
+    lines.append(footer)
     return "\n".join(lines)
+
+
+def table(result: dict[str, Any]) -> str:
+    """Accuracy (and relative to keep-all) per method and budget."""
+    def cell(r):
+        relative = "" if r["relative"] is None else f"({100 * r['relative']:.0f}%)"
+        return f"{100 * r['accuracy']:>9.1f} {relative:>6}"
+
+    relative = ", (relative to keeping every row, method none)" if "none" in result["methods"] else ""
+    return _grid(result, cell, f"{result['questions']} questions; accuracy in %{relative}")
+
+
+def agreement_table(result: dict[str, Any]) -> str:
+    """Per method and budget: the share of replies unchanged against keep-all, and how many times
+    sooner the LLM answered (keep-all's mean seconds per call over this one's, encodes left out)."""
+    every = next(r for r in result["results"] if r["method"] == "none")
+
+    def cell(r):
+        return f"{100 * r['agreement']:>8.1f}% {every['seconds'] / r['seconds']:>5.2f}x"
+
+    return _grid(result, cell, f"{result['questions']} questions; per cell: % of replies (greedy, up to "
+                               f"{result['max_tokens']} tokens) the same as with every row, then how many times "
+                               f"sooner the LLM answered (every row: {every['seconds']:.3f} s a call, encode left out)")

@@ -9,11 +9,14 @@ some small, at random places that do not overlap. Questions, each answered by on
 - side:    "Is the red circle on the left or right?"  (a unique colour + kind)   -> left / right
 - height:  "Is the red circle at the top or bottom?"                              -> top / bottom
 
-Two styles of scene (:data:`STYLES`): ``plain``, the figures on a flat background; ``cluttered``,
-where the question matters: 9-14 figures, most of them sharing the colour or the kind of the one a
-question names (one kind occurs only once, so that colour questions still have an answer), on a
-textured background strewn with small marks of every colour that are not figures. There spreading
-the kept rows out (diversity alone) spends them on marks and distractors.
+Three styles of scene (:data:`STYLES`): ``plain``, the figures on a flat background; ``cluttered``:
+9-14 figures, most of them sharing the colour or the kind of the one a question names (one kind
+occurs only once, so that colour questions still have an answer), on a textured background strewn
+with small marks of every colour that are not figures; ``crowded``: 24-40 figures of about one size
+(more than 16-32 kept rows can cover), each look (colour and kind) drawn 1-4 times, several looks
+sharing each colour and each kind, and every question names its figures by colour and kind
+("How many red circles are there?", "Is the blue square on the left or right?"), so only the rows of
+those figures answer it. No kind occurs once there, so crowded scenes have no colour questions.
 
 Everything follows from a seed, so train / validation / test splits come from disjoint seed
 ranges. :func:`write_split` writes a split as PNG files plus ``questions.json``, the format
@@ -37,7 +40,7 @@ KINDS = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three", "four")
 ANSWERS = (*COLORS, "yes", "no", *NUMBERS[1:], "left", "right", "top", "bottom")
 QUESTION_KINDS = ("colour", "exists", "count", "side", "height")
-STYLES = ("plain", "cluttered")
+STYLES = ("plain", "cluttered", "crowded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,8 @@ def scene(rng: np.random.Generator, size: int = 224, style: str = "plain") -> tu
     """A picture and the figures drawn on it (`style`: one of :data:`STYLES`)."""
     if style == "cluttered":
         return _cluttered(rng, size)
+    if style == "crowded":
+        return _crowded(rng, size)
     if style != "plain":
         raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     background = tuple(int(c) for c in rng.integers(90, 170, 3))  # flat: the test split's PNGs stay small
@@ -64,15 +69,16 @@ def scene(rng: np.random.Generator, size: int = 224, style: str = "plain") -> tu
     return image, figures
 
 
-def _place(rng: np.random.Generator, size: int, count: int, look) -> list[Figure]:
+def _place(rng: np.random.Generator, size: int, count: int, look, radius=None, gap: float = 4) -> list[Figure]:
     """`count` figures at random places that do not overlap (one that finds no place in 50 tries is
-    left out), each of the (kind, colour) that `look()` draws once it has its place."""
+    left out), each of the (kind, colour) that `look()` draws once it has its place; `radius()` draws
+    a size (default: small or large, 6-26 px) and `gap` is the least space between two figures."""
     figures: list[Figure] = []
     for _ in range(count):
         for _attempt in range(50):
-            r = float(rng.choice([rng.uniform(6, 11), rng.uniform(11, 26)]))
+            r = float(radius() if radius else rng.choice([rng.uniform(6, 11), rng.uniform(11, 26)]))
             x, y = rng.uniform(r + 2, size - r - 2, 2)
-            if all((x - s.x) ** 2 + (y - s.y) ** 2 > (r + s.r + 4) ** 2 for s in figures):
+            if all((x - s.x) ** 2 + (y - s.y) ** 2 > (r + s.r + gap) ** 2 for s in figures):
                 figures.append(Figure(*look(), float(x), float(y), r))
                 break
     return figures
@@ -110,6 +116,25 @@ def _cluttered(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[F
     return image, figures
 
 
+def _crowded(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[Figure]]:
+    """The ``crowded`` style: 24-40 figures of radius 7-10 px on a flat background, each look (colour
+    and kind) 1-4 times; the looks not drawn are the "no" answers."""
+    background = tuple(int(c) for c in rng.integers(90, 170, 3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    every = [(k, c) for c in COLORS for k in KINDS]
+    total, looks = int(rng.integers(24, 41)), []
+    for i in rng.permutation(len(every)):
+        if len(looks) >= total:
+            break
+        looks += [every[i]] * int(rng.integers(1, 5))
+    looks = [looks[i] for i in rng.permutation(len(looks))][:total]
+    figures = _place(rng, size, len(looks), iter(looks).__next__, radius=lambda: rng.uniform(7, 10), gap=3)
+    for s in figures:
+        _draw(draw, s, COLORS[s.color])
+    return image, figures
+
+
 def _draw(draw: ImageDraw.ImageDraw, s: Figure, fill) -> None:
     box = [s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r]
     if s.kind == "circle":
@@ -120,9 +145,11 @@ def _draw(draw: ImageDraw.ImageDraw, s: Figure, fill) -> None:
         draw.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=fill)
 
 
-def questions(rng: np.random.Generator, figures: list[Figure], size: int = 224, n: int = 8) -> list[tuple[str, str]]:
+def questions(rng: np.random.Generator, figures: list[Figure], size: int = 224, n: int = 8,
+              style: str = "plain") -> list[tuple[str, str]]:
     """Up to `n` distinct (question, answer) pairs about `figures`, taking the five kinds in turn
-    (in a random order) so that each kind is about equally frequent."""
+    (in a random order) so that each kind is about equally frequent. ``crowded``: counts of a colour
+    and kind ("How many red circles are there?") instead of a kind, and no colour questions."""
     kinds = [s.kind for s in figures]
     pairs = [(s.color, s.kind) for s in figures]
     unique = [s for s in figures if pairs.count((s.color, s.kind)) == 1]
@@ -137,6 +164,9 @@ def questions(rng: np.random.Generator, figures: list[Figure], size: int = 224, 
                    for s in unique if abs(s.y - size / 2) > s.r + 6],
         "exists": [(f"Is there a {c} {k}?", "yes" if (c, k) in present else "no") for c, k in present + absent],
     }
+    if style == "crowded":
+        del by_kind["colour"]
+        by_kind["count"] = [(f"How many {c} {k}s are there?", NUMBERS[pairs.count((c, k))]) for c, k in present]
     for name in by_kind:
         by_kind[name] = [by_kind[name][i] for i in rng.permutation(len(by_kind[name]))]
     yes = [qa for qa in by_kind["exists"] if qa[1] == "yes"]
@@ -182,6 +212,8 @@ def evidence(question: str, labels: np.ndarray) -> np.ndarray:
     words = question.rstrip("?").split()
     colours, shown = list(COLORS), labels > 0
     kind_of, colour_of = (labels - 1) % 3, (labels - 1) // 3
+    if question.startswith("How many") and words[2] in COLORS:  # crowded: "How many red circles are there"
+        return shown & (kind_of == KINDS.index(words[3][:-1])) & (colour_of == colours.index(words[2]))
     if question.startswith(("What color is the", "How many")):
         kind = words[-1] if words[0] == "What" else words[2][:-1]
         return shown & (kind_of == KINDS.index(kind))
@@ -196,11 +228,11 @@ Scene = tuple[Image.Image, list[Figure], list[tuple[str, str]]]  # picture, figu
 
 def split(seed: int, images: int, size: int = 224, per_image: int = 8, style: str = "plain") -> Iterator[Scene]:
     """`images` scenes (picture, figures, questions); scene i comes from seed (seed, i) (``cluttered``:
-    seed (seed, i, 1), so the two styles never share a random stream)."""
+    seed (seed, i, 1); ``crowded``: (seed, i, 2); so the styles never share a random stream)."""
     for i in range(images):
-        rng = np.random.default_rng([seed, i] if style == "plain" else [seed, i, 1])
+        rng = np.random.default_rng([seed, i] if style == "plain" else [seed, i, STYLES.index(style)])
         image, figures = scene(rng, size, style)
-        yield image, figures, questions(rng, figures, size, per_image)
+        yield image, figures, questions(rng, figures, size, per_image, style)
 
 
 def write_split(folder: os.PathLike | str, seed: int, images: int, size: int = 224, per_image: int = 3,

@@ -15,7 +15,7 @@ from .. import scenes
 from ..evaluate import BUNDLED
 from .stages import MINI, SEEDS, STAGES
 
-METHODS = ("random", "uniform", "divprune", "align", "align+cosine", "trimtokenator", "trimtokenator+cosine",
+METHODS = ("random", "uniform", "divprune", "cdpruner", "align", "align+cosine", "trimtokenator", "trimtokenator+cosine",
            "trimtokenator+adaptive", "trimtokenator+cosine+adaptive")
 KEEPS = (64, 32, 16)
 
@@ -66,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     split.add_argument("--data", type=Path, required=True)
     split.add_argument("--images", type=int, default=200, help="scenes in the split")
     split.add_argument("--style", choices=scenes.STYLES, default="plain",
-                       help="plain (the bundled split) or cluttered (where the question matters)")
+                       help="plain (the bundled split), cluttered or crowded (where the question should matter)")
     args = parser.parse_args(argv)
     if args.command == "split":
         scenes.write_split(args.data, SEEDS["test"], args.images, MINI.image_size, per_image=2, style=args.style)

@@ -1,6 +1,6 @@
 """The named training stages of the bundled mini VLM (``trimcpp/quality/data/minivlm``).
 
-The bundled pair was trained in five stages, each going on from the one before; rebuilding it
+The bundled pair was trained in stages, each going on from the one before; rebuilding it
 runs them in order (``python -P -m trimcpp.quality.minivlm rebuild``). Training is bound by wall
 time (the learning rate follows ``minutes``; ``steps`` stops a run early, as stages 3 and 4 were
 stopped by hand), so a rerun on another machine, or a busier one, gives a different model.
@@ -42,6 +42,18 @@ class Stage:
     position_boost: float = 0.0  # multiple of fixed 2-D position codes added to the encoder's first
     aux: float = 0.5  # weight of the encoder's patch classes and of the rows' readout
     cluttered: float = 0.0  # share of the training scenes in the cluttered style (scenes.STYLES)
+    crowded: float = 0.0  # share in the crowded style
+
+    def style(self, rng) -> str:
+        """The style of the next training scene (one draw of `rng` when the stage mixes styles)."""
+        if not (self.cluttered or self.crowded):
+            return "plain"
+        u = rng.random()
+        return "crowded" if u < self.crowded else "cluttered" if u < self.crowded + self.cluttered else "plain"
+
+    def styles(self) -> tuple[str, ...]:
+        """The styles the stage trains on, and validates on."""
+        return ("plain",) + (("cluttered",) if self.cluttered else ()) + (("crowded",) if self.crowded else ())
 
 
 STAGES = {
@@ -58,6 +70,8 @@ STAGES = {
                     attributes=0.0, position_boost=2.5),
     "stage5": Stage("stage5", "each attribute of a row also among its own words",
                     minutes=58, lr=1e-3, seed=5, start="stage4", from_checkpoint=True),
-    "stage6": Stage("stage6", "cluttered scenes in half the steps, where the question matters (the bundled pair)",
+    "stage6": Stage("stage6", "cluttered scenes in half the steps, where the question matters",
                     minutes=55, lr=5e-4, seed=6, start="stage5", cluttered=0.5),
+    "stage7": Stage("stage7", "crowded scenes in 40% of the steps, counts of a colour and kind",
+                    minutes=50, lr=5e-4, seed=7, start="stage6", crowded=0.4, cluttered=0.3),
 }
