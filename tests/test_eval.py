@@ -488,7 +488,7 @@ def test_agreement_against_every_row(capsys, models, tmp_path):
     assert cells[("none", None)]["agreement"] == 1.0 and cells[("none", None)]["accuracy"] is None
     for config, share in expected.items():
         assert cells[config]["agreement"] == pytest.approx(share), config
-        assert cells[config]["seconds"] > 0
+        assert cells[config]["seconds"] > 0 and cells[config]["mean_kept"] == min(config[1], 36)
     code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(folder), "--methods", "cdpruner",
                  "--keep", "2", "--agreement"])
     out = capsys.readouterr().out

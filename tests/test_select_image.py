@@ -27,7 +27,7 @@ def core_keep(keep) -> tuple[int, float]:
 
 @pytest.mark.parametrize("sizes", [[576], [144, 144, 144, 144, 144], [30, 7, 50], [5]])
 @pytest.mark.parametrize("keep", [64, 3, 1, 0.25, 1.0, None, 10_000])
-@pytest.mark.parametrize("method", ["trimtokenator", "divprune", "align", "uniform", "random"])
+@pytest.mark.parametrize("method", ["trimtokenator", "divprune", "cdpruner", "align", "uniform", "random"])
 @pytest.mark.parametrize("with_text", [True, False])
 def test_core_equals_the_handlers_composition(sizes, keep, method, with_text):
     chunks = image(len(sizes) * 7 + sum(sizes), sizes)
