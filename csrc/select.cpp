@@ -230,6 +230,8 @@ void alignment_scores(const Problem& p, Backend backend, float* out, Alignment a
 
 int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, uint64_t seed, Backend backend,
                int64_t* out, const Variant& variant) {
+  if (k < 1) throw InputError("keep must be >= 1");
+  if (method == Method::cdpruner && backend != Backend::cpu) throw InputError("cdpruner runs on the CPU backend only");
   if (p.m > 0 && !all_finite(p.t, p.m * p.d)) throw InputError("text contains NaN or inf");
   const bool scored = method == Method::trimtokenator || method == Method::align || method == Method::divprune ||
                       method == Method::cdpruner;
@@ -242,10 +244,7 @@ int64_t select(const Problem& p, Method method, int64_t k, double stage1_ratio, 
   switch (method) {
     case Method::uniform: select_uniform(p.n, k, out); break;
     case Method::random: select_random(p.n, k, seed, out); break;
-    case Method::cdpruner:
-      if (backend != Backend::cpu) throw InputError("cdpruner runs on the CPU backend only");
-      cpu::select_cdpruner(p, k, out);
-      break;
+    case Method::cdpruner: cpu::select_cdpruner(p, k, out); break;
     default: {
       const VariantInput in = variant_input(p, method, k, stage1_ratio, variant);
       select_scored(in.p, method, k, in.stage1_ratio, backend, out);

@@ -225,6 +225,10 @@ def check_divprune(picks, v, keep, exact=False) -> None:
     _finish(picks, steps, "divprune", exact)
 
 
+CDPRUNER_FLOOR = 1e-4  # a d2 at or under this counts as 0 (ALGORITHM.md)
+CDPRUNER_FLAT = 1e-6  # a relevance spread at or under this: every row equally relevant
+
+
 def cdpruner_relevance(u, t) -> np.ndarray:
     """q of ALGORITHM.md for the unit rows u: the mean cosine to the text rows scaled to [0, 1]; all
     ones without text or when every row scores the same."""
@@ -232,10 +236,9 @@ def cdpruner_relevance(u, t) -> np.ndarray:
         return np.ones(u.shape[0])
     r = (u @ normalized(t).T).mean(axis=1)
     spread = r.max() - r.min()
-    return (r - r.min()) / spread if spread > 0 else np.ones(u.shape[0])
+    return (r - r.min()) / spread if spread > CDPRUNER_FLAT else np.ones(u.shape[0])
 
 
-CDPRUNER_FLOOR = 1e-4  # a d2 at or under this counts as 0 (ALGORITHM.md)
 
 
 def check_cdpruner(picks, v, t, keep, exact=False) -> None:
@@ -247,6 +250,9 @@ def check_cdpruner(picks, v, t, keep, exact=False) -> None:
     uu, inverse, _ = _dedup(v)  # copies get bit-identical kernel values, so their ties stay exact
     q = cdpruner_relevance(uu, t)[inverse]
     kernel = q[:, None] * (uu @ uu.T)[np.ix_(inverse, inverse)] * q[None, :]
+    norms = np.linalg.norm(v.astype(np.float64), axis=1)
+    self_similarity = np.where(norms >= 1e-12, 1.0, norms**2 * 1e24)  # exactly 1 but for a (near) zero row
+    np.fill_diagonal(kernel, q**2 * self_similarity)
 
     def steps():
         allowed = np.ones(n, bool)

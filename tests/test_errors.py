@@ -67,6 +67,19 @@ def test_non_finite_values(method, where, bad, keep):
         trimcpp.prune(v, t, keep, method=method)
 
 
+@pytest.mark.parametrize("method", ["trimtokenator", "divprune", "cdpruner"])
+def test_bad_rows_seen_by_a_later_thread(method):
+    """Rows enough for several threads (300 x 4096): a bad row in the last thread's share."""
+    big = np.random.default_rng(3).standard_normal((300, 4096)).astype(np.float32)
+    text = np.random.default_rng(4).standard_normal((4, 4096)).astype(np.float32)
+    for value, words in ((np.nan, "contains NaN or inf"), (1e30, "has values too large")):
+        bad = big.copy()
+        bad[290] = value
+        with pytest.raises(ValueError, match=f"^prune: visual {words}"):
+            trimcpp.prune(bad, text, 16, method=method)
+    assert len(trimcpp.prune(big, text, 16, method=method)) == 16  # and the core goes on
+
+
 def test_float64_overflowing_float32_is_reported():
     v = V.astype(np.float64)
     v[1, 1] = 1e300

@@ -55,6 +55,12 @@ def test_cdpruner_uses_the_question_and_the_gpus_refuse_it(monkeypatch):
     monkeypatch.setattr(trimcpp.selection, "check_backend", lambda func, backend: None)  # as if a GPU were here
     with pytest.raises(ValueError, match="prune: method 'cdpruner' runs on the CPU backend only, not 'cuda'"):
         trimcpp.prune(v, t, 24, method="cdpruner", backend="cuda")
+    bad = v.copy()
+    bad[0] = np.nan  # the CPU-only check comes first, before anything reads the rows
+    with pytest.raises(ValueError, match="cdpruner runs on the CPU backend only"):
+        trimcpp._core.select(bad, t, 1000, trimcpp._core.Method.cdpruner, 0.8, 0, trimcpp._core.Backend.cuda)
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        trimcpp._core.select(v, t, 0, trimcpp._core.Method.cdpruner, 0.8, 0, trimcpp._core.Backend.cpu)
     monkeypatch.setattr(trimcpp.selection, "backend_for", lambda rows: "cuda" if rows else "cpu")
     assert list(trimcpp.prune(v, t, 24, method="cdpruner")) == list(with_text)  # backend=None: the CPU
 
@@ -103,7 +109,7 @@ def test_duplicate_rows_ties_go_to_the_lower_index(backend, method):
 def test_all_identical_rows_keep_the_first_k(backend):
     v = np.tile(np.arange(1, 34, dtype=np.float32), (50, 1))
     t = np.ones((3, 33), np.float32)
-    for method in ("trimtokenator", "align", "divprune", "cdpruner")[: 4 if backend == "cpu" else 3]:
+    for method in [m for m in ("trimtokenator", "align", "divprune", "cdpruner") if m in methods_on(backend)]:
         assert list(trimcpp.prune(v, t, 7, method=method, backend=backend)) == list(range(7))
 
 

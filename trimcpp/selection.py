@@ -164,6 +164,12 @@ def check_method(func: str, method: str, stage1_ratio: Stage1, alignment: str = 
         raise ValueError(f"{func}: stage1_ratio must be in (0, 1], got {stage1_ratio}")
 
 
+def check_cpu_only(func: str, method: str, backend: Optional[str]) -> None:
+    """Raises for a method the GPU backends do not run (:data:`CPU_ONLY`) on an explicit GPU backend."""
+    if method in CPU_ONLY and backend not in (None, "cpu"):
+        raise ValueError(f"{func}: method {method!r} runs on the CPU backend only, not {backend!r}")
+
+
 def stage1_from_text(value: Union[str, float]) -> Stage1:
     """A stage1_ratio as a flag or a setting gives it (text or a number): "adaptive" or a float; not
     range-checked (:func:`check_method` does that). ValueError for text that is neither."""
@@ -205,8 +211,7 @@ def pick_order(
     args = (v, t, k, getattr(_core.Method, method), 1.0 if adaptive else float(stage1_ratio), int(seed) % 2**64)
     variant = {"alignment": getattr(_core.Alignment, alignment),
                "stage1": _core.Stage1.adaptive if adaptive else _core.Stage1.ratio}
-    if method in CPU_ONLY and backend not in (None, "cpu"):
-        raise ValueError(f"{func}: method {method!r} runs on the CPU backend only, not {backend!r}")
+    check_cpu_only(func, method, backend)
     rows = 0 if method in CPU_ONLY else v.shape[0]  # backend=None: the CPU for these
     order = _run_on(func, backend, rows,
                     lambda name: _core_call(func, partial(_core.select, **variant), *args, getattr(_core.Backend, name)))

@@ -432,20 +432,22 @@ struct Dpp {
   std::vector<float> inv;       // 1 / max(||v_i||, 1e-12)
   std::vector<double> q;        // relevance in [0, 1]
   std::vector<double> d2;       // squared residual of each row's kernel feature
-  std::vector<float> c;         // n x k: row i's c columns, one per pick that updated
+  int64_t width;                // c columns a row has room for: min(k - 1, d), the kernel's rank at most
+  std::vector<double> c;        // n x width: row i's c columns, one per pick that updated
   std::vector<char> taken;
-  std::vector<float> text_mean; // mean of the unit text rows
+  std::vector<double> text_mean; // mean of the unit text rows
   double low[kMaxThreads], high[kMaxThreads];
   Pick slots[2][kMaxThreads];
   std::atomic<bool> bad_input{false};
 
   Dpp(const Problem& problem, int64_t keep, int count)
       : p(problem), k(keep), threads(count), barrier(count), inv(p.n), q(p.n), d2(p.n),
-        c(static_cast<size_t>(p.n * keep)), taken(p.n, 0) {}
+        width(std::min(keep - 1, problem.d)), c(static_cast<size_t>(p.n * width)), taken(p.n, 0) {}
   const float* row(int64_t i) const { return p.v + i * p.d; }
 };
 
 constexpr double kSpanned = 1e-4;  // a d2 at or under this counts as 0
+constexpr double kFlat = 1e-6;     // a relevance spread at or under this: every row equally relevant
 
 void dpp_region(Dpp& r, int tid, int64_t* out) {
   const Problem& p = r.p;
@@ -458,10 +460,15 @@ void dpp_region(Dpp& r, int tid, int64_t* out) {
     r.kern.sqnorm_sqdist(r.row(i), nullptr, p.d, &sqnorm, &unused);
     finite = finite && std::isfinite(sqnorm);
     r.inv[i] = 1.0f / std::max(std::sqrt(sqnorm), 1e-12f);
-    const double inv = r.inv[i];
-    r.d2[i] = static_cast<double>(sqnorm) * inv * inv;  // s_ii: 1, or 0 for a zero row
+    // The relevance in double: the scaling below divides its rounding by the spread of r.
+    double sq = 0, dot = 0;
+    const float* v = r.row(i);
+    for (int64_t a = 0; a < p.d; ++a) sq += static_cast<double>(v[a]) * v[a];
+    const double norm = std::sqrt(sq);
+    r.d2[i] = norm >= 1e-12 ? 1.0 : sq * 1e24;  // s_ii, exactly 1 for every row but a (near) zero one
     if (p.m > 0) {
-      r.q[i] = r.kern.dot(r.row(i), r.text_mean.data(), p.d) * inv;
+      for (int64_t a = 0; a < p.d; ++a) dot += v[a] * r.text_mean[a];
+      r.q[i] = dot / std::max(norm, 1e-12);
       low = std::min(low, r.q[i]);
       high = std::max(high, r.q[i]);
     }
@@ -475,7 +482,7 @@ void dpp_region(Dpp& r, int tid, int64_t* out) {
     low = std::min(low, r.low[t]);
     high = std::max(high, r.high[t]);
   }
-  const bool relevance = p.m > 0 && high > low;
+  const bool relevance = p.m > 0 && high - low > kFlat;
   for (int64_t i = lo; i < hi; ++i) {
     r.q[i] = relevance ? (r.q[i] - low) / (high - low) : 1.0;
     r.d2[i] *= r.q[i] * r.q[i];
@@ -496,17 +503,18 @@ void dpp_region(Dpp& r, int tid, int64_t* out) {
     if (j >= lo && j < hi) r.taken[j] = 1;  // only the owner reads it
     if (step + 1 == r.k) return;
     const double dj = r.d2[j];
-    if (dj <= kSpanned) continue;  // spanned: no update, the rest go by index
+    // Spanned (or, past the kernel's rank, as good as): no update, the rest go by index.
+    if (dj <= kSpanned || columns == r.width) continue;
     const double scale = 1.0 / std::sqrt(dj), qj = r.q[j] * r.inv[j];
-    const float* cj = r.c.data() + j * r.k;
+    const double* cj = r.c.data() + j * r.width;
     for (int64_t i = lo; i < hi; ++i) {
       if (r.taken[i]) continue;
-      float* ci = r.c.data() + i * r.k;
+      double* ci = r.c.data() + i * r.width;
       double known = 0;
-      for (int64_t t = 0; t < columns; ++t) known += static_cast<double>(ci[t]) * cj[t];
+      for (int64_t t = 0; t < columns; ++t) known += ci[t] * cj[t];
       const double kernel = qj * r.q[i] * r.inv[i] * r.kern.dot(r.row(i), r.row(j), p.d);
       const double e = (kernel - known) * scale;
-      ci[columns] = static_cast<float>(e);
+      ci[columns] = e;
       r.d2[i] -= e * e;
     }
     ++columns;  // the next step's barrier orders these writes before any other thread reads them

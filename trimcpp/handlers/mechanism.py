@@ -68,7 +68,7 @@ from ..llamacpp import (
     trim_kv,
     use_view,
 )
-from ..selection import Keep, Stage1, check_backend, check_keep, check_method, prune, resolve_keep, split_budget
+from ..selection import Keep, Stage1, check_backend, check_cpu_only, check_keep, check_method, prune, resolve_keep, split_budget
 from .attach import POLICIES, Attached, Decision, Prefill, PrefillStopped, Rates, continues, next_batch
 from .conversation import FOLLOW_UPS, ImageCache, KvRecord, Restart, Reuse
 from .decode import Aborted, attention, decode_rows, row_ids
@@ -217,6 +217,7 @@ class Trimming(StockHooks):
         self.keep = self.DEFAULT_KEEP if keep is _DEFAULT else keep
         check_method(owner, method, stage1_ratio, alignment)
         check_backend(owner, backend)
+        check_cpu_only(owner, method, backend)
         self.method = method
         self.stage1_ratio = stage1_ratio if isinstance(stage1_ratio, str) else float(stage1_ratio)
         self.alignment = alignment
