@@ -349,11 +349,13 @@ def test_eval_reads_jsonl_and_tsv(capsys, models, tmp_path):
 
 def test_method_specs():
     from trimcpp.quality.evaluate import method_spec
+    from trimcpp.selection import DEFAULT_ALIGNMENT, DEFAULT_STAGE1_RATIO
 
-    assert method_spec("trimtokenator") == ("trimtokenator", "l2", 0.8)
+    assert method_spec("trimtokenator") == ("trimtokenator", DEFAULT_ALIGNMENT, DEFAULT_STAGE1_RATIO)
+    assert method_spec("trimtokenator+l2") == ("trimtokenator", "l2", DEFAULT_STAGE1_RATIO)
     assert method_spec("trimtokenator+cosine+adaptive") == ("trimtokenator", "cosine", "adaptive")
     assert method_spec("align+cosine", 0.5) == ("align", "cosine", 0.5)
-    for bad in ("best", "trimtokenator+cosine+cosine", "divprune+bar", "+cosine"):
+    for bad in ("best", "trimtokenator+cosine+cosine", "divprune+bar", "+cosine", "trimtokenator+l2+cosine"):
         with pytest.raises(ValueError, match="unknown method"):
             method_spec(bad)
     with pytest.raises(SystemExit) as stop:

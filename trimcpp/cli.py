@@ -26,7 +26,7 @@ from PIL import Image
 
 from . import images
 from .images import image_messages
-from .selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, stage1_from_text
+from .selection import ADAPTIVE, ALIGNMENTS, DEFAULT_ALIGNMENT, DEFAULT_STAGE1_RATIO, METHODS, Keep, Stage1, stage1_from_text
 
 # Synthetic pairs per family (trimcpp.testing), with what writing them costs once.
 SHAPE_NOTES = {
@@ -539,10 +539,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--keep", type=parse_keep, default=argparse.SUPPRESS,
                          help="rows kept per image: a count, a share in (0, 1] or 'all' (default 64; LLaVA-1.6 "
                               "320; other families 1/9 of each image's rows)")
-        sub.add_argument("--stage1-ratio", type=parse_stage1, default=0.8,
-                         help="TrimTokenator's stage-1 share, or 'adaptive': round(sqrt(keep x rows)) rows (default 0.8)")
-        sub.add_argument("--alignment", choices=ALIGNMENTS, default="l2",
-                         help="stage 1's score: l2 (the paper's) or cosine (default l2)")
+        sub.add_argument("--stage1-ratio", type=parse_stage1, default=DEFAULT_STAGE1_RATIO,
+                         help=f"TrimTokenator's stage-1 share, or 'adaptive': round(sqrt(keep x rows)) rows "
+                              f"(default {DEFAULT_STAGE1_RATIO})")
+        sub.add_argument("--alignment", choices=ALIGNMENTS, default=DEFAULT_ALIGNMENT,
+                         help=f"stage 1's score: l2 (the paper's) or cosine (default {DEFAULT_ALIGNMENT})")
         common(sub)
     chat, show = commands.choices["chat"], commands.choices["show"]
     chat.add_argument("--attach-policy", choices=("auto", "full", "pruned"), default="auto",

@@ -17,6 +17,9 @@ METHODS = ("trimtokenator", "align", "divprune", "cdpruner", "uniform", "random"
 CPU_ONLY = ("cdpruner",)  # methods the GPU backends do not run (backend=None runs them on the CPU)
 ALIGNMENTS = ("l2", "cosine")  # stage 1's score: the paper's L2, or (ours) the cosine (ALGORITHM.md)
 ADAPTIVE = "adaptive"  # stage1_ratio: K1 = round(sqrt(K N)) instead of a share of N (ours, ALGORITHM.md)
+# TrimTokenator's stage 1 by default, everywhere a default exists (ALGORITHM.md says why).
+DEFAULT_ALIGNMENT = "l2"
+DEFAULT_STAGE1_RATIO: "Stage1" = 0.8
 
 Keep = Union[int, float]
 Stage1 = Union[float, str]
@@ -146,7 +149,7 @@ def diversity_weight(rows: int, sum_sqnorm: float) -> float:
     return float(_core.diversity_weight(int(rows), float(sum_sqnorm)))
 
 
-def check_method(func: str, method: str, stage1_ratio: Stage1, alignment: str = "l2") -> None:
+def check_method(func: str, method: str, stage1_ratio: Stage1, alignment: str = DEFAULT_ALIGNMENT) -> None:
     """Raises unless `method` and `alignment` are known and `stage1_ratio` is in (0, 1] or "adaptive"."""
     if not isinstance(method, str):
         raise TypeError(f"{func}: method must be a string, got {type(method).__name__}")
@@ -189,8 +192,8 @@ def pick_order(
     keep: Keep = 64,
     *,
     method: str = "trimtokenator",
-    stage1_ratio: Stage1 = 0.8,
-    alignment: str = "l2",
+    stage1_ratio: Stage1 = DEFAULT_STAGE1_RATIO,
+    alignment: str = DEFAULT_ALIGNMENT,
     seed: int = 0,
     backend: Optional[str] = None,
     _func: str = "pick_order",
@@ -224,8 +227,8 @@ def prune(
     keep: Keep = 64,
     *,
     method: str = "trimtokenator",
-    stage1_ratio: Stage1 = 0.8,
-    alignment: str = "l2",
+    stage1_ratio: Stage1 = DEFAULT_STAGE1_RATIO,
+    alignment: str = DEFAULT_ALIGNMENT,
     seed: int = 0,
     backend: Optional[str] = None,
 ) -> np.ndarray:

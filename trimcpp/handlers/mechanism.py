@@ -68,7 +68,19 @@ from ..llamacpp import (
     trim_kv,
     use_view,
 )
-from ..selection import Keep, Stage1, check_backend, check_cpu_only, check_keep, check_method, prune, resolve_keep, split_budget
+from ..selection import (
+    DEFAULT_ALIGNMENT,
+    DEFAULT_STAGE1_RATIO,
+    Keep,
+    Stage1,
+    check_backend,
+    check_cpu_only,
+    check_keep,
+    check_method,
+    prune,
+    resolve_keep,
+    split_budget,
+)
 from .attach import POLICIES, Attached, Decision, Prefill, PrefillStopped, Rates, continues, next_batch
 from .conversation import FOLLOW_UPS, ImageCache, KvRecord, Restart, Reuse
 from .decode import Aborted, attention, decode_rows, row_ids
@@ -163,7 +175,7 @@ def image_target(keep: KeepArg, method: str, rows: int, chunks: int) -> int:
 
 
 def select_image(chunks: list[np.ndarray], text: Optional[np.ndarray], keep: KeepArg, *, method: str,
-                 stage1_ratio: Stage1, alignment: str = "l2", backend: Optional[str] = None) -> list[np.ndarray]:
+                 stage1_ratio: Stage1, alignment: str = DEFAULT_ALIGNMENT, backend: Optional[str] = None) -> list[np.ndarray]:
     """Kept rows (ascending) per chunk of one image whose chunks' rows are `chunks` (LLaVA-1.6: the
     slices, then the overview): the image's target split over the chunks with split_budget, each chunk
     pruned with its budget. The patched llama.cpp tools do the same in C++ (csrc/image.cpp)."""
@@ -191,8 +203,8 @@ class Trimming(StockHooks):
         keep: KeepArg = _DEFAULT,
         *,
         method: str = "trimtokenator",
-        stage1_ratio: Stage1 = 0.8,
-        alignment: str = "l2",
+        stage1_ratio: Stage1 = DEFAULT_STAGE1_RATIO,
+        alignment: str = DEFAULT_ALIGNMENT,
         backend: Optional[str] = None,
         follow_ups: str = "keep-rows",
         image_cache_bytes: int = 256 << 20,

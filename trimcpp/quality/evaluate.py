@@ -42,7 +42,7 @@ from ..bench import machine
 from ..handlers import HANDLERS
 from ..images import image_messages
 from ..llamacpp import load_llama
-from ..selection import ADAPTIVE, METHODS, Stage1
+from ..selection import ADAPTIVE, DEFAULT_ALIGNMENT, DEFAULT_STAGE1_RATIO, METHODS, Stage1
 
 DATA = Path(__file__).parent / "data"
 BUNDLED = {"model": DATA / "minivlm" / "llm.gguf", "mmproj": DATA / "minivlm" / "mmproj.gguf",
@@ -171,17 +171,20 @@ def _load_tsv(path: Path, answers: bool = True) -> list[Question]:
     return questions
 
 
-MODIFIERS = ("cosine", "adaptive")  # a method spec's variants of stage 1: "trimtokenator+cosine+adaptive"
+MODIFIERS = ("l2", "cosine", "adaptive")  # a method spec's variants of stage 1: "trimtokenator+cosine+adaptive"
 
 
-def method_spec(spec: str, stage1_ratio: Stage1 = 0.8) -> tuple[str, str, Stage1]:
-    """(method, alignment, stage1_ratio) of a method spec: a method, then optionally ``+cosine``
-    (alignment) and ``+adaptive`` (stage-1 size); ValueError for anything else."""
+def method_spec(spec: str, stage1_ratio: Stage1 = DEFAULT_STAGE1_RATIO) -> tuple[str, str, Stage1]:
+    """(method, alignment, stage1_ratio) of a method spec: a method, then optionally ``+l2`` or
+    ``+cosine`` (alignment; else the default) and ``+adaptive`` (stage-1 size); ValueError for
+    anything else."""
     method, *modifiers = spec.split("+")
-    if method not in METHODS or any(m not in MODIFIERS for m in modifiers) or len(set(modifiers)) < len(modifiers):
-        raise ValueError(f"unknown method {spec!r}: a method ({', '.join(METHODS)}), then optionally "
-                         f"+{' and +'.join(MODIFIERS)}")
-    return method, "cosine" if "cosine" in modifiers else "l2", ADAPTIVE if "adaptive" in modifiers else stage1_ratio
+    if (method not in METHODS or any(m not in MODIFIERS for m in modifiers) or len(set(modifiers)) < len(modifiers)
+            or {"l2", "cosine"} <= set(modifiers)):
+        raise ValueError(f"unknown method {spec!r}: a method ({', '.join(METHODS)}), then optionally +l2 or "
+                         "+cosine and +adaptive")
+    alignment = next((m for m in modifiers if m in ("l2", "cosine")), DEFAULT_ALIGNMENT)
+    return method, alignment, ADAPTIVE if "adaptive" in modifiers else stage1_ratio
 
 
 def normalise(reply: str) -> str:

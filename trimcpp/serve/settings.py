@@ -17,7 +17,17 @@ from ..handlers import HANDLERS
 from ..handlers.attach import POLICIES
 from ..handlers.conversation import FOLLOW_UPS
 from ..handlers.encoder import MOST
-from ..selection import ADAPTIVE, ALIGNMENTS, METHODS, Keep, Stage1, check_method, stage1_from_text
+from ..selection import (
+    ADAPTIVE,
+    ALIGNMENTS,
+    DEFAULT_ALIGNMENT,
+    DEFAULT_STAGE1_RATIO,
+    METHODS,
+    Keep,
+    Stage1,
+    check_method,
+    stage1_from_text,
+)
 
 TRIM_PREFIX = "trim-"
 
@@ -73,8 +83,9 @@ class TrimModelSettings(ModelSettings):
                     "(default: 64 for LLaVA-1.5, 320 for LLaVA-1.6, 1/9 of each image's rows otherwise)",
     )
     method: str = Field(default="trimtokenator", description=f"trim-* formats: selection method, one of {', '.join(METHODS)}")
-    stage1_ratio: Stage1Setting = Field(default=0.8, description=f"trim-* formats: {STAGE1_HELP}")
-    alignment: str = Field(default="l2", description=f"trim-* formats: stage 1's score, one of {', '.join(ALIGNMENTS)}")
+    stage1_ratio: Stage1Setting = Field(default=DEFAULT_STAGE1_RATIO, description=f"trim-* formats: {STAGE1_HELP}")
+    alignment: str = Field(default=DEFAULT_ALIGNMENT,
+                           description=f"trim-* formats: stage 1's score, one of {', '.join(ALIGNMENTS)}")
     follow_ups: str = Field(default="keep-rows", description=f"trim-* formats: rows of images in earlier turns, "
                                                              f"one of {', '.join(FOLLOW_UPS)}")
     image_cache_bytes: int = Field(default=256 << 20, ge=0,
