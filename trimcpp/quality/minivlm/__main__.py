@@ -15,8 +15,8 @@ from .. import scenes
 from ..evaluate import BUNDLED
 from .stages import MINI, SEEDS, STAGES
 
-METHODS = ("random", "uniform", "divprune", "cdpruner", "align", "align+cosine", "trimtokenator", "trimtokenator+cosine",
-           "trimtokenator+adaptive", "trimtokenator+cosine+adaptive")
+METHODS = ("random", "uniform", "divprune", "cdpruner", "align+l2", "align+cosine", "trimtokenator+l2", "trimtokenator+cosine",
+           "trimtokenator+l2+adaptive", "trimtokenator+cosine+adaptive")
 KEEPS = (64, 32, 16)
 
 
