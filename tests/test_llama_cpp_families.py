@@ -161,7 +161,7 @@ def test_cli_variants_select_what_python_selects(tools, pairs, tmp_path, family)
     [want] = python(tools, pairs[family], [ask(image)], {"keep": 6, "alignment": "cosine", "stage1_ratio": "adaptive"})
     assert run["kept"] == want["indices"]
     assert run["answer"] == want["answer"]
-    paper = cli(tools, pairs[family], image, "--image-keep", "6")
+    paper = cli(tools, pairs[family], image, "--image-keep", "6", "--image-alignment", "l2", "--image-stage1-ratio", "0.8")
     assert paper["kept"] != run["kept"]  # the variant changes the rows here
 
 
