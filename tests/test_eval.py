@@ -141,7 +141,7 @@ def test_eval_scores_against_the_answer_key(capsys, models, tmp_path):
     llm, mmproj = models["llm"], models["1.5"]
     folder = scenes.write_split(tmp_path / "data", seed=4, images=4, size=84, per_image=2)
     records = json.loads((folder / "questions.json").read_text())
-    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=None, verbose=False)
+    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=None, verbose=False, reuse_kv=False)
     threads = os.cpu_count()  # as trimcpp eval
     llama = Llama(model_path=llm, chat_handler=handler, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                   verbose=False, seed=0)
@@ -314,7 +314,7 @@ def test_eval_reads_jsonl_and_tsv(capsys, models, tmp_path):
     llm, mmproj = models["llm"], models["1.5"]
     for i in range(2):
         (tmp_path / f"p{i}.png").write_bytes(_picture(i))
-    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=None, verbose=False)
+    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=None, verbose=False, reuse_kv=False)
     threads = os.cpu_count()
     llama = Llama(model_path=llm, chat_handler=handler, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                   verbose=False, seed=0)
@@ -376,7 +376,7 @@ def test_eval_runs_each_variant(capsys, models, tmp_path):
     got = {r["method"]: r["answers"] for r in result["results"]}
     for spec, options in (("align", {"method": "align"}), ("align+cosine", {"method": "align", "alignment": "cosine"}),
                           ("trimtokenator+adaptive", {"stage1_ratio": "adaptive"})):
-        handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=3, verbose=False, **options)
+        handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=3, verbose=False, reuse_kv=False, **options)
         llama = Llama(model_path=llm, chat_handler=handler, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                       verbose=False, seed=0)
         want = [normalise(llama.create_chat_completion(
@@ -466,7 +466,7 @@ def test_agreement_against_every_row(capsys, models, tmp_path):
     (folder / "questions.json").write_text(json.dumps(records))
     with pytest.raises(ValueError, match="needs string fields image, question and answer"):
         load(folder)
-    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=None, verbose=False)
+    handler = TrimLlava15ChatHandler(clip_model_path=mmproj, keep=None, verbose=False, reuse_kv=False)  # as eval
     threads = os.cpu_count()
     llama = Llama(model_path=llm, chat_handler=handler, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                   verbose=False, seed=0)
@@ -491,12 +491,24 @@ def test_agreement_against_every_row(capsys, models, tmp_path):
     for config, share in expected.items():
         assert cells[config]["agreement"] == pytest.approx(share), config
         assert cells[config]["seconds"] > 0 and cells[config]["mean_kept"] == min(config[1], 36)
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(folder), "--agreement", "--max-tokens", "0"])
+    capsys.readouterr()
     code = main(["eval", "--model", llm, "--mmproj", mmproj, "--data", str(folder), "--methods", "cdpruner",
                  "--keep", "2", "--agreement"])
     out = capsys.readouterr().out
     assert code == 0 and "accuracy" not in out and "the same as with every row" in out
     row = next(line for line in out.splitlines() if line.startswith("cdpruner")).split()
     assert row[1] == f"{100 * expected[('cdpruner', 2)]:.1f}%" and row[2].endswith("x")
+
+
+def test_the_bundled_split_is_the_plain_test_split():
+    """The scene generator still draws the bundled pictures' questions (the styles added since must not
+    have moved a random draw of the plain style)."""
+    from trimcpp.quality.minivlm.stages import SEEDS
+
+    assert [(q.question, q.answer) for q in load(BUNDLED["data"])] == [
+        qa for _, _, pairs in scenes.split(SEEDS["test"], 200, per_image=2) for qa in pairs]
 
 
 def test_agreement_reads_unlabelled_pope_and_mmbench(tmp_path):
@@ -506,6 +518,8 @@ def test_agreement_reads_unlabelled_pope_and_mmbench(tmp_path):
         load(tmp_path / "q.jsonl")
     [q] = load(tmp_path / "q.jsonl", answers=False)
     assert q.question == "Is there a cat?" and q.answer is None
+    (tmp_path / "e.jsonl").write_text(json.dumps({"image": "a.png", "text": "Is there a cat?", "label": ""}) + "\n")
+    assert load(tmp_path / "e.jsonl", answers=False)[0].answer == ""  # an empty answer is an answer
     import base64
 
     picture = base64.b64encode(_picture(2)).decode()

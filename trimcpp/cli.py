@@ -73,6 +73,16 @@ def parse_stage1(text: str) -> Stage1:
         raise argparse.ArgumentTypeError(f"expected a share in (0, 1] or {ADAPTIVE!r}, got {text!r}") from None
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_budgets(text: str) -> list[int]:
     try:
         budgets = [int(part) for part in text.split(",") if part.strip()]
@@ -513,8 +523,8 @@ def _parser() -> argparse.ArgumentParser:
                             "trimcpp[server])")
     bench.add_argument("--answer-tokens", type=int, default=16, help="with --turns or --server: tokens per answer "
                        "(default 16)")
-    bench.add_argument("--stage1-ratio", type=parse_stage1, default=0.8, help="with --turns: TrimTokenator's stage-1 share "
-                       "(default 0.8)")
+    bench.add_argument("--stage1-ratio", type=parse_stage1, default=DEFAULT_STAGE1_RATIO,
+                       help=f"with --turns: TrimTokenator's stage-1 share (default {DEFAULT_STAGE1_RATIO})")
     bench.add_argument("--attach-lead", type=parse_leads, metavar="SECONDS",
                        help="instead of the budgets table: the picture attached this many seconds before the question "
                             "(a comma list, e.g. 0,5,10,20,40), with each attach policy (pruned at the smallest --keep, "
@@ -559,8 +569,9 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(run=cmd_show)
 
     evaluate = commands.add_parser("eval", help="accuracy (or agreement with every row) of each method and budget",
-                                   description="Accuracy of every (method, keep) pair on a dataset (a folder of "
-                                               "pictures + questions.json, POPE-style JSONL or MMBench-style TSV), "
+                                   description="Accuracy of every (method, keep) pair, or its agreement with every row, on a "
+                                               "dataset (a folder of pictures + questions.json, POPE-style JSONL or "
+                                               "MMBench-style TSV), "
                                                "through the trimmed handler (greedy).")
     evaluate.add_argument("--model", help="LLM GGUF (default: the bundled mini VLM)")
     evaluate.add_argument("--mmproj", help="mmproj GGUF (default: the bundled mini VLM's)")
@@ -575,7 +586,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--agreement", action="store_true",
                           help="also (or, for a dataset without answers, only) the share of replies unchanged against "
                                "every row (method none, added) and how much sooner the LLM answers: answers not needed")
-    evaluate.add_argument("--max-tokens", type=int, default=4,
+    evaluate.add_argument("--max-tokens", type=positive_int, default=4,
                           help="tokens per reply (default 4; --agreement compares whole replies: raise it for long ones)")
     evaluate.add_argument("--limit", type=int, help="only the first N questions")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON (with every answer)")

@@ -258,7 +258,7 @@ def prune(
     return np.sort(order)
 
 
-def alignment_scores(visual: ArrayLike, text: ArrayLike, *, alignment: str = "l2",
+def alignment_scores(visual: ArrayLike, text: ArrayLike, *, alignment: str = DEFAULT_ALIGNMENT,
                      backend: Optional[str] = None) -> np.ndarray:
     """The stage-1 scores (float32, one per visual row): ``a_i = -(1/M) sum_j ||v_i - t_j||^2``, or for
     ``alignment="cosine"`` the same of the unit rows, ``2 (1/M) sum_j cos(v_i, t_j) - 2``.

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..handlers import HANDLERS
 from ..images import image_messages
 from ..llamacpp import load_llama, load_mmproj
+from ..selection import DEFAULT_STAGE1_RATIO, Stage1
 from . import machine
 
 QUESTIONS = ("What is in the image?", "What colour is the largest shape?", "How many shapes are there?",
@@ -42,8 +43,8 @@ def turn(llama: Any, messages: list[dict], answer_tokens: int) -> tuple[float, s
 
 
 def run(model: str, mmproj: str, image: bytes, turns: int, *, keep: int, chat_format: str = "llava-1-5",
-        method: str = "trimtokenator", stage1_ratio: float = 0.8, repeat: int = 3, answer_tokens: int = 16, n_ctx: int = 4096,
-        threads: Optional[int] = None, encoder: Optional[dict[str, Any]] = None,
+        method: str = "trimtokenator", stage1_ratio: Stage1 = DEFAULT_STAGE1_RATIO, repeat: int = 3,
+        answer_tokens: int = 16, n_ctx: int = 4096, threads: Optional[int] = None, encoder: Optional[dict[str, Any]] = None,
         on_step: Optional[Step] = None) -> dict[str, Any]:
     """Plays the conversation `repeat` times through the stock handler and the trimmed one in each
     follow-up mode (KV reuse and image cache on); returns the settings, the machine and, per handler,
@@ -102,7 +103,7 @@ def table(result: dict[str, Any]) -> str:
         label = "stock" if e["handler"] == "stock" else f"trimmed, {e['handler']}"
         lines.append(f"{label:<22}" + "".join(f"{s:>8.2f} s {x:>5.1f}x" for s, x in zip(e["ttft_s"], e["speedup"])))
     lines.append(f"time to first token, medians of {result['repeat']} rounds; speedup over stock at the same turn; "
-                 f"trimmed keep {result['keep']}, stage-1 share {result.get('stage1_ratio', 0.8)}")
+                 f"trimmed keep {result['keep']}, stage-1 share {result.get('stage1_ratio', DEFAULT_STAGE1_RATIO)}")
     return "\n".join(lines)
 
 

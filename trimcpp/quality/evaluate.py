@@ -87,13 +87,14 @@ def _load_folder(folder: Path, answers: bool = True) -> list[Question]:
         raise ValueError(f"{index} must hold a non-empty list of records")
     questions = []
     for i, r in enumerate(records):
-        needed = ("image", "question", "answer") if answers or (isinstance(r, dict) and "answer" in r) else ("image", "question")
+        unlabelled = not answers and isinstance(r, dict) and r.get("answer") is None
+        needed = ("image", "question") if unlabelled else ("image", "question", "answer")
         if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in needed):
             raise ValueError(f"{index}: record {i} needs string fields {', '.join(needed[:-1])} and {needed[-1]}")
         image = folder / r["image"]
         if not image.is_file():
             raise ValueError(f"{index}: record {i} names {r['image']!r}, which is not in {folder}")
-        questions.append(Question(image, r["question"], normalise(r["answer"]) if "answer" in r else None))
+        questions.append(Question(image, r["question"], None if unlabelled else normalise(r["answer"])))
     return questions
 
 
@@ -110,15 +111,14 @@ def _load_jsonl(path: Path, images: Path, answers: bool = True) -> list[Question
             raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
         fields = {"image": r.get("image"), "question": r.get("text", r.get("question")),
                   "answer": r.get("label", r.get("answer"))} if isinstance(r, dict) else {}
-        if fields and not answers and fields["answer"] is None:
-            fields["answer"] = ""
-        if not fields or not all(isinstance(v, str) for v in fields.values()):
+        missing = not answers and bool(fields) and fields["answer"] is None
+        if not fields or not all(isinstance(v, str) for k, v in fields.items() if not (missing and k == "answer")):
             raise ValueError(f"{path}, line {number}: needs string fields image, text (or question) and label "
                              "(or answer)")
         image = images / fields["image"]
         if not image.is_file():
             raise ValueError(f"{path}, line {number}: {fields['image']!r} is not in {images} (--images names the folder)")
-        questions.append(Question(image, fields["question"], normalise(fields["answer"]) if fields["answer"] else None))
+        questions.append(Question(image, fields["question"], None if missing else normalise(fields["answer"])))
     if not questions:
         raise ValueError(f"{path} holds no questions")
     return questions
@@ -200,12 +200,15 @@ def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequenc
     may carry variants of stage 1 (:func:`method_spec`). `encoder`: the handler's encoder arguments.
 
     Per (method, keep): accuracy (None without answers), the replies, and ``seconds``, the mean time
-    of a call less its image encode (which pruning does not change; a picture is encoded once and
-    then found in the image cache); with `none` among the methods also ``agreement``, the share of
-    replies identical to keep-all's."""
-    handler = HANDLERS[chat_format][1](clip_model_path=mmproj, verbose=False, **(encoder or {}))
+    to the first token less the image encode (which pruning does not change; a picture is encoded
+    once and then found in the image cache); with `none` among the methods also ``agreement``, the
+    share of replies identical to keep-all's. Every call prefills its whole prompt (no KV reuse
+    between calls, which would let a keep of every row skip the image), after one untimed call."""
+    handler = HANDLERS[chat_format][1](clip_model_path=mmproj, verbose=False, reuse_kv=False, **(encoder or {}))
     specs = {m: method_spec(m) for m in methods}
     llama = load_llama(model, handler, n_ctx=n_ctx, threads=threads, seed=0)
+    if questions:  # loads the mmproj and warms llama.cpp up
+        llama.create_chat_completion(messages=image_messages(questions[0].picture(), questions[0].question), max_tokens=1)
     configs = [(m, None) if m == "none" else (m, k) for m in methods for k in ([None] if m == "none" else keeps)]
     right = {c: 0 for c in configs}
     kept = {c: 0 for c in configs}
@@ -217,10 +220,13 @@ def run(model: str, mmproj: str, questions: Sequence[Question], methods: Sequenc
         for method, keep in configs:
             handler.method, handler.alignment, handler.stage1_ratio = specs[method]
             handler.keep = keep
-            began = time.perf_counter()
-            reply = llama.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
-            seconds[(method, keep)] += time.perf_counter() - began - sum(s.encode_seconds for s in handler.last_selection)
-            text = (reply["choices"][0]["message"]["content"] or "").strip()
+            began, first, parts = time.perf_counter(), None, []
+            for chunk in llama.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0,
+                                                      stream=True):
+                first = first or time.perf_counter()
+                parts.append(chunk["choices"][0]["delta"].get("content") or "")
+            seconds[(method, keep)] += first - began - sum(s.encode_seconds for s in handler.last_selection)
+            text = "".join(parts).strip()
             replies[(method, keep)].append(text)
             answers[(method, keep)].append(normalise(text))
             right[(method, keep)] += answers[(method, keep)][-1] == q.answer
@@ -263,7 +269,7 @@ def table(result: dict[str, Any]) -> str:
 
 def agreement_table(result: dict[str, Any]) -> str:
     """Per method and budget: the share of replies unchanged against keep-all, and how many times
-    sooner the LLM answered (keep-all's mean seconds per call over this one's, encodes left out)."""
+    sooner the first token came (keep-all's mean over this one's, image encodes left out)."""
     every = next(r for r in result["results"] if r["method"] == "none")
 
     def cell(r):
@@ -271,4 +277,4 @@ def agreement_table(result: dict[str, Any]) -> str:
 
     return _grid(result, cell, f"{result['questions']} questions; per cell: % of replies (greedy, up to "
                                f"{result['max_tokens']} tokens) the same as with every row, then how many times "
-                               f"sooner the LLM answered (every row: {every['seconds']:.3f} s a call, encode left out)")
+                               f"sooner the first token came (every row: {every['seconds']:.3f} s, encode left out)")

@@ -16,7 +16,7 @@ with small marks of every colour that are not figures; ``crowded``: 24-40 figure
 (more than 16-32 kept rows can cover), each look (colour and kind) drawn 1-4 times, several looks
 sharing each colour and each kind, and every question names its figures by colour and kind
 ("How many red circles are there?", "Is the blue square on the left or right?"), so only the rows of
-those figures answer it. No kind occurs once there, so crowded scenes have no colour questions.
+those figures answer it; crowded scenes have no colour questions (each kind is drawn many times).
 
 Everything follows from a seed, so train / validation / test splits come from disjoint seed
 ranges. :func:`write_split` writes a split as PNG files plus ``questions.json``, the format

@@ -72,6 +72,6 @@ STAGES = {
                     minutes=58, lr=1e-3, seed=5, start="stage4", from_checkpoint=True),
     "stage6": Stage("stage6", "cluttered scenes in half the steps, where the question matters",
                     minutes=55, lr=5e-4, seed=6, start="stage5", cluttered=0.5),
-    "stage7": Stage("stage7", "crowded scenes in 40% of the steps, counts of a colour and kind",
+    "stage7": Stage("stage7", "crowded scenes for 40% of the pictures, counts of a colour and kind",
                     minutes=50, lr=5e-4, seed=7, start="stage6", crowded=0.4, cluttered=0.3),
 }
