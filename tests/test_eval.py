@@ -511,6 +511,18 @@ def test_the_bundled_split_is_the_plain_test_split():
         qa for _, _, pairs in scenes.split(SEEDS["test"], 200, per_image=2) for qa in pairs]
 
 
+def test_agreement_on_the_bundled_model(capsys):
+    """The defaults (the bundled mini VLM and its test split, which has answers): accuracy and agreement;
+    keep-all agrees with itself; 256 of 256 rows is keep-all again; 2 rows change some replies."""
+    code = main(["eval", "--agreement", "--limit", "6", "--keep", "256,2", "--methods", "cdpruner", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    cells = {(r["method"], r["keep"]): r for r in result["results"]}
+    assert code == 0 and result["methods"] == ["none", "cdpruner"] and cells[("none", None)]["accuracy"] is not None
+    assert cells[("none", None)]["agreement"] == cells[("cdpruner", 256)]["agreement"] == 1.0
+    assert cells[("cdpruner", 256)]["replies"] == cells[("none", None)]["replies"]
+    assert cells[("cdpruner", 2)]["agreement"] < 1.0 and cells[("cdpruner", 2)]["mean_kept"] == 2
+
+
 def test_agreement_reads_unlabelled_pope_and_mmbench(tmp_path):
     (tmp_path / "a.png").write_bytes(_picture(1))
     (tmp_path / "q.jsonl").write_text(json.dumps({"image": "a.png", "text": "Is there a cat?"}) + "\n")
