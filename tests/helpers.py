@@ -9,7 +9,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from trimcpp.selection import CPU_ONLY, METHODS
+from trimcpp.selection import CPU_ONLY, DEFAULT_ALIGNMENT, METHODS
 
 import reference as ref
 
@@ -27,8 +27,9 @@ def embeddings(n: int, d: int, m: int, seed: int = 0):
     return v, t
 
 
-def check(method, picks, v, t, keep, stage1_ratio=0.8, seed=0, alignment="l2"):
-    """Asserts that `picks` (in pick order) are what ALGORITHM.md prescribes for `method` (reference.py)."""
+def check(method, picks, v, t, keep, stage1_ratio=0.8, seed=0, alignment=DEFAULT_ALIGNMENT):
+    """Asserts that `picks` (in pick order) are what ALGORITHM.md prescribes for `method` (reference.py).
+    `alignment`: the Python API's default; the core's own default (and the GPU plan's) is "l2"."""
     if method == "trimtokenator":
         ref.check_trimtokenator(picks, v, t, keep, stage1_ratio, alignment_kind=alignment)
     elif method == "align":
@@ -50,7 +51,7 @@ def methods_on(backend) -> list[str]:
     return [m for m in METHODS if backend in (None, "cpu") or m not in CPU_ONLY]
 
 
-def check_duplicate_ties(method, pick) -> None:
+def check_duplicate_ties(method, pick, alignment=DEFAULT_ALIGNMENT) -> None:
     """Distinct rows are far apart, so every tie is an exact tie between copies: pick(v, t, keep)
     (indices in pick order) must break it as the reference does (the lower index), step for step."""
     rng = np.random.default_rng(7)
@@ -60,9 +61,9 @@ def check_duplicate_ties(method, pick) -> None:
     for keep in (1, 5, 12, 20, 60):
         picks = pick(v, t, keep)
         if method == "trimtokenator":
-            ref.check_trimtokenator(picks, v, t, keep, exact=True)
+            ref.check_trimtokenator(picks, v, t, keep, exact=True, alignment_kind=alignment)
         elif method == "align":
-            ref.check_align(picks, v, t, keep, exact=True)
+            ref.check_align(picks, v, t, keep, exact=True, alignment_kind=alignment)
         elif method == "cdpruner":
             # Past the 12 distinct rows every d2 is under the floor: the rest go by index, exactly.
             ref.check_cdpruner(picks, v, t, keep, exact=True)

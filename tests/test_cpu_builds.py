@@ -147,9 +147,9 @@ def test_every_method_against_the_reference_and_the_x86_module(build):
             for keep in budgets:
                 seed = int(rng.integers(0, 2**62))
                 picks = run(build, v, t, keep, method, seed=seed)
-                check(method, picks, v, t, keep, 0.8, seed)
+                check(method, picks, v, t, keep, 0.8, seed, alignment="l2")
                 if name in ARM:
-                    expected = pick_order(v, t, keep, method=method, seed=seed, backend="cpu")
+                    expected = pick_order(v, t, keep, method=method, seed=seed, alignment="l2", backend="cpu")
                     assert np.array_equal(picks, expected), (n, d, m, method, keep)
 
 
@@ -159,9 +159,9 @@ def test_several_threads(build, method):
     v, t = embeddings(211, 4096, 40)
     for keep in (1, 64):
         picks = run(build, v, t, keep, method, threads=3)
-        check(method, picks, v, t, keep)
+        check(method, picks, v, t, keep, alignment="l2")
         if build[0] in ARM:
-            assert np.array_equal(picks, pick_order(v, t, keep, method=method, backend="cpu"))
+            assert np.array_equal(picks, pick_order(v, t, keep, method=method, alignment="l2", backend="cpu"))
 
 
 @pytest.mark.parametrize("method", ["trimtokenator", "align", "divprune"])
@@ -197,7 +197,7 @@ def test_a_team_that_waits_too_long_leaves_the_caller_alone(build, method):
 
 @pytest.mark.parametrize("method", ["trimtokenator", "align", "divprune", "cdpruner"])
 def test_duplicate_rows_ties_go_to_the_lower_index(quick_build, method):
-    check_duplicate_ties(method, lambda v, t, keep: run(quick_build, v, t, keep, method))
+    check_duplicate_ties(method, lambda v, t, keep: run(quick_build, v, t, keep, method), alignment="l2")
 
 
 def test_stage1_ratio_extremes(quick_build):
@@ -285,4 +285,4 @@ def test_csrc_builds_alone_as_the_library_llama_cpp_links(tmp_path):
     t = rng.normal(size=(3, 12)).astype(np.float32)
     text = f"40 12 {' '.join(map(repr, v.ravel().tolist()))} 3 {' '.join(map(repr, t.ravel().tolist()))}"
     out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True).stdout.split()
-    assert [int(i) for i in out] == list(trimcpp.prune(v, t, 8))
+    assert [int(i) for i in out] == list(trimcpp.prune(v, t, 8, alignment="l2"))  # the core's default Variant

@@ -64,7 +64,7 @@ CASES = [(n, d, m) for n in (2, 31, 577) for d in (1, 33, 4096) for m in (0, 1, 
 def test_text_methods(emulator, method, n, d, m):
     v, t = embeddings(n, d, m)
     for keep in sorted({1, min(64, n - 1), max(1, int(0.3 * n))}):
-        check(method, run(emulator, v, t, keep, method), v, t, keep)
+        check(method, run(emulator, v, t, keep, method), v, t, keep, alignment="l2")
 
 
 @pytest.mark.parametrize("n,d", [(2, 1), (31, 33), (577, 33), (200, 4096)])
@@ -84,13 +84,13 @@ def test_stage1_ratio(emulator, ratio):
 
 @pytest.mark.parametrize("method", SCORED)
 def test_duplicate_rows_ties_go_to_the_lower_index(emulator, method):
-    check_duplicate_ties(method, lambda v, t, keep: run(emulator, v, t, keep, method))
+    check_duplicate_ties(method, lambda v, t, keep: run(emulator, v, t, keep, method), alignment="l2")
 
 
 def test_alignment_scores_match_the_cpu_backend(emulator):
     v, t = embeddings(577, 4096, 40)
     got = run(emulator, v, t, scores=True)
-    np.testing.assert_allclose(got, trimcpp.alignment_scores(v, t), rtol=1e-5)
+    np.testing.assert_allclose(got, trimcpp.alignment_scores(v, t, alignment="l2"), rtol=1e-5)
     np.testing.assert_allclose(got, ref.alignment(v, t), rtol=1e-4)
 
 

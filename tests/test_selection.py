@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import trimcpp
-from trimcpp.selection import pick_order
+from trimcpp.selection import DEFAULT_ALIGNMENT, pick_order
 
 import reference as ref
 from helpers import SCORED, check, check_duplicate_ties, embeddings, methods_on
@@ -86,7 +86,7 @@ def test_stage1_ratio_extremes(backend, ratio):
     v, t = embeddings(577, 33, 40)
     for keep in (1, 64, 400):
         picks = pick_order(v, t, keep, stage1_ratio=ratio, backend=backend)
-        ref.check_trimtokenator(picks, v, t, keep, ratio)
+        ref.check_trimtokenator(picks, v, t, keep, ratio, alignment_kind=DEFAULT_ALIGNMENT)
 
 
 def test_tiny_stage1_ratio_is_pure_alignment(backend):
@@ -117,9 +117,9 @@ def test_checker_catches_a_wrong_pick():
     # The reference must be able to fail: a reversed greedy order is not a near-tie.
     v, t = embeddings(200, 64, 10)
     picks = pick_order(v, t, 30)
-    ref.check_trimtokenator(picks, v, t, 30)
+    ref.check_trimtokenator(picks, v, t, 30, alignment_kind=DEFAULT_ALIGNMENT)
     with pytest.raises(ref.Mismatch):
-        ref.check_trimtokenator(picks[::-1], v, t, 30)
+        ref.check_trimtokenator(picks[::-1], v, t, 30, alignment_kind=DEFAULT_ALIGNMENT)
     dp = pick_order(v, None, 30, method="divprune")
     with pytest.raises(ref.Mismatch):
         ref.check_divprune(np.roll(dp, 1), v, 30)
@@ -172,9 +172,12 @@ def test_non_contiguous_inputs():
 def test_alignment_scores_match_reference():
     for n, d, m in [(1, 1, 1), (31, 33, 40), (577, 4096, 40), (50, 7, 1)]:
         v, t = embeddings(n, d, m)
-        got = trimcpp.alignment_scores(v, t)
-        assert got.dtype == np.float32 and got.shape == (n,)
-        np.testing.assert_allclose(got, ref.alignment(v, t), rtol=1e-5)
+        for kind in ("l2", "cosine"):
+            got = trimcpp.alignment_scores(v, t, alignment=kind)
+            assert got.dtype == np.float32 and got.shape == (n,)
+            np.testing.assert_allclose(got, ref.alignment(v, t, kind), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(trimcpp.alignment_scores(v, t),
+                                      trimcpp.alignment_scores(v, t, alignment=DEFAULT_ALIGNMENT))
 
 
 def test_split_budget_matches_reference():
@@ -247,7 +250,7 @@ def test_variants_change_the_selection():
     v = (rng.standard_normal((256, 64)) + 0.3 * direction) * rng.uniform(0.2, 5.0, (256, 1))
     t = direction[None, :] + 0.1 * rng.standard_normal((4, 64))
     v, t = v.astype(np.float32), t.astype(np.float32)
-    l2 = trimcpp.alignment_scores(v, t)
+    l2 = trimcpp.alignment_scores(v, t, alignment="l2")
     cosine = trimcpp.alignment_scores(v, t, alignment="cosine")
     literal = ref.mean_cosine(v, t)
     np.testing.assert_allclose(cosine, 2 * literal - 2, atol=1e-5)

@@ -18,7 +18,7 @@ CPU_ONLY = ("cdpruner",)  # methods the GPU backends do not run (backend=None ru
 ALIGNMENTS = ("l2", "cosine")  # stage 1's score: the paper's L2, or (ours) the cosine (ALGORITHM.md)
 ADAPTIVE = "adaptive"  # stage1_ratio: K1 = round(sqrt(K N)) instead of a share of N (ours, ALGORITHM.md)
 # TrimTokenator's stage 1 by default, everywhere a default exists (ALGORITHM.md says why).
-DEFAULT_ALIGNMENT = "l2"
+DEFAULT_ALIGNMENT = "cosine"
 DEFAULT_STAGE1_RATIO: "Stage1" = 0.8
 
 Keep = Union[int, float]
