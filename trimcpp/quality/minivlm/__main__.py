@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from .. import scenes
 from ..evaluate import BUNDLED
-from .stages import MINI, SEEDS, STAGES
+from .stages import BUNDLED_STAGE, MINI, SEEDS, STAGES
 
 METHODS = ("random", "uniform", "divprune", "cdpruner", "align+l2", "align+cosine", "trimtokenator+l2", "trimtokenator+cosine",
            "trimtokenator+l2+adaptive", "trimtokenator+cosine+adaptive")
@@ -28,11 +28,14 @@ def _needs_torch(command: str) -> None:
 
 
 def rebuild(out: Path) -> None:
-    """Runs every stage in order, each into out/<stage>, each from the one before."""
+    """Runs the stages of the bundled pair in order (up to BUNDLED_STAGE), each into out/<stage>, each
+    from the one before."""
     _needs_torch("rebuild")
     from .train import train
 
-    for stage in STAGES.values():
+    names = list(STAGES)
+    for name in names[: names.index(BUNDLED_STAGE) + 1]:
+        stage = STAGES[name]
         train(stage, out / stage.name, start=None if stage.start is None else out / stage.start)
 
 
@@ -55,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train_.add_argument("--start", type=Path, help="the folder of the stage it goes on from (that stage's --out)")
     train_.add_argument("--out", type=Path, required=True, help="where the pair, minivlm.pt and training.json go")
     train_.add_argument("--steps", type=int, help="stop after this many steps (a smoke test; else the stage's own)")
-    rebuild_ = commands.add_parser("rebuild", help="every stage in order (about 4 hours on 2 cores)")
+    rebuild_ = commands.add_parser("rebuild", help="the bundled pair's stages in order (about 5 hours on 2 cores)")
     rebuild_.add_argument("--out", type=Path, required=True, help="one folder per stage is made here")
     for name, text in (("agree", "PyTorch's answers vs llama.cpp's on a split"),
                        ("coverage", "share of each question's evidence rows each method keeps")):
