@@ -25,6 +25,7 @@ import openai
 import pytest
 from PIL import Image
 
+from trimcpp.selection import DEFAULT_ALIGNMENT
 from trimcpp.serve import TrimLlamaProxy, TrimModelSettings
 from trimcpp.serve.app import TrimChatCompletionRequest, completion_kwargs
 from trimcpp.serve.process import launch
@@ -135,7 +136,7 @@ def test_answers_equal_the_python_handler(server, reference):
     assert got.choices[0].message.content == content and got.usage.prompt_tokens == prompt_tokens
 
     # The stage-1 variants per request (they pick other rows here, so the answer differs).
-    variant = {"stage1_ratio": "adaptive", "alignment": "cosine"}
+    variant = {"stage1_ratio": "adaptive", "alignment": "l2"}  # not the default (cosine, 0.8)
     content_v = reference(messages, keep=4, **variant)[0]
     assert content_v != content4
     got = client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0,
@@ -395,7 +396,8 @@ def test_settings_and_options():
             handler_keep(bad)
     settings = TrimModelSettings(model="m.gguf", clip_model_path="p.gguf", chat_format="trim-qwen2.5-vl", keep=0.25,
                                  reuse_kv=False)
-    assert settings.handler_options() == {"keep": 0.25, "method": "trimtokenator", "stage1_ratio": 0.8, "alignment": "l2",
+    assert settings.handler_options() == {"keep": 0.25, "method": "trimtokenator",
+                                          "stage1_ratio": 0.8, "alignment": DEFAULT_ALIGNMENT,
                                           "follow_ups": "keep-rows", "image_cache_bytes": 256 << 20, "reuse_kv": False,
                                           "encoder_flash_attn": "auto", "encoder_threads": None, "image_min_tokens": None,
                                           "image_max_tokens": None, "attach_policy": "auto"}
