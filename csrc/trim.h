@@ -20,7 +20,9 @@ enum class Alignment : int { l2 = 0, cosine = 1 };
 // K1 = round(sqrt(K N)), which adapts to the budget.
 enum class Stage1 : int { ratio = 0, adaptive = 1 };
 
-// The variant of stage 1 a selection uses; the default is the paper's.
+// The variant of stage 1 a selection uses. The core's own default is the paper's form; the product's
+// default (the cosine) is set by its callers: trimcpp.selection.DEFAULT_ALIGNMENT and the patched
+// tools' --image-alignment, which always pass a Variant.
 struct Variant {
   Alignment alignment = Alignment::l2;
   Stage1 stage1 = Stage1::ratio;

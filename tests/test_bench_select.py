@@ -23,7 +23,7 @@ def test_run_reports_every_case():
     assert sum(result["cases"][1]["budgets"]) == 320
     assert all(c["trimcpp_ms"] > 0 and c["numpy_ms"] > 0 for c in result["cases"])
     assert [row["rows"] for row in result["backends"]] == [576, 1152, 2880]
-    assert [row["method"] for row in result["methods"]] == ["trimtokenator", "trimtokenator+cosine", "align+cosine",
+    assert [row["method"] for row in result["methods"]] == ["trimtokenator+l2", "trimtokenator+cosine", "align+cosine",
                                                              "divprune", "cdpruner"]
     assert all(row["ms"] > 0 for row in result["methods"])
     assert all(row[f"{b}_ms"] > 0 for row in result["backends"] for b in available_backends())

@@ -454,6 +454,23 @@ def test_crowded_scenes(tmp_path):
         qa for _, _, pairs in scenes.split(SEEDS["test"], 3, per_image=2, style="crowded") for qa in pairs]
 
 
+def test_training_styles():
+    """Each stage's training scenes: stage 6 draws exactly as before crowded scenes existed (one draw,
+    cluttered below 0.5), stage 7 mixes all three, stages 1-5 draw nothing; rebuild stops at the
+    bundled stage."""
+    from trimcpp.quality.minivlm.stages import BUNDLED_STAGE, STAGES
+
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    six = [STAGES["stage6"].style(a) for _ in range(200)]
+    assert six == ["cluttered" if b.random() < 0.5 else "plain" for _ in range(200)]
+    seven = [STAGES["stage7"].style(a) for _ in range(2000)]
+    assert 0.35 < seven.count("crowded") / 2000 < 0.45 and 0.25 < seven.count("cluttered") / 2000 < 0.35
+    state = a.bit_generator.state
+    assert STAGES["stage1"].style(a) == "plain" and a.bit_generator.state == state
+    assert STAGES["stage7"].styles() == ("plain", "cluttered", "crowded") and STAGES["stage5"].styles() == ("plain",)
+    assert BUNDLED_STAGE == "stage6" and list(STAGES).index(BUNDLED_STAGE) == len(STAGES) - 2
+
+
 def test_agreement_against_every_row(capsys, models, tmp_path):
     """`trimcpp eval --agreement` on a dataset without answers: keep-all agrees with itself, a keep
     >= the rows agrees fully, and each cell is the share of the handler's own replies that equal

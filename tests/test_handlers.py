@@ -264,6 +264,16 @@ def test_bad_keep(models, keep, error):
     assert handler.keep == 64
 
 
+def test_cdpruner_is_refused_on_a_gpu_backend(models, monkeypatch):
+    import trimcpp.handlers.mechanism as mechanism
+
+    monkeypatch.setattr(mechanism, "check_backend", lambda owner, backend: None)  # as if a GPU were here
+    with pytest.raises(ValueError, match="TrimLlava15ChatHandler: method 'cdpruner' runs on the CPU backend only"):
+        TrimLlava15ChatHandler(clip_model_path=models["1.5"], method="cdpruner", backend="cuda", verbose=False)
+    handler = TrimLlava15ChatHandler(clip_model_path=models["1.5"], method="cdpruner", backend="cpu", verbose=False)
+    assert handler.method == "cdpruner"
+
+
 def test_bad_method_and_backend(models):
     with pytest.raises(ValueError, match="unknown method"):
         TrimLlava15ChatHandler(clip_model_path=models["1.5"], method="best", verbose=False)

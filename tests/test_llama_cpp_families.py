@@ -165,6 +165,15 @@ def test_cli_variants_select_what_python_selects(tools, pairs, tmp_path, family)
     assert paper["kept"] != run["kept"]  # the variant changes the rows here
 
 
+def test_cli_cdpruner_selects_what_python_selects(tools, pairs, tmp_path):
+    image = picture(tmp_path, *SIZE, seed=5)
+    run = cli(tools, pairs["qwen"], image, "--image-keep", "6", "--image-prune-method", "cdpruner")
+    assert run["code"] == 0, run["log"][-3000:]
+    [want] = python(tools, pairs["qwen"], [ask(image)], {"keep": 6, "method": "cdpruner"})
+    assert run["kept"] == want["indices"] and run["answer"] == want["answer"]
+    assert run["kept"] != cli(tools, pairs["qwen"], image, "--image-keep", "6")["kept"]  # not the default method's rows
+
+
 @pytest.mark.parametrize("flags, message", [(("--image-alignment", "manhattan"), "unknown alignment"),
                                             (("--image-stage1-ratio", "sometimes"), "--image-stage1-ratio"),
                                             (("--image-stage1-ratio", "1.5"), "--image-stage1-ratio")])

@@ -42,6 +42,23 @@ def test_cdpruner_grid(n, d, m):
         check("cdpruner", pick_order(v, t, keep, method="cdpruner"), v, t, keep)
 
 
+def test_the_default_stage1_is_the_cosine():
+    """The numbers chose it (RESULTS.md, Quality): every default of the Python side is it."""
+    import inspect
+
+    from trimcpp.cli import _parser
+    from trimcpp.handlers.mechanism import Trimming
+    from trimcpp.serve import TrimModelSettings
+
+    assert (trimcpp.selection.DEFAULT_ALIGNMENT, trimcpp.selection.DEFAULT_STAGE1_RATIO) == ("cosine", 0.8)
+    for func in (trimcpp.prune, pick_order, trimcpp.alignment_scores, Trimming.__init__):
+        assert inspect.signature(func).parameters["alignment"].default == "cosine", func
+    for command in ("chat", "show"):
+        args = _parser().parse_args([command, "--model", "m", "--mmproj", "p", "--image", "i", "q"])
+        assert (args.alignment, args.stage1_ratio) == ("cosine", 0.8)
+    assert TrimModelSettings.model_fields["alignment"].default == "cosine"
+
+
 def test_cdpruner_uses_the_question_and_the_gpus_refuse_it(monkeypatch):
     v, t = embeddings(300, 64, 6)
     _, other = embeddings(300, 64, 6, seed=1)

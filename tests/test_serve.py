@@ -25,7 +25,6 @@ import openai
 import pytest
 from PIL import Image
 
-from trimcpp.selection import DEFAULT_ALIGNMENT
 from trimcpp.serve import TrimLlamaProxy, TrimModelSettings
 from trimcpp.serve.app import TrimChatCompletionRequest, completion_kwargs
 from trimcpp.serve.process import launch
@@ -142,6 +141,13 @@ def test_answers_equal_the_python_handler(server, reference):
     got = client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0,
                                                  extra_body={"trimcpp": {"keep": 4, **variant}})
     assert got.choices[0].message.content == content_v
+
+    # cdpruner per request: the handler's rows and answer.
+    content_c, prompt_c, rows_c = reference(messages, keep=4, method="cdpruner")
+    got = client(server).chat.completions.create(model="trim", messages=messages, max_tokens=6, temperature=0,
+                                                 extra_body={"trimcpp": {"keep": 4, "method": "cdpruner"}})
+    assert (got.choices[0].message.content, got.usage.prompt_tokens) == (content_c, prompt_c)
+    assert images(got.model_extra["trimcpp"]) == rows_c == [{"kept": 4, "rows": ROWS}]
 
 
 def test_stock_model_beside_the_trimmed_one(server, reference):
@@ -397,7 +403,7 @@ def test_settings_and_options():
     settings = TrimModelSettings(model="m.gguf", clip_model_path="p.gguf", chat_format="trim-qwen2.5-vl", keep=0.25,
                                  reuse_kv=False)
     assert settings.handler_options() == {"keep": 0.25, "method": "trimtokenator",
-                                          "stage1_ratio": 0.8, "alignment": DEFAULT_ALIGNMENT,
+                                          "stage1_ratio": 0.8, "alignment": "cosine",  # the default
                                           "follow_ups": "keep-rows", "image_cache_bytes": 256 << 20, "reuse_kv": False,
                                           "encoder_flash_attn": "auto", "encoder_threads": None, "image_min_tokens": None,
                                           "image_max_tokens": None, "attach_policy": "auto"}

@@ -581,8 +581,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--keep", type=parse_budgets, default=[576, 192, 128, 64, 32],
                           help="rows kept per image (default 576,192,128,64,32)")
     evaluate.add_argument("--methods", type=parse_methods, default=list(METHODS[::-1]),
-                          help="comma-separated (default: none,random,uniform,divprune,align,trimtokenator); a method "
-                               "may add stage-1 variants: trimtokenator+cosine, trimtokenator+adaptive, align+cosine, ...")
+                          help=f"comma-separated (default: {','.join(METHODS[::-1])}); a method may add stage-1 "
+                               "variants: trimtokenator+l2 (the paper's), trimtokenator+adaptive, align+l2, ...")
     evaluate.add_argument("--agreement", action="store_true",
                           help="also (or, for a dataset without answers, only) the share of replies unchanged against "
                                "every row (method none, added) and how much sooner the LLM answers: answers not needed")
