@@ -17,12 +17,13 @@ METHODS = ("trimtokenator", "align", "divprune", "cdpruner", "uniform", "random"
 CPU_ONLY = ("cdpruner",)  # methods the GPU backends do not run (backend=None runs them on the CPU)
 ALIGNMENTS = ("l2", "cosine")  # stage 1's score: the paper's L2, or (ours) the cosine (ALGORITHM.md)
 ADAPTIVE = "adaptive"  # stage1_ratio: K1 = round(sqrt(K N)) instead of a share of N (ours, ALGORITHM.md)
-# TrimTokenator's stage 1 by default, everywhere a default exists (ALGORITHM.md says why).
-DEFAULT_ALIGNMENT = "cosine"
-DEFAULT_STAGE1_RATIO: "Stage1" = 0.8
 
 Keep = Union[int, float]
 Stage1 = Union[float, str]
+
+# TrimTokenator's stage 1 by default, everywhere a default exists (ALGORITHM.md says why).
+DEFAULT_ALIGNMENT = "cosine"
+DEFAULT_STAGE1_RATIO: Stage1 = 0.8
 
 # backend=None runs on a GPU from this many image rows up, on the CPU below. An estimate, not yet a
 # measurement (no GPU has run this code so far): under it the CPU selects in a few ms and a GPU

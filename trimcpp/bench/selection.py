@@ -118,10 +118,11 @@ def run(repeat: int = 50) -> dict:
          "budgets": split_budget(images, 320)}
     )
     results["backends"] = backend_sweep(max(5, repeat // 5))
-    specs = ["trimtokenator+l2", "trimtokenator+cosine", "align+cosine", "divprune", "cdpruner"]  # eval's specs
-    calls = [(spec.split("+")[0], spec.split("+")[1] if "+" in spec else "l2") for spec in specs]
-    ms = interleaved([lambda m=m, a=a: prune(v, t, 64, method=m, alignment=a, backend="cpu") for m, a in calls], repeat)
-    results["methods"] = [{"method": spec, "ms": x * 1e3} for spec, x in zip(specs, ms)]
+    calls = {"trimtokenator+l2": ("trimtokenator", "l2"), "trimtokenator+cosine": ("trimtokenator", "cosine"),
+             "align+cosine": ("align", "cosine"), "divprune": ("divprune", "l2"), "cdpruner": ("cdpruner", "l2")}
+    ms = interleaved([lambda m=m, a=a: prune(v, t, 64, method=m, alignment=a, backend="cpu") for m, a in calls.values()],
+                     repeat)
+    results["methods"] = [{"method": spec, "ms": x * 1e3} for spec, x in zip(calls, ms)]
     return results
 
 
