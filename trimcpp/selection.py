@@ -24,6 +24,7 @@ Stage1 = Union[float, str]
 # TrimTokenator's stage 1 by default, everywhere a default exists (ALGORITHM.md says why).
 DEFAULT_ALIGNMENT = "cosine"
 DEFAULT_STAGE1_RATIO: Stage1 = 0.8
+KEEP_SHARE = 1 / 9  # default share of an image's rows where the count varies: the paper's 64 of 576
 
 # backend=None runs on a GPU from this many image rows up, on the CPU below. An estimate, not yet a
 # measurement (no GPU has run this code so far): under it the CPU selects in a few ms and a GPU

@@ -87,7 +87,6 @@ from .decode import Aborted, attention, decode_rows, row_ids
 from .encoder import EncoderSettings, FlashAttn
 
 KeepArg = Optional[Keep]
-KEEP_SHARE = 1 / 9  # default share of an image's rows where the count varies: the paper's 64 of 576
 _DEFAULT: Any = object()  # keep not given: the handler's default (None means keep every row)
 
 
