@@ -264,6 +264,11 @@ def write_hf(folder, family: str = "llava", shape: str = "tiny", *, seed: int = 
     dtype = getattr(torch, size.dtype)
     with torch.device("cpu"):
         model = model_class(config).to(dtype)
+    if family == "gemma3":
+        # Gemma scales its (tied) token embeddings by sqrt(D): at this std the residual stream would be the
+        # last token's embedding, and every answer would repeat it. Smaller embeddings let the layers speak.
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(0.1)
     model.save_pretrained(folder)
     _rename(folder, RENAMES.get(family, ()))
     processor.save_pretrained(folder)

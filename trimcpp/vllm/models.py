@@ -22,7 +22,7 @@ for image runs (bidirectional on the GPU backends that have it) applies to the k
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ from vllm.multimodal.processing.processor import PromptUpdateDetails
 
 from ..selection import KEEP_SHARE, Keep, prune
 from .question import QuestionReader
-from .settings import PREFIX, Settings, model_defaults, resolve
+from .settings import PREFIX, Settings, model_defaults, resolve, shrink_runs
 
 PLAN, TEXT = "trim_plan", "trim_text"  # the per-image fields the processor adds (and the hash sees)
 
@@ -64,20 +64,6 @@ def _own(kwargs) -> tuple[dict, dict]:
     """(the trim_* entries, the rest) of processor kwargs."""
     own = {k: v for k, v in kwargs.items() if k.startswith(PREFIX)}
     return own, {k: v for k, v in kwargs.items() if not k.startswith(PREFIX)}
-
-
-def shrink_runs(ids: Sequence[int], token: int, rows: Callable[[int], int]) -> list[int]:
-    """`ids` with each run of `token` (n long) cut to rows(n)."""
-    out, run = [], 0
-    for i in list(ids) + [None]:
-        if i == token:
-            run += 1
-            continue
-        out += [token] * rows(run) if run else []
-        run = 0
-        if i is not None:
-            out.append(i)
-    return out
 
 
 class TrimProcessor:

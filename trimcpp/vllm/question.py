@@ -76,9 +76,14 @@ class QuestionReader:
         self.special = set(getattr(tokenizer, "all_special_ids", ()))
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         self.special |= {i for i, token in added.items() if getattr(token, "special", False)}
+        texts = {tokenizer.convert_ids_to_tokens(i) for i in self.special} | {image_token}
+        self.special_texts = sorted((t for t in texts if t), key=len, reverse=True)
 
     def ids(self, text: str) -> list[int]:
-        """`text` tokenised without special tokens (an image's placeholders are special)."""
+        """`text` without special tokens (an image's placeholders are special) and the white space around
+        them at its ends, tokenised."""
+        for token in self.special_texts:
+            text = text.replace(token, "")
         ids = self.tokenizer.encode(text.strip(), add_special_tokens=False)
         return [i for i in ids if i not in self.special]
 

