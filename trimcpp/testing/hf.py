@@ -59,9 +59,9 @@ def _byte_tokenizer(specials: list[str], template: str, *, bos: Optional[str], e
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from .families import _byte_chars
+    from .families import byte_chars
 
-    tokens = {ch: i for i, ch in enumerate(_byte_chars())}
+    tokens = {ch: i for i, ch in enumerate(byte_chars())}
     tokenizer = Tokenizer(models.BPE(vocab=tokens, merges=[], fuse_unk=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
-_MARKERS = ("\x1eTRIMCPP-USER-0\x1e", "\x1eTRIMCPP-ASSISTANT-0\x1e", "\x1eTRIMCPP-USER-1\x1e")
+_MARKERS = ("TRIMCPPxUSERx0", "TRIMCPPxASSISTANTx0", "TRIMCPPxUSERx1")  # no white space: templates trim
 
 
 def _common_prefix(a: str, b: str) -> str:
