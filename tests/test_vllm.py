@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import pickle
-import re
 import signal
 import socket
 import subprocess
@@ -68,14 +67,15 @@ def drive(env, tmp_path, job) -> dict:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def runs(request, checkpoints, vllm_home, tmp_path_factory):
-    """One family: the plugin (keep 0 = every row, then keep KEEP for Q1, Q2 and Q1 again, recorded),
+    """One family: the plugin (keep 0 = every row, then keep KEEP for Q1, Q2, Q1 again and Q2 about two
+    pictures, recorded),
     then stock vLLM (the same Q1; for the LLaVAs also the kept rows fed as image embeddings)."""
     family, model = request.param, str(checkpoints[request.param])
     tmp = tmp_path_factory.mktemp(f"runs-{family}")
     plugin = drive(vllm_home, tmp, {
         "model": model, "plugin": True, "overrides": {"trim_keep": KEEP}, "record": True,
         "requests": [{"question": Q1, "mm_processor_kwargs": {"trim_keep": 0}}, {"question": Q1}, {"question": Q2},
-                     {"question": Q1}]})
+                     {"question": Q1}, {"question": Q2, "image_seeds": [1, 2]}]})
     selections = [r for r in plugin["records"] if r["kind"] == "select"]
     stock_requests = [{"question": Q1}]
     if family.startswith("llava"):
@@ -120,7 +120,7 @@ def test_stage_one_text_is_the_question_and_its_rows_the_llms_embeddings(runs):
     tokenizer = AutoTokenizer.from_pretrained(runs["model"])
     weights = load_file(str(Path(runs["model"]) / "model.safetensors"))
     table = next(v for k, v in weights.items() if k.endswith("embed_tokens.weight"))
-    for record, question in zip(runs["selections"][1:], (Q1, Q2)):
+    for record, question in zip(runs["selections"][1:3], (Q1, Q2)):
         ids = tokenizer.encode(question, add_special_tokens=False)
         assert record["text_ids"] == ids
         scale = np.sqrt(table.shape[1]) if runs["family"] == "gemma3" else 1.0
@@ -128,8 +128,9 @@ def test_stage_one_text_is_the_question_and_its_rows_the_llms_embeddings(runs):
 
 
 def test_kept_indices_are_trimcpps_on_the_same_rows_and_question(runs):
-    for record in runs["selections"][1:]:
+    for record in runs["selections"][1:]:  # Q1, Q2 and the two pictures
         rows, run = record["rows"], (256 if runs["family"] == "gemma3" else record["rows"].shape[0])
+        assert len(np.unique(rows, axis=0)) == len(rows)  # distinct rows: a selection that means something
         expected = np.concatenate([start + trimcpp.prune(rows[start:start + run], record["text_rows"], min(KEEP, run))
                                    for start in range(0, rows.shape[0], run)])
         np.testing.assert_array_equal(record["keep"], expected)
@@ -139,13 +140,23 @@ def test_kept_indices_are_trimcpps_on_the_same_rows_and_question(runs):
 def test_two_questions_choose_their_own_rows_and_the_same_question_hits_the_caches(runs):
     """Q1, Q2, Q1: the encoder ran for Q1 and Q2 only; Q2 reused no block holding Q1's image rows; the
     repeated Q1 came from the prefix cache past its image, with Q1's answer."""
-    q1, q2, again = runs["plugin"]["requests"][1:]
-    assert len(runs["selections"]) == 3  # keep-all, Q1, Q2: the repeat selected nothing
+    q1, q2, again = runs["plugin"]["requests"][1:4]
+    assert len(runs["selections"]) == 5  # keep-all, Q1, Q2, two pictures: the repeat selected nothing
     assert not np.array_equal(runs["selections"][1]["keep"], runs["selections"][2]["keep"])
     first_image = q1["prompt_ids"].index(image_token_id(runs["model"]))
     assert q2["cached"] <= first_image
     assert again["cached"] > first_image + KEEP - 1
     assert again["output_ids"] == q1["output_ids"]
+
+
+def test_each_picture_of_a_request_gets_k_rows_and_the_question(runs):
+    from transformers import AutoTokenizer
+
+    two = runs["plugin"]["requests"][4]
+    assert two["prompt_ids"].count(image_token_id(runs["model"])) == 2 * KEEP
+    ids = AutoTokenizer.from_pretrained(runs["model"]).encode(Q2, add_special_tokens=False)
+    assert [r["text_ids"] for r in runs["selections"][3:]] == [ids, ids]
+    assert [len(r["keep"]) for r in runs["selections"][3:]] == [KEEP, KEEP]
 
 
 @pytest.mark.parametrize("runs", ["llava", "llava-next"], indirect=True)
@@ -285,4 +296,4 @@ def test_a_bad_model_keep_stops_vllm_serve_at_start_up_naming_it(checkpoints, vl
         assert process.wait(300) != 0
     finally:
         stop(process)
-    assert re.search(r"model config: trim_keep must be", log.read_text())
+    assert "model config: trim_keep must be a count" in log.read_text()

@@ -24,9 +24,10 @@ def test_the_models_settings_then_the_requests():
 
 @pytest.mark.parametrize("where, bad, named", [
     ("request", {"trim_keep": -1}, "mm_processor_kwargs: trim_keep"),
-    ("request", {"trim_keep": 1.5}, "share"),
+    ("request", {"trim_keep": 1.5}, r"trim_keep must be a count \(int >= 1\), a share in \(0, 1\], or 0 for every row; got 1.5"),
     ("request", {"trim_keep": "all"}, "trim_keep must be a count"),
     ("request", {"trim_keep": True}, "trim_keep must be a count"),
+    ("request", {"trim_keep": 2.5}, "trim_keep must be a count"),
     ("request", {"trim_keep": float("nan")}, "trim_keep"),
     ("request", {"trim_kep": 3}, "unknown setting 'trim_kep'"),
     ("request", {"trim_method": "best"}, "unknown method 'best'"),

@@ -153,7 +153,7 @@ def run(*, shape: str = "1b", keeps: Sequence[int] = (64,), rates: Sequence[floa
     the first-token times, the wall time and requests per minute."""
     model = checkpoint(shape)
     config = json.loads((model / "config.json").read_text())
-    common = ["--dtype", "float32", "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 1, "video": 0}',
+    common = ["--dtype", "auto", "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 1, "video": 0}',
               "--max-num-seqs", str(max(requests, 8))]
     servers = {"stock": ({"VLLM_PLUGINS": ""}, [])}
     servers.update({f"keep {k}": ({}, ["--hf-overrides", json.dumps({"trim_keep": k})]) for k in keeps})

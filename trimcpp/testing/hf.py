@@ -123,35 +123,23 @@ def _llava(folder: Path, shape: HFShape, next_: bool):
     return config, model, processor
 
 
-# Weight names transformers 5 writes that vLLM's loaders know under another prefix.
-RENAMES = {
-    "llava": (("vision_tower.", "vision_tower.vision_model."),),
-    "llava-next": (("vision_tower.", "vision_tower.vision_model."),),
-    "gemma3": (("vision_tower.", "vision_tower.vision_model."),),
-}
+# transformers 5 holds LLaVA's and Gemma 3's vision towers without the `vision_model` level that vLLM's
+# CLIP and SigLIP loaders expect (its save_pretrained writes yet other, legacy names).
+TOWER, TOWER_AS_VLLM_READS_IT = "model.vision_tower.", "model.vision_tower.vision_model."
 
 
-def _rename(folder: Path, renames) -> None:
-    """Rewrite the safetensors files of `folder` with each name's prefix replaced per `renames`."""
-    from safetensors.torch import load_file, save_file
+def _save(model, folder: Path) -> None:
+    """The config, and the weights under transformers 5's names (which vLLM's loaders map), the vision
+    tower's as vLLM reads them; a tied lm_head is left out."""
+    from safetensors.torch import save_file
 
-    def renamed(name: str) -> str:
-        for old, new in renames:
-            if name.startswith(old) and not name.startswith(new):
-                return new + name[len(old):]
-        return name
-
-    if not renames:
-        return
-    for path in folder.glob("*.safetensors"):
-        tensors = load_file(path)
-        save_file({renamed(k): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
-        del tensors
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {renamed(k): v for k, v in data["weight_map"].items()}
-        index.write_text(json.dumps(data, indent=2))
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tied = any(getattr(c, "tie_word_embeddings", False) for c in (model.config, model.config.get_text_config()))
+    tower = model.config.vision_config.model_type in ("clip_vision_model", "siglip_vision_model")
+    weights = {(TOWER_AS_VLLM_READS_IT + name[len(TOWER):] if tower and name.startswith(TOWER) else name): tensor.contiguous()
+               for name, tensor in model.state_dict().items() if not (tied and name == "lm_head.weight")}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 # Qwen2.5-VL's template (its default system prompt kept: the boilerplate stage 1 must skip).
@@ -259,18 +247,27 @@ def write_hf(folder, family: str = "llava", shape: str = "tiny", *, seed: int = 
         "gemma3": lambda: _gemma(size),
     }[family]()
     config.initializer_range = std
+    config.dtype = size.dtype  # what vLLM's --dtype auto loads
     config.get_text_config().initializer_range = std
     torch.manual_seed(seed)
     dtype = getattr(torch, size.dtype)
-    with torch.device("cpu"):
-        model = model_class(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: a 7B model in float32 would not fit in memory
+    try:
+        model = model_class(config)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():  # a matrix its init leaves at zero (Gemma 3's projector) would make every image row zero
+        for parameter in model.parameters():
+            if parameter.ndim >= 2 and not parameter.any():
+                parameter.normal_(0.0, std)
     if family == "gemma3":
         # Gemma scales its (tied) token embeddings by sqrt(D): at this std the residual stream would be the
         # last token's embedding, and every answer would repeat it. Smaller embeddings let the layers speak.
         with torch.no_grad():
             model.get_input_embeddings().weight.mul_(0.1)
-    model.save_pretrained(folder)
-    _rename(folder, RENAMES.get(family, ()))
+    _save(model, folder)
+    del model
     processor.save_pretrained(folder)
     (folder / "trimcpp-testing.json").write_text(json.dumps({"family": family, "shape": shape, "seed": seed}))
     return folder

@@ -55,18 +55,17 @@ class Settings:
 
 
 def _keep(value: Any, where: str) -> Optional[Keep]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}trim_keep must be a count (int >= 0, 0 = every row) or a share in (0, 1], got {value!r}")
+    bad = ValueError(f"{where}trim_keep must be a count (int >= 1), a share in (0, 1], or 0 for every row; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad
     if value == 0:
         return None
     if isinstance(value, float) and value > 1 and value.is_integer():
         value = int(value)  # JSON numbers such as 64.0
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where}trim_keep must be finite, got {value!r}")
     try:
         return check_keep("trim_keep", value)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}{error}; 0 keeps every row") from None
+    except (TypeError, ValueError):
+        raise bad from None
 
 
 def resolve(defaults: Mapping[str, Any], request: Mapping[str, Any], default_keep: Keep) -> Settings:
