@@ -10,6 +10,7 @@
 
 from llama_cpp import llama_chat_format as stock
 
+from ..selection import KEEP_SHARE
 from .encoder import EncoderSettings
 from .llava import (
     TrimLlama3VisionAlphaChatHandler,
@@ -20,7 +21,7 @@ from .llava import (
     TrimNanoLlavaChatHandler,
     TrimObsidianChatHandler,
 )
-from .mechanism import KEEP_SHARE, ImageSelection, Preloaded
+from .mechanism import ImageSelection, Preloaded
 from .mtmd import TrimGemma4ChatHandler, TrimMTMDChatHandler
 from .qwen import TrimQwen25VLChatHandler
 

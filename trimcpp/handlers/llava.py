@@ -15,7 +15,8 @@ from llama_cpp.llama_chat_format import (
     ObsidianChatHandler,
 )
 
-from .mechanism import KEEP_SHARE, Trimming
+from ..selection import KEEP_SHARE
+from .mechanism import Trimming
 
 
 class TrimLlava15ChatHandler(Trimming, Llava15ChatHandler):

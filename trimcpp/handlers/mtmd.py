@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from llama_cpp.llama_chat_format import Gemma4ChatHandler, MTMDChatHandler
 
-from .mechanism import KEEP_SHARE, Trimming
+from ..selection import KEEP_SHARE
+from .mechanism import Trimming
 
 
 class TrimMTMDChatHandler(Trimming, MTMDChatHandler):

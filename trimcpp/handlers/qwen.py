@@ -10,7 +10,8 @@ from typing import Any
 
 from llama_cpp.llama_chat_format import Llava15ChatHandler, Qwen25VLChatHandler
 
-from .mechanism import KEEP_SHARE, Trimming
+from ..selection import KEEP_SHARE
+from .mechanism import Trimming
 
 
 class TrimQwen25VLChatHandler(Trimming, Qwen25VLChatHandler):
