@@ -1,7 +1,8 @@
 """Stock vLLM against vLLM with trimcpp's plugin (``trimcpp bench --vllm``): time to first token and
 requests per minute at several request rates, the same model and the same requests.
 
-Each server is ``vllm serve`` in its own process, one after the other (they do not share the cores):
+Each server is ``vllm serve`` with vLLM's defaults (torch.compile included) and a 4 GiB KV cache, in its
+own process, one after the other (they do not share the cores):
 stock with no plugin loaded (``VLLM_PLUGINS=""``), then the plugin with ``--hf-overrides
 '{"trim_keep": K}'`` for each K. Every server gets one untimed warm-up request, then, per rate, the
 same ``requests`` requests (each a new picture, so no cache helps either server) sent at a fixed
@@ -38,6 +39,8 @@ from . import machine
 
 Step = Callable[[str], None]
 QUESTION = "What is in the image?"
+KV_CACHE_GIB = 4  # vLLM's CPU KV cache for both servers unless VLLM_CPU_KVCACHE_SPACE says otherwise (its own
+# default takes most of the memory, which a 7B model's 13.5 GB of weights needs)
 
 
 def checkpoint(shape: str) -> Path:
@@ -166,6 +169,7 @@ def run(*, shape: str = "1b", keeps: Sequence[int] = (64,), rates: Sequence[floa
     with tempfile.TemporaryDirectory() as logs:
         for name, (env_extra, args) in servers.items():
             env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
             env.update(env_extra)
             with VllmServer(model, [*common, *args], env, Path(logs) / f"{name}.log") as server:
                 server.wait_ready()
