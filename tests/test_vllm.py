@@ -67,15 +67,15 @@ def drive(env, tmp_path, job) -> dict:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def runs(request, checkpoints, vllm_home, tmp_path_factory):
-    """One family: the plugin (keep 0 = every row, then keep KEEP for Q1, Q2, Q1 again and Q2 about two
-    pictures, recorded),
+    """One family: the plugin (keep 0 = every row, then keep KEEP for Q1, Q2, Q1 again, and Q2 about two
+    pictures, then about the first of them and a third one; recorded),
     then stock vLLM (the same Q1; for the LLaVAs also the kept rows fed as image embeddings)."""
     family, model = request.param, str(checkpoints[request.param])
     tmp = tmp_path_factory.mktemp(f"runs-{family}")
     plugin = drive(vllm_home, tmp, {
         "model": model, "plugin": True, "overrides": {"trim_keep": KEEP}, "record": True,
         "requests": [{"question": Q1, "mm_processor_kwargs": {"trim_keep": 0}}, {"question": Q1}, {"question": Q2},
-                     {"question": Q1}, {"question": Q2, "image_seeds": [1, 2]}]})
+                     {"question": Q1}, {"question": Q2, "image_seeds": [1, 2]}, {"question": Q2, "image_seeds": [1, 3]}]})
     selections = [r for r in plugin["records"] if r["kind"] == "select"]
     stock_requests = [{"question": Q1}]
     if family.startswith("llava"):
@@ -141,7 +141,7 @@ def test_two_questions_choose_their_own_rows_and_the_same_question_hits_the_cach
     """Q1, Q2, Q1: the encoder ran for Q1 and Q2 only; Q2 reused no block holding Q1's image rows; the
     repeated Q1 came from the prefix cache past its image, with Q1's answer."""
     q1, q2, again = runs["plugin"]["requests"][1:4]
-    assert len(runs["selections"]) == 5  # keep-all, Q1, Q2, two pictures: the repeat selected nothing
+    assert len(runs["selections"]) == 6  # keep-all, Q1, Q2, two pictures, a third: no repeat selected again
     assert not np.array_equal(runs["selections"][1]["keep"], runs["selections"][2]["keep"])
     first_image = q1["prompt_ids"].index(image_token_id(runs["model"]))
     assert q2["cached"] <= first_image
@@ -150,13 +150,15 @@ def test_two_questions_choose_their_own_rows_and_the_same_question_hits_the_cach
 
 
 def test_each_picture_of_a_request_gets_k_rows_and_the_question(runs):
+    """Two pictures; then the first of them (from the processor cache) and a new one, selected alone."""
     from transformers import AutoTokenizer
 
-    two = runs["plugin"]["requests"][4]
-    assert two["prompt_ids"].count(image_token_id(runs["model"])) == 2 * KEEP
+    two, cached_and_new = runs["plugin"]["requests"][4:6]
+    token = image_token_id(runs["model"])
+    assert two["prompt_ids"].count(token) == cached_and_new["prompt_ids"].count(token) == 2 * KEEP
     ids = AutoTokenizer.from_pretrained(runs["model"]).encode(Q2, add_special_tokens=False)
-    assert [r["text_ids"] for r in runs["selections"][3:]] == [ids, ids]
-    assert [len(r["keep"]) for r in runs["selections"][3:]] == [KEEP, KEEP]
+    assert [r["text_ids"] for r in runs["selections"][3:]] == [ids, ids, ids]
+    assert [len(r["keep"]) for r in runs["selections"][3:]] == [KEEP, KEEP, KEEP]
 
 
 @pytest.mark.parametrize("runs", ["llava", "llava-next"], indirect=True)

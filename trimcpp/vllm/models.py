@@ -94,6 +94,14 @@ class TrimProcessor:
         kwargs[TEXT] = tuple(tuple(t) for t in texts)
         return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
 
+    def _get_cache_missing_processor_kwargs(self, inputs, mm_is_cached):
+        # The HF processor runs on the images the processor cache does not hold: their texts only.
+        kwargs = dict(super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached))
+        cached = mm_is_cached.get("image")
+        if TEXT in kwargs and cached is not None and len(cached) == len(kwargs[TEXT]):
+            kwargs[TEXT] = tuple(text for text, hit in zip(kwargs[TEXT], cached) if not hit)
+        return kwargs
+
     def _call_hf_processor(self, hf_data, hf_kwargs):
         return super()._call_hf_processor(hf_data, _own(hf_kwargs)[1])
 
