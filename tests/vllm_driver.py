@@ -4,7 +4,8 @@ per process, so stock vLLM and the plugin cannot share one).
     python tests/vllm_driver.py JOB.pickle RESULT.pickle
 
 JOB: {"model", "plugin" (bool), "overrides" (hf_overrides), "tp", "mm_embeds" (bool), "max_tokens",
-"record" (bool), "requests": [{"question", "image_seeds", "mm_processor_kwargs"} or {"question", "embeds"}]}.
+"record" (bool), "requests": [{"question", "image_seeds", "mm_processor_kwargs"}, {"conversation": [user turns
+as {"question", "image_seeds"}]} (answered "Sure."), or {"question", "embeds"}]}.
 RESULT: {"requests": [{"prompt_ids", "output_ids", "logprobs", "cached"}], "records": [...]}, where with
 "record" each image the plugin's model selected for is recorded in the worker (its rows, text ids, the
 text rows, the kept indices) and, for Qwen2.5-VL, each position recompute (prompt ids, positions).
@@ -82,13 +83,17 @@ def main() -> None:
             out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": torch.from_numpy(request["embeds"])[None]}},
                                params, use_tqdm=False)
         else:
-            parts = []
-            for seed in request.get("image_seeds", [0]):
-                buf = io.BytesIO()
-                demo_image(seed=seed).save(buf, "PNG")
-                parts.append({"type": "image_url",
-                              "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
-            messages = [{"role": "user", "content": [*parts, {"type": "text", "text": request["question"]}]}]
+            messages = []
+            for turn in request.get("conversation", [request]):
+                if messages:
+                    messages.append({"role": "assistant", "content": "Sure."})
+                parts = []
+                for seed in turn.get("image_seeds", [0]):
+                    buf = io.BytesIO()
+                    demo_image(seed=seed).save(buf, "PNG")
+                    parts.append({"type": "image_url", "image_url": {
+                        "url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
+                messages.append({"role": "user", "content": [*parts, {"type": "text", "text": turn["question"]}]})
             out = llm.chat(messages, params, use_tqdm=False, mm_processor_kwargs=request.get("mm_processor_kwargs"))
         completion = out[0].outputs[0]
         results.append({"prompt_ids": list(out[0].prompt_token_ids), "output_ids": list(completion.token_ids),

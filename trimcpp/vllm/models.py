@@ -22,10 +22,12 @@ for image runs (bidirectional on the GPU backends that have it) applies to the k
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.models.gemma3_mm import (
     Gemma3DummyInputsBuilder,
     Gemma3ForConditionalGeneration,
@@ -37,6 +39,8 @@ from vllm.model_executor.models.llava import (
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
+    PixtralHFMultiModalProcessor,
+    PixtralHFProcessingInfo,
 )
 from vllm.model_executor.models.llava_next import (
     LlavaNextForConditionalGeneration,
@@ -57,10 +61,11 @@ from ..selection import KEEP_SHARE, Keep, prune
 from .question import QuestionReader
 from .settings import PREFIX, Settings, model_defaults, resolve, shrink_runs
 
-PLAN, TEXT = "trim_plan", "trim_text"  # the per-image fields the processor adds (and the hash sees)
+PLAN, TEXT = "trim_plan", "trim_text"  # the per-image fields the processor adds
+log = init_logger(__name__)  # vLLM's logging, so that its log shows the settings
 
 
-def _own(kwargs) -> tuple[dict, dict]:
+def split_trim(kwargs) -> tuple[dict, dict]:
     """(the trim_* entries, the rest) of processor kwargs."""
     own = {k: v for k, v in kwargs.items() if k.startswith(PREFIX)}
     return own, {k: v for k, v in kwargs.items() if not k.startswith(PREFIX)}
@@ -85,14 +90,38 @@ class TrimProcessor:
             self._trim_reader = QuestionReader(tokenizer, tokenizer.convert_ids_to_tokens(self.placeholder_id()))
         return self._trim_reader
 
+    def settings(self, request) -> Settings:
+        model_config = self.info.ctx.model_config
+        return resolve(model_defaults(self.info.get_hf_config(), model_config.mm_processor_kwargs), request,
+                       self.default_keep)
+
     def apply(self, inputs, timing_ctx):
-        request, kwargs = _own(inputs.hf_processor_mm_kwargs)
-        settings = resolve(model_defaults(self.info.get_hf_config()), request, self.default_keep)
+        request, kwargs = split_trim(inputs.hf_processor_mm_kwargs)
+        settings = self.settings(request)
         images = inputs.mm_data_items.get_count("image", strict=False)
         texts = self._reader().per_image(inputs.prompt, images) if images else []
         kwargs[PLAN] = tuple(settings.plan())
         kwargs[TEXT] = tuple(tuple(t) for t in texts)
         return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+
+    def get_dummy_inputs(self, *args, **kwargs):
+        # vLLM sizes its encoder cache and budget by the profiling run's rows per image: every row, so that
+        # a request may keep them all.
+        inputs = super().get_dummy_inputs(*args, **kwargs)
+        return dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, "trim_keep": 0})
+
+    def _get_mm_hashes(self, inputs):
+        # Each picture's cache identity: vLLM's (the picture, the other kwargs, the settings) and its own
+        # stage-1 text, not the other pictures': a later turn's picture leaves an earlier one's identity
+        # alone, and one picture asked about twice in a prompt is two items.
+        own, rest = split_trim(inputs.hf_processor_mm_kwargs)
+        texts = own.pop(TEXT, None)
+        hashes = super()._get_mm_hashes(dataclasses.replace(inputs, hf_processor_mm_kwargs={**rest, **own}))
+        if texts is not None and "image" in hashes:
+            hashes = dict(hashes)
+            hashes["image"] = [hashlib.sha256(f"{h}|trimcpp-text|{list(t)}".encode()).hexdigest()
+                               for h, t in zip(hashes["image"], texts)]
+        return hashes
 
     def _get_cache_missing_processor_kwargs(self, inputs, mm_is_cached):
         # The HF processor runs on the images the processor cache does not hold: their texts only.
@@ -103,13 +132,15 @@ class TrimProcessor:
         return kwargs
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
-        return super()._call_hf_processor(hf_data, _own(hf_kwargs)[1])
+        return super()._call_hf_processor(hf_data, split_trim(hf_kwargs)[1])
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
-        own, rest = _own(hf_processor_mm_kwargs)
+        own, rest = split_trim(hf_processor_mm_kwargs)
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, rest, processed_data)
         texts = own.get(TEXT, ())
-        if texts and len(texts) == self._images_in(processed_data):
+        if texts:
+            if len(texts) != self._images_in(processed_data):
+                raise RuntimeError(f"trimcpp: {len(texts)} stage-1 texts for {self._images_in(processed_data)} images")
             processed_data[PLAN] = [torch.tensor(own[PLAN], dtype=torch.float64)] * len(texts)
             processed_data[TEXT] = [torch.tensor(t, dtype=torch.long) for t in texts]
         return processed_data
@@ -118,13 +149,13 @@ class TrimProcessor:
         return len(processed_data.get("pixel_values", processed_data.get("image_embeds", [])))
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        fields = dict(super()._get_mm_fields_config(hf_inputs, _own(hf_processor_mm_kwargs)[1]))
+        fields = dict(super()._get_mm_fields_config(hf_inputs, split_trim(hf_processor_mm_kwargs)[1]))
         fields[PLAN] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         fields[TEXT] = MultiModalFieldConfig.batched("image")
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        own, rest = _own(hf_processor_mm_kwargs)
+        own, rest = split_trim(hf_processor_mm_kwargs)
         updates = super()._get_prompt_updates(mm_items, rest, out_mm_kwargs)
         if PLAN not in own:
             return updates
@@ -146,6 +177,16 @@ class TrimProcessor:
 
 class TrimModel:
     """Mixed in before a vLLM multimodal model: keeps the rows trimcpp picks (see the module's docstring)."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        if vllm_config.compilation_config.cudagraph_mm_encoder:
+            raise ValueError("trimcpp: the encoder's CUDA graphs (cudagraph_mm_encoder) bypass embed_multimodal, "
+                             "where the rows are kept; turn them off")
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        model_config = vllm_config.model_config
+        defaults = model_defaults(model_config.hf_config, model_config.mm_processor_kwargs)
+        log.info("trimcpp: %s keeps %s image rows by default (settings %s; per request in mm_processor_kwargs)",
+                 type(self).__name__, defaults.get("trim_keep", "the family's default number of"), defaults or "none set")
 
     def rows_per_run(self) -> Optional[int]:
         """Rows of one placeholder run (Gemma 3: one crop's); None: an image is one run."""
@@ -192,7 +233,20 @@ class TrimLlavaProcessor(TrimProcessor, LlavaMultiModalProcessor):
         return self.info.get_hf_config().image_token_index
 
 
-@MULTIMODAL_REGISTRY.register_processor(TrimLlavaProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder)
+def _llava_info(ctx):
+    """vLLM's LLaVA architecture also serves Pixtral-HF checkpoints: those stay stock."""
+    if type(ctx.get_hf_config().vision_config).__name__ == "PixtralVisionConfig":
+        return PixtralHFProcessingInfo(ctx)
+    return LlavaProcessingInfo(ctx)
+
+
+def _llava_processor(info, dummy_inputs, **kwargs):
+    if isinstance(info, PixtralHFProcessingInfo):
+        return PixtralHFMultiModalProcessor(info, dummy_inputs, **kwargs)
+    return TrimLlavaProcessor(info, dummy_inputs, **kwargs)
+
+
+@MULTIMODAL_REGISTRY.register_processor(_llava_processor, info=_llava_info, dummy_inputs=LlavaDummyInputsBuilder)
 class TrimLlavaForConditionalGeneration(TrimModel, LlavaForConditionalGeneration):
     pass
 
@@ -214,6 +268,9 @@ class TrimLlavaNextForConditionalGeneration(TrimModel, LlavaNextForConditionalGe
 class TrimGemma3Processor(TrimProcessor, Gemma3MultiModalProcessor):
     def placeholder_id(self) -> int:
         return self.info.get_hf_config().boi_token_index
+
+    def _images_in(self, processed_data) -> int:
+        return len(processed_data.get("num_patches", []))  # pixel_values has a row per crop
 
     def embed_token_id(self) -> int:
         return self.info.get_hf_config().image_token_index
@@ -248,6 +305,9 @@ class TrimQwen2_5_VLForConditionalGeneration(TrimModel, Qwen2_5_VLForConditional
         if self.is_multimodal_pruning_enabled_in(vllm_config):
             raise ValueError("trimcpp: Qwen2.5-VL with --video-pruning-rate (vLLM's EVS) is not supported; "
                              "the image rows trimcpp keeps and EVS's video rows need the same position path")
+        if vllm_config.use_v2_model_runner:
+            raise ValueError("trimcpp: Qwen2.5-VL's kept rows need vLLM's V1 model runner for their positions "
+                             "(enable_position_recompute); set VLLM_USE_V2_MODEL_RUNNER=0")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     @staticmethod
@@ -315,9 +375,11 @@ class TrimQwen2_5_VLForConditionalGeneration(TrimModel, Qwen2_5_VLForConditional
             relative = torch.cat(offsets).to(positions.device).round().long().T
             tokens = (ids == self.config.image_token_id).nonzero().squeeze(1)
             tokens = tokens[tokens >= num_computed_tokens][:relative.shape[1]]
+            if len(tokens) != relative.shape[1]:
+                raise RuntimeError(f"trimcpp: {relative.shape[1]} kept image rows for {len(tokens)} image tokens")
             index = torch.arange(len(ids), device=positions.device)
             last_start = torch.cummax(torch.where(ids == self.config.vision_start_token_id, index, -1), 0).values
-            positions[:, tokens] = positions[0, last_start[tokens]] + 1 + relative[:, :len(tokens)]
+            positions[:, tokens] = positions[0, last_start[tokens]] + 1 + relative
         return stripped, positions, int(positions.max() + 1 - positions.shape[1])
 
 

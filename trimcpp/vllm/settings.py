@@ -105,9 +105,12 @@ def _number(value: Any, where: str, key: str) -> float:
     return float(value)
 
 
-def model_defaults(config: Any) -> dict[str, Any]:
-    """The trim_* keys of a model's Hugging Face config (set with --hf-overrides)."""
-    return {key: value for key, value in vars(config).items() if key.startswith(PREFIX)}
+def model_defaults(config: Any, mm_processor_kwargs: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The trim_* keys of a model's Hugging Face config (set with --hf-overrides), then of its
+    --mm-processor-kwargs."""
+    found = {key: value for key, value in vars(config).items() if key.startswith(PREFIX)}
+    found.update({key: value for key, value in (mm_processor_kwargs or {}).items() if key.startswith(PREFIX)})
+    return found
 
 
 def shrink_runs(ids: Sequence[int], token: int, rows: Callable[[int], int]) -> list[int]:
