@@ -85,9 +85,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-BENCH_KEEP = [192, 128, 64]
-
-
 def parse_budgets(text: str) -> list[int]:
     try:
         budgets = [int(part) for part in text.split(",") if part.strip()]
@@ -302,6 +299,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.vllm:
         return _bench_vllm(args)
+    args.keep = args.keep or [192, 128, 64]
     if bool(args.model) != bool(args.mmproj):
         raise UsageError("--model and --mmproj go together (or neither, for the synthetic --shape)")
     if args.model:
@@ -436,7 +434,7 @@ def _bench_vllm(args: argparse.Namespace) -> int:
         raise UsageError(f"--requests must be >= 1, got {args.requests}")
     from .bench import vllm as bench_vllm
 
-    keeps = args.keep if args.keep != BENCH_KEEP else [64]
+    keeps = args.keep or [64]
     with _progress((1 + len(keeps)) * (1 + len(args.rates))) as step:
         result = bench_vllm.run(shape=args.vllm_shape, keeps=keeps, rates=args.rates, requests=args.requests,
                                 answer_tokens=args.answer_tokens, on_step=step)
@@ -549,7 +547,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--mmproj", help="your mmproj GGUF")
     bench.add_argument("--image", help="image path, '-' or data: URI (default: a synthetic 640x480 picture)")
     bench.add_argument("--prompt", default="What is in the image?", help="the question")
-    bench.add_argument("--keep", type=parse_budgets, default=BENCH_KEEP,
+    bench.add_argument("--keep", type=parse_budgets,
                        help="trimmed budgets, rows per image (default 192,128,64, with --vllm 64; stock always runs)")
     bench.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians (default 3)")
     bench.add_argument("--turns", type=int, default=0,

@@ -71,8 +71,8 @@ class VllmServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         command = [str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--port", str(self.port), *args]
-        self.log = log
-        self.process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        self.log, self.output = log, log.open("w")
+        self.process = subprocess.Popen(command, env=env, stdout=self.output, stderr=subprocess.STDOUT,
                                         start_new_session=True)
 
     def wait_ready(self, timeout: float = 900.0) -> None:
@@ -119,6 +119,7 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
+        self.output.close()
 
 
 def at_rate(server: VllmServer, rate: float, requests: int, answer_tokens: int, seed: int) -> dict[str, Any]:

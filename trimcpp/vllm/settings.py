@@ -73,17 +73,16 @@ def resolve(defaults: Mapping[str, Any], request: Mapping[str, Any], default_kee
 
     Raises ValueError naming the key for an unknown trim_* key or a bad value (a start-up error for
     the model's, an HTTP 400 for a request's)."""
-    values: dict[str, Any] = {"trim_keep": default_keep}
+    chosen: dict[str, tuple[str, Any]] = {"trim_keep": ("", default_keep)}  # key: (where it was set, value)
     for where, source in (("model config: ", defaults), ("mm_processor_kwargs: ", request)):
         for key, value in source.items():
             if not key.startswith(PREFIX):
                 continue
             if key not in KEYS:
                 raise ValueError(f"{where}unknown setting {key!r}; the trimcpp settings are {', '.join(KEYS)}")
-            values[key] = (where, value)
+            chosen[key] = (where, value)
     result: dict[str, Any] = {}
-    for key, item in values.items():
-        where, value = item if isinstance(item, tuple) else ("", item)
+    for key, (where, value) in chosen.items():
         name = key[len(PREFIX):]
         if name == "keep":
             result[name] = _keep(value, where)
