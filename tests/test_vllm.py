@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -64,8 +63,10 @@ def drive(env, tmp_path, job) -> dict:
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _, stderr = process.communicate(timeout=600)
-    finally:
-        stop(process)  # and vLLM's engine processes with it
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # and vLLM's engine processes with it
+        process.wait()
+        raise
     assert process.returncode == 0, stderr[-6000:]
     return pickle.loads(result_path.read_bytes())
 
@@ -220,44 +221,12 @@ def test_qwen_kept_rows_keep_their_positions(runs):
 # vllm serve, tensor parallel 2 --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def serve(model, env, log: Path, *args: str):
+    """`vllm serve` for a test (trimcpp.bench.vllm.VllmServer: its own process group, stopped on exit)."""
+    from trimcpp.bench.vllm import VllmServer
 
-
-def serve(model, env, log: Path, *args: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    command = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--port", str(port), "--dtype", "float32",
-               "--enforce-eager", "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 2, "video": 0}', *args]
-    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    return process, port
-
-
-def wait_ready(process, port, log: Path, timeout=300.0) -> None:
-    import urllib.request
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            raise AssertionError(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-6000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"vllm serve did not start in {timeout} s:\n{log.read_text()[-6000:]}")
-
-
-def stop(process) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    return VllmServer(Path(model), ["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+                                    "--limit-mm-per-prompt", '{"image": 2, "video": 0}', *args], env, log)
 
 
 def answer_ids(reply) -> list[int]:
@@ -287,12 +256,11 @@ def test_vllm_serve_with_tensor_parallel_2_answers_pruned_as_tp_1_does(runs, vll
     for Q1; a share per request; bad keeps are 400s naming the setting, and the server goes on."""
     import openai
 
-    model, log = runs["model"], tmp_path / "serve.log"
-    process, port = serve(model, vllm_home, log, "--tensor-parallel-size", "2", "--trust-request-mm-kwargs",
-                          "--hf-overrides", json.dumps({"trim_keep": KEEP}))
-    try:
-        wait_ready(process, port, log)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    model = runs["model"]
+    with serve(model, vllm_home, tmp_path / "serve.log", "--tensor-parallel-size", "2", "--trust-request-mm-kwargs",
+               "--hf-overrides", json.dumps({"trim_keep": KEEP})) as server:
+        server.wait_ready(300)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0)
         reference = runs["plugin"]["requests"][1]
         reply = chat(client, model, Q1)
         assert reply.usage.prompt_tokens == len(reference["prompt_ids"])
@@ -310,15 +278,10 @@ def test_vllm_serve_with_tensor_parallel_2_answers_pruned_as_tp_1_does(runs, vll
                 chat(client, model, Q1, body={"mm_processor_kwargs": bad})
             assert named in str(error.value)
         assert chat(client, model, Q1).usage.prompt_tokens == len(reference["prompt_ids"])  # still serving
-    finally:
-        stop(process)
 
 
 def test_a_bad_model_keep_stops_vllm_serve_at_start_up_naming_it(checkpoints, vllm_home, tmp_path):
     log = tmp_path / "serve.log"
-    process, _ = serve(str(checkpoints["llava"]), vllm_home, log, "--hf-overrides", json.dumps({"trim_keep": -1}))
-    try:
-        assert process.wait(300) != 0
-    finally:
-        stop(process)
+    with serve(checkpoints["llava"], vllm_home, log, "--hf-overrides", json.dumps({"trim_keep": -1})) as server:
+        assert server.process.wait(300) != 0
     assert "model config: trim_keep must be a count" in log.read_text()
