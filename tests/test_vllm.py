@@ -182,7 +182,7 @@ def test_in_a_conversation_each_picture_gets_the_user_text_up_to_its_turn(runs):
     assert first["prompt_ids"].count(token) == again["prompt_ids"].count(token) == 2 * KEEP
     a, b, a_again = runs["selections"][6:9]
     assert [a["text_ids"], b["text_ids"], a_again["text_ids"]] == [q1, q1 + q2, q1 + q2]
-    np.testing.assert_array_equal(a_again["rows"], a["rows"])  # the same picture
+    np.testing.assert_allclose(a_again["rows"], a["rows"], rtol=1e-5, atol=1e-6)  # the same picture (another batch)
 
 
 @pytest.mark.parametrize("runs", ["llava", "llava-next"], indirect=True)

@@ -4,7 +4,7 @@ the image rows trimcpp keeps for their question (README, "vLLM").
 vLLM finds it through the ``vllm.general_plugins`` entry point and calls :func:`register` in each
 of its processes. Importing this package loads neither vLLM nor torch; ``register`` does.
 
-Settings, per model with ``--hf-overrides '{"trim_keep": 64}'`` and per request in
+Settings, per model with ``--hf-overrides '{"trim_keep": 64}'`` (or ``--mm-processor-kwargs``) and per request in
 ``mm_processor_kwargs`` (``vllm serve --trust-request-mm-kwargs``): ``trim_keep`` (a count, a share
 in (0, 1], or 0 for every row), ``trim_method``, ``trim_alignment``, ``trim_stage1_ratio``.
 """

@@ -3,11 +3,12 @@
 Each family is vLLM's own model and processor, subclassed:
 
 - The processor (in the API server process) reads the settings (the model's, then the request's),
-  finds each image's stage-1 text in the templated prompt, and puts both into the processor kwargs:
-  vLLM hashes those with the picture, so its processor, encoder and prefix caches never serve one
-  question's rows for another, and the same question about the same picture still hits them. Each
-  image's placeholder run shrinks to the kept count; the settings and text ids travel to the model as
-  per-image tensors.
+  finds each image's stage-1 text in the templated prompt, and puts both into the processor kwargs.
+  Each picture's cache identity is vLLM's hash of the picture and the settings combined with its own
+  text, so vLLM's processor, encoder and prefix caches never serve one question's rows for another,
+  and the same question about the same picture still hits them. (A client that sends only a
+  picture's uuid gets a cache miss for a new question.) Each image's placeholder run shrinks to the
+  kept count; the settings and text ids travel to the model as per-image tensors.
 - The model (in every worker) runs vLLM's encoder as usual, embeds the text ids with the LLM's own
   input embeddings, and keeps the rows trimcpp's C++ core picks (``trimcpp.prune``), in image order.
 
@@ -179,7 +180,7 @@ class TrimModel:
     """Mixed in before a vLLM multimodal model: keeps the rows trimcpp picks (see the module's docstring)."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        if vllm_config.compilation_config.cudagraph_mm_encoder:
+        if vllm_config.compilation_config.cudagraph_mm_encoder and hasattr(self, "get_encoder_cudagraph_config"):
             raise ValueError("trimcpp: the encoder's CUDA graphs (cudagraph_mm_encoder) bypass embed_multimodal, "
                              "where the rows are kept; turn them off")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
