@@ -59,8 +59,10 @@ def checkpoints(tmp_path_factory):
 def drive(env, tmp_path, job) -> dict:
     job_path, result_path = tmp_path / f"job-{time.monotonic_ns()}.pickle", tmp_path / f"result-{time.monotonic_ns()}.pickle"
     job_path.write_bytes(pickle.dumps(job))
+    # Not in the clone's root: vLLM inspects models in subprocesses, and there the clone's trimcpp/ (without
+    # its built extension) would shadow the installed package.
     process = subprocess.Popen([sys.executable, str(DRIVER), str(job_path), str(result_path)], env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, cwd=tmp_path)
     try:
         _, stderr = process.communicate(timeout=600)
     except subprocess.TimeoutExpired:

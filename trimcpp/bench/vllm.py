@@ -72,8 +72,10 @@ class VllmServer:
             self.port = s.getsockname()[1]
         command = [str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--port", str(self.port), *args]
         self.log, self.output = log, log.open("w")
+        # In the log's folder: from a clone's root, vLLM's model-inspecting subprocesses would import the
+        # clone's trimcpp/ (no built extension) instead of the installed one.
         self.process = subprocess.Popen(command, env=env, stdout=self.output, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, cwd=log.parent)
 
     def wait_ready(self, timeout: float = 900.0) -> None:
         end = time.monotonic() + timeout
