@@ -140,7 +140,7 @@ def test_stage_one_text_is_the_question_and_its_rows_the_llms_embeddings(runs):
 def test_kept_indices_are_trimcpps_on_the_same_rows_and_question(runs):
     for record in runs["selections"][1:]:  # Q1, Q2 and the two pictures
         rows, run = record["rows"], (256 if runs["family"] == "gemma3" else record["rows"].shape[0])
-        assert len(np.unique(rows, axis=0)) == len(rows)  # distinct rows: a selection that means something
+        assert len(np.unique(rows, axis=0)) > 2 * KEEP  # distinct rows (NeXT's newline rows repeat): a real choice
         expected = np.concatenate([start + trimcpp.prune(rows[start:start + run], record["text_rows"], min(KEEP, run))
                                    for start in range(0, rows.shape[0], run)])
         np.testing.assert_array_equal(record["keep"], expected)

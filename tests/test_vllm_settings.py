@@ -35,9 +35,10 @@ def test_the_models_settings_then_the_requests():
     ("request", {"trim_stage1_ratio": 0}, "stage1_ratio"),
     ("request", {"trim_stage1_ratio": "half"}, "stage1_ratio"),
     ("model", {"trim_keep": -1}, "model config: trim_keep"),
+    ("model and a request's keep", {"trim_keep": -1}, "model config: trim_keep"),
 ])
 def test_bad_settings_are_value_errors_naming_them(where, bad, named):
-    model, request = (bad, {}) if where == "model" else ({}, bad)
+    model, request = {"request": ({}, bad), "model": (bad, {})}.get(where, (bad, {"trim_keep": 0}))
     with pytest.raises(ValueError, match=named):
         resolve(model, request, 64)
 

@@ -186,6 +186,7 @@ class TrimModel:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         model_config = vllm_config.model_config
         defaults = model_defaults(model_config.hf_config, model_config.mm_processor_kwargs)
+        resolve(defaults, {}, 1)  # a bad model setting stops vLLM here, naming it
         log.info("trimcpp: %s keeps %s image rows by default (settings %s; per request in mm_processor_kwargs)",
                  type(self).__name__, defaults.get("trim_keep", "the family's default number of"), defaults or "none set")
 

@@ -72,7 +72,9 @@ def resolve(defaults: Mapping[str, Any], request: Mapping[str, Any], default_kee
     """Settings from the model's (`defaults`: its config's trim_* keys) and one request's trim_* keys.
 
     Raises ValueError naming the key for an unknown trim_* key or a bad value (a start-up error for
-    the model's, an HTTP 400 for a request's)."""
+    the model's, an HTTP 400 for a request's). The model's are checked even where a request overrides them."""
+    if request:
+        resolve(defaults, {}, default_keep)
     chosen: dict[str, tuple[str, Any]] = {"trim_keep": ("", default_keep)}  # key: (where it was set, value)
     for where, source in (("model config: ", defaults), ("mm_processor_kwargs: ", request)):
         for key, value in source.items():
