@@ -88,7 +88,7 @@ def _clip_vision(shape: HFShape) -> dict[str, Any]:
                 num_attention_heads=16 if full else 2, projection_dim=768 if full else 32)
 
 
-def _llava(folder: Path, shape: HFShape, next_: bool):
+def _llava(shape: HFShape, next_: bool):
     from transformers import (
         CLIPImageProcessor,
         LlavaConfig,
@@ -241,8 +241,8 @@ def write_hf(folder, family: str = "llava", shape: str = "tiny", *, seed: int = 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config, model_class, processor = {
-        "llava": lambda: _llava(folder, size, next_=False),
-        "llava-next": lambda: _llava(folder, size, next_=True),
+        "llava": lambda: _llava(size, next_=False),
+        "llava-next": lambda: _llava(size, next_=True),
         "qwen2.5-vl": lambda: _qwen(size),
         "gemma3": lambda: _gemma(size),
     }[family]()

@@ -22,9 +22,9 @@ from ..selection import (
 
 PREFIX = "trim_"
 KEYS = ("trim_keep", "trim_method", "trim_alignment", "trim_stage1_ratio")
-# The per-image tensor the processor hands the model: keep's kind (0 every row, 1 a count, 2 a share), keep,
-# method, alignment, stage-1 ratio (-1: adaptive), as indices into METHODS and ALIGNMENTS.
-PLAN_SIZE = 5
+# A plan, the per-image tensor the processor hands the model, is five numbers: keep's kind (0 every row,
+# 1 a count, 2 a share), keep, method and alignment (indices into METHODS and ALIGNMENTS), stage-1 ratio
+# (-1: adaptive).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Settings:
         return min(n, resolve_keep("trimcpp.vllm", self.keep, n))
 
     def plan(self) -> list[float]:
-        """The settings as PLAN_SIZE numbers (the processor's per-image tensor); `from_plan` reads them."""
+        """The settings as a plan (above); `from_plan` reads them."""
         kind = 0 if self.keep is None else (1 if isinstance(self.keep, int) else 2)
         stage1 = -1.0 if self.stage1_ratio == ADAPTIVE else float(self.stage1_ratio)
         return [float(kind), float(self.keep or 0), float(METHODS.index(self.method)),
